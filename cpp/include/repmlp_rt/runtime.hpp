@@ -1,0 +1,72 @@
+// repmlp_rt::Runtime: load a RepMLPNet TorchScript artifact (docs/ARTIFACT.md) and run it.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "repmlp_rt/errors.hpp"
+
+namespace repmlp_rt {
+
+// The only artifact format version this runtime reads (docs/ARTIFACT.md).
+inline constexpr int64_t kFormatVersion = 1;
+
+// True when this build was compiled against a CUDA-enabled torch.
+bool built_with_cuda() noexcept;
+
+struct RuntimeOptions {
+  std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
+  int threads = 0;             // intra-op threads; 0 leaves torch's default (process-wide)
+  int warmup = 2;              // forward calls on a zero batch at load (2: profiling executor)
+  // Run torch::jit::optimize_for_inference on the loaded module (in memory only, never
+  // saved). Off by default: see the README for measurements.
+  bool optimize = false;
+};
+
+class Runtime {
+ public:
+  // Loads `path` onto options.device, validates manifest.json and the format version, and
+  // warms up. Throws ArtifactError, DeviceError or InputError (bad options).
+  explicit Runtime(const std::string& path, const RuntimeOptions& options = {});
+  ~Runtime();
+  Runtime(Runtime&&) noexcept;
+  Runtime& operator=(Runtime&&) noexcept;
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  // Normalized float NCHW batch (float32 or the artifact's compute dtype, any device)
+  // -> float32 CPU logits (N, num_classes).
+  at::Tensor infer(const at::Tensor& input) const;
+
+  // uint8 NHWC RGB images (N, Hi, Wi, 3), any size -> float32 CPU logits, through the
+  // artifact's own preprocessing (forward_images).
+  at::Tensor infer_images(const at::Tensor& images) const;
+
+  // infer_images followed by softmax_topk: returns (scores, indices), both (N, topk);
+  // scores are softmax probabilities over all classes of the top-k classes, descending.
+  std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& images, int64_t topk) const;
+
+  // What the artifact says about itself.
+  const std::string& path() const noexcept;
+  const std::string& device() const noexcept;       // canonical, e.g. "cpu", "cuda:0"
+  const std::string& manifest_json() const noexcept;  // manifest.json, verbatim
+  const std::vector<int64_t>& input_shape() const noexcept;  // [C, H, W]
+  const std::vector<std::string>& labels() const noexcept;
+  const std::string& compute_dtype() const noexcept;  // "float32", "float16", "bfloat16"
+  int64_t format_version() const noexcept;
+  int64_t num_classes() const noexcept;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// softmax over dim 1 of (N, num_classes) logits, then top-k: (scores, int64 indices).
+std::pair<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t topk);
+
+}  // namespace repmlp_rt

@@ -1,0 +1,50 @@
+// Image decoding with stb_image. Built without it (no libstb-dev found), decode_image throws.
+#include "repmlp_rt/image.hpp"
+
+#include <fstream>
+
+#if defined(REPMLP_RT_WITH_STB)
+#if defined(REPMLP_RT_STB_HEADER_ONLY)
+// Only the header was found (e.g. unpacked with cpp/scripts/unpack_header_deps.sh): compile
+// the implementation here, with internal linkage.
+#define STB_IMAGE_STATIC
+#define STB_IMAGE_IMPLEMENTATION
+#endif
+#include <stb/stb_image.h>
+#endif
+
+namespace repmlp_rt {
+
+bool has_image_decoding() noexcept {
+#if defined(REPMLP_RT_WITH_STB)
+  return true;
+#else
+  return false;
+#endif
+}
+
+Image decode_image(const std::string& path) {
+  {
+    std::ifstream probe(path, std::ios::binary);
+    if (!probe) throw InputError("cannot read image '" + path + "': no such file or not readable");
+  }
+#if defined(REPMLP_RT_WITH_STB)
+  int width = 0, height = 0, channels = 0;
+  stbi_uc* pixels = stbi_load(path.c_str(), &width, &height, &channels, 3);
+  if (!pixels) {
+    const char* reason = stbi_failure_reason();
+    throw InputError("cannot decode image '" + path + "': " + (reason ? reason : "unknown error"));
+  }
+  Image image;
+  image.height = height;
+  image.width = width;
+  image.rgb.assign(pixels, pixels + static_cast<size_t>(width) * height * 3);
+  stbi_image_free(pixels);
+  return image;
+#else
+  throw InputError("cannot decode image '" + path +
+                   "': this build has no image decoding (libstb-dev was not found at build time)");
+#endif
+}
+
+}  // namespace repmlp_rt

@@ -1,0 +1,403 @@
+// repmlp_rt::Runtime: the LibTorch side of the runtime. See runtime.hpp and docs/ARTIFACT.md.
+#include "repmlp_rt/runtime.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/serialization/import.h>
+
+#ifdef REPMLP_RT_WITH_CUDA
+// Device-generic c10 stream API: no CUDA toolkit headers are needed to build the CUDA path,
+// the CUDA implementations are registered by libtorch_cuda at load time.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/Stream.h>
+#include <c10/core/StreamGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#endif
+
+#include <filesystem>
+#include <optional>
+#include <regex>
+#include <sstream>
+
+namespace repmlp_rt {
+namespace {
+
+// c10::Error messages carry a C++ backtrace; keep the first meaningful line only.
+std::string clean_message(const std::string& message) {
+  std::istringstream lines(message);
+  std::string line;
+  while (std::getline(lines, line)) {
+    const auto begin = line.find_first_not_of(" \t\r");
+    if (begin == std::string::npos) continue;
+    line = line.substr(begin);
+    if (line.rfind("Exception raised from", 0) == 0 || line.rfind("frame #", 0) == 0) continue;
+    return line;
+  }
+  return "unknown error";
+}
+
+std::string clean_message(const c10::Error& error) {
+  return clean_message(error.what_without_backtrace());
+}
+
+std::string shape_string(at::IntArrayRef shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i) out += ", ";
+    out += std::to_string(shape[i]);
+  }
+  return out + "]";
+}
+
+std::string dtype_name(at::ScalarType type) {
+  switch (type) {
+    case at::kFloat: return "float32";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kDouble: return "float64";
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kBool: return "bool";
+    default: return c10::toString(type);
+  }
+}
+
+std::optional<at::ScalarType> dtype_from_name(const std::string& name) {
+  if (name == "float32") return at::kFloat;
+  if (name == "float16") return at::kHalf;
+  if (name == "bfloat16") return at::kBFloat16;
+  return std::nullopt;
+}
+
+c10::Device parse_device(const std::string& text) {
+  std::optional<c10::Device> device;
+  try {
+    device.emplace(text);
+  } catch (const c10::Error&) {
+    throw InputError("invalid device '" + text + "': expected 'cpu', 'cuda' or 'cuda:N'");
+  }
+  if (device->is_cpu()) {
+    if (device->has_index() && device->index() != 0)
+      throw InputError("invalid device '" + text + "': expected 'cpu', 'cuda' or 'cuda:N'");
+    return c10::Device(c10::kCPU);
+  }
+  if (!device->is_cuda())
+    throw InputError("invalid device '" + text + "': expected 'cpu', 'cuda' or 'cuda:N'");
+#ifdef REPMLP_RT_WITH_CUDA
+  c10::DeviceIndex count = 0;
+  try {
+    count = c10::impl::VirtualGuardImpl(c10::kCUDA).deviceCount();
+  } catch (const c10::Error& e) {
+    throw DeviceError("device '" + text + "': CUDA is not available: " + clean_message(e));
+  }
+  if (count <= 0) throw DeviceError("device '" + text + "': CUDA is not available (no GPU found)");
+  const c10::DeviceIndex index = device->has_index() ? device->index() : 0;
+  if (index >= count)
+    throw DeviceError("device '" + text + "' does not exist: " + std::to_string(count) +
+                      " CUDA device(s) visible");
+  return c10::Device(c10::kCUDA, index);
+#else
+  throw DeviceError("device '" + text +
+                    "': this build of repmlp_rt has no CUDA support (built against a CPU-only "
+                    "torch)");
+#endif
+}
+
+}  // namespace
+
+bool built_with_cuda() noexcept {
+#ifdef REPMLP_RT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+struct Runtime::Impl {
+  std::string path;
+  std::string device_name;
+  c10::Device device{c10::kCPU};
+  torch::jit::Module module;
+  std::optional<torch::jit::Method> forward;
+  std::optional<torch::jit::Method> forward_images;
+  std::string manifest;
+  std::vector<int64_t> input_shape;
+  std::vector<std::string> labels;
+  std::string compute_dtype_name;
+  at::ScalarType compute_dtype = at::kFloat;
+  int64_t format_version = 0;
+
+  void check_nchw(const at::Tensor& x) const;
+  void check_images(const at::Tensor& x) const;
+  at::Tensor run(const torch::jit::Method& method, const at::Tensor& input) const;
+#ifdef REPMLP_RT_WITH_CUDA
+  at::Tensor run_cuda(const torch::jit::Method& method, const at::Tensor& input) const;
+#endif
+  torch::jit::IValue call_metadata(const std::string& name);
+};
+
+torch::jit::IValue Runtime::Impl::call_metadata(const std::string& name) {
+  auto method = module.find_method(name);
+  if (!method)
+    throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no method '" + name +
+                        "()'");
+  try {
+    return (*method)({});
+  } catch (const c10::Error& e) {
+    throw ArtifactError("'" + path + "': " + name + "() failed: " + clean_message(e));
+  }
+}
+
+Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& s = *impl_;
+  s.path = path;
+  if (options.threads < 0)
+    throw InputError("threads must be >= 0 (0 = torch default), got " +
+                     std::to_string(options.threads));
+  if (options.warmup < 0)
+    throw InputError("warmup must be >= 0, got " + std::to_string(options.warmup));
+  s.device = parse_device(options.device);
+  s.device_name = s.device.str();
+
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec))
+    throw ArtifactError("cannot open artifact '" + path + "': no such file");
+  if (std::filesystem::is_directory(path, ec))
+    throw ArtifactError("cannot open artifact '" + path + "': it is a directory");
+
+  if (options.threads > 0) at::set_num_threads(options.threads);
+
+  torch::jit::ExtraFilesMap extra_files{{"manifest.json", ""}};
+  try {
+    s.module = torch::jit::load(path, s.device, extra_files);
+  } catch (const c10::Error& e) {
+    throw ArtifactError("cannot load artifact '" + path + "': " + clean_message(e));
+  } catch (const std::exception& e) {
+    throw ArtifactError("cannot load artifact '" + path + "': " + clean_message(e.what()));
+  }
+  s.manifest = extra_files["manifest.json"];
+  if (s.manifest.empty())
+    throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no manifest.json");
+
+  {
+    torch::jit::IValue version = s.call_metadata("format_version");
+    if (!version.isInt())
+      throw ArtifactError("'" + path + "': format_version() did not return an int");
+    s.format_version = version.toInt();
+  }
+  if (s.format_version != kFormatVersion)
+    throw ArtifactError("'" + path + "' has artifact format version " +
+                        std::to_string(s.format_version) + "; this runtime reads version " +
+                        std::to_string(kFormatVersion));
+  // The manifest records the version too; both must agree with what this runtime reads.
+  static const std::regex version_key(R"re("format_version"\s*:\s*(-?\d+))re");
+  std::smatch match;
+  if (std::regex_search(s.manifest, match, version_key) &&
+      std::stoll(match[1].str()) != kFormatVersion)
+    throw ArtifactError("'" + path + "': manifest.json has format_version " + match[1].str() +
+                        "; this runtime reads version " + std::to_string(kFormatVersion));
+
+  try {
+    torch::jit::IValue shape = s.call_metadata("input_shape");
+    s.input_shape = shape.toIntVector();
+    torch::jit::IValue labels = s.call_metadata("labels");
+    for (const auto& label : labels.toListRef()) s.labels.push_back(label.toStringRef());
+    s.compute_dtype_name = s.call_metadata("compute_dtype").toStringRef();
+  } catch (const c10::Error& e) {
+    throw ArtifactError("'" + path + "': unexpected metadata types: " + clean_message(e));
+  }
+  if (s.input_shape.size() != 3 || s.input_shape[0] < 1 || s.input_shape[1] < 1 ||
+      s.input_shape[2] < 1)
+    throw ArtifactError("'" + path + "': input_shape() must be [C, H, W], got " +
+                        shape_string(s.input_shape));
+  if (s.labels.empty()) throw ArtifactError("'" + path + "': labels() is empty");
+  auto compute = dtype_from_name(s.compute_dtype_name);
+  if (!compute)
+    throw ArtifactError("'" + path + "': unknown compute_dtype() '" + s.compute_dtype_name +
+                        "' (expected float32, float16 or bfloat16)");
+  s.compute_dtype = *compute;
+
+  for (const char* name : {"forward", "forward_images"})
+    if (!s.module.find_method(name))
+      throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no method '" +
+                          std::string(name) + "()'");
+
+  if (options.optimize) {
+    try {
+      s.module = torch::jit::optimize_for_inference(s.module, {"forward_images"});
+    } catch (const c10::Error& e) {
+      throw ArtifactError("'" + path + "': optimize_for_inference failed: " + clean_message(e));
+    }
+  }
+  s.forward.emplace(s.module.get_method("forward"));
+  s.forward_images.emplace(s.module.get_method("forward_images"));
+
+  // Warm-up: the profiling executor optimizes the graph on the second call, so run both
+  // entry points a couple of times before the first real request.
+  try {
+    const auto& shape = s.input_shape;
+    at::Tensor zeros = at::zeros({1, shape[0], shape[1], shape[2]}, at::kFloat);
+    at::Tensor images = at::zeros({1, shape[1], shape[2], 3}, at::kByte);
+    for (int i = 0; i < options.warmup; ++i) {
+      infer(zeros);
+      infer_images(images);
+    }
+  } catch (const InputError& e) {
+    throw ArtifactError("'" + path + "': warm-up failed: " + std::string(e.what()));
+  } catch (const std::exception& e) {
+    throw ArtifactError("'" + path + "': warm-up failed: " + clean_message(e.what()));
+  }
+}
+
+Runtime::~Runtime() = default;
+Runtime::Runtime(Runtime&&) noexcept = default;
+Runtime& Runtime::operator=(Runtime&&) noexcept = default;
+
+void Runtime::Impl::check_nchw(const at::Tensor& x) const {
+  const auto& [c, h, w] = std::tuple{input_shape[0], input_shape[1], input_shape[2]};
+  const std::string expected_shape =
+      "(N, " + std::to_string(c) + ", " + std::to_string(h) + ", " + std::to_string(w) + ")";
+  if (!x.defined()) throw InputError("expected a float tensor " + expected_shape + ", got none");
+  if (x.dim() != 4)
+    throw InputError("expected a 4-D NCHW tensor " + expected_shape + ", got " +
+                     std::to_string(x.dim()) + "-D shape " + shape_string(x.sizes()));
+  const auto type = x.scalar_type();
+  if (type != at::kFloat && type != compute_dtype) {
+    std::string expected = "float32";
+    if (compute_dtype != at::kFloat) expected += " or " + compute_dtype_name;
+    std::string hint = type == at::kByte ? " (uint8 NHWC images go through classify/infer_images)" : "";
+    throw InputError("expected dtype " + expected + ", got " + dtype_name(type) + hint);
+  }
+  if (x.size(0) < 1)
+    throw InputError("expected batch size N >= 1, got N = " + std::to_string(x.size(0)) +
+                     " (shape " + shape_string(x.sizes()) + ")");
+  const char* names[] = {"channels", "height", "width"};
+  for (int d = 0; d < 3; ++d)
+    if (x.size(d + 1) != input_shape[d])
+      throw InputError("expected shape " + expected_shape + ", got " + shape_string(x.sizes()) +
+                       ": " + names[d] + " " + std::to_string(x.size(d + 1)) + " != " +
+                       std::to_string(input_shape[d]));
+}
+
+void Runtime::Impl::check_images(const at::Tensor& x) const {
+  if (!x.defined()) throw InputError("expected a uint8 image tensor (N, H, W, 3), got none");
+  if (x.dim() != 4)
+    throw InputError("expected a 4-D uint8 NHWC image tensor (N, H, W, 3), got " +
+                     std::to_string(x.dim()) + "-D shape " + shape_string(x.sizes()));
+  if (x.scalar_type() != at::kByte)
+    throw InputError("expected dtype uint8 for NHWC images, got " + dtype_name(x.scalar_type()));
+  if (x.size(3) != 3)
+    throw InputError("expected 3 (RGB) channels last in NHWC images (N, H, W, 3), got shape " +
+                     shape_string(x.sizes()));
+  if (x.size(0) < 1)
+    throw InputError("expected batch size N >= 1, got N = " + std::to_string(x.size(0)) +
+                     " (shape " + shape_string(x.sizes()) + ")");
+  if (x.size(1) < 1 || x.size(2) < 1)
+    throw InputError("expected image height and width >= 1, got shape " +
+                     shape_string(x.sizes()));
+}
+
+at::Tensor Runtime::Impl::run(const torch::jit::Method& method, const at::Tensor& input) const {
+  c10::InferenceMode inference_mode;
+  try {
+#ifdef REPMLP_RT_WITH_CUDA
+    if (device.is_cuda()) return run_cuda(method, input);
+#endif
+    at::Tensor x = input.device().is_cpu() ? input : input.to(at::kCPU);
+    at::Tensor out = method({x}).toTensor();
+    if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
+    return out.contiguous();
+  } catch (const c10::Error& e) {
+    throw std::runtime_error("inference failed: " + clean_message(e));
+  }
+}
+
+#ifdef REPMLP_RT_WITH_CUDA
+at::Tensor Runtime::Impl::run_cuda(const torch::jit::Method& method,
+                                   const at::Tensor& input) const {
+  c10::DeviceGuard device_guard(device);
+  c10::impl::VirtualGuardImpl guard_impl(device.type());
+  // Each call runs on its own pool stream, so concurrent callers do not serialize on the
+  // default stream.
+  c10::Stream stream = guard_impl.getStreamFromGlobalPool(device, /*isHighPriority=*/false);
+  c10::StreamGuard stream_guard(stream);
+
+  at::Tensor on_device;
+  if (input.device().is_cpu()) {
+    // Pinned staging buffer (from torch's caching host allocator) for an async H2D copy.
+    at::Tensor staging = input.contiguous();
+    if (!staging.is_pinned()) {
+      at::Tensor pinned = at::empty(staging.sizes(), staging.options().pinned_memory(true));
+      pinned.copy_(staging);
+      staging = pinned;
+    }
+    on_device = staging.to(staging.options().device(device), /*non_blocking=*/true);
+  } else {
+    on_device = input.to(input.options().device(device), /*non_blocking=*/true);
+  }
+  // float16/bfloat16 artifacts: cast on the GPU (the copy above moved the smaller of the two
+  // only when the caller already passed the compute dtype).
+  if (on_device.is_floating_point() && on_device.scalar_type() != compute_dtype)
+    on_device = on_device.to(compute_dtype);
+
+  at::Tensor out = method({on_device}).toTensor();
+  if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
+  at::Tensor host =
+      at::empty(out.sizes(), out.options().device(c10::kCPU).pinned_memory(true));
+  host.copy_(out, /*non_blocking=*/true);
+  stream.synchronize();  // the result must be complete before the CPU reads it
+  return host;
+}
+#endif
+
+at::Tensor Runtime::infer(const at::Tensor& input) const {
+  impl_->check_nchw(input);
+  return impl_->run(*impl_->forward, input);
+}
+
+at::Tensor Runtime::infer_images(const at::Tensor& images) const {
+  impl_->check_images(images);
+  return impl_->run(*impl_->forward_images, images);
+}
+
+std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& images,
+                                                    int64_t topk) const {
+  const int64_t classes = num_classes();
+  if (topk < 1 || topk > classes)
+    throw InputError("topk must be in [1, " + std::to_string(classes) + "], got " +
+                     std::to_string(topk));
+  return softmax_topk(infer_images(images), topk);
+}
+
+std::pair<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t topk) {
+  if (!logits.defined() || logits.dim() != 2)
+    throw InputError("expected 2-D logits (N, num_classes), got " +
+                     (logits.defined() ? shape_string(logits.sizes()) : std::string("none")));
+  if (topk < 1 || topk > logits.size(1))
+    throw InputError("topk must be in [1, " + std::to_string(logits.size(1)) + "], got " +
+                     std::to_string(topk));
+  c10::InferenceMode inference_mode;
+  at::Tensor probs = at::softmax(logits.to(at::kFloat), 1);
+  auto [scores, indices] = probs.topk(topk, 1, /*largest=*/true, /*sorted=*/true);
+  return {scores.contiguous(), indices.contiguous()};
+}
+
+const std::string& Runtime::path() const noexcept { return impl_->path; }
+const std::string& Runtime::device() const noexcept { return impl_->device_name; }
+const std::string& Runtime::manifest_json() const noexcept { return impl_->manifest; }
+const std::vector<int64_t>& Runtime::input_shape() const noexcept { return impl_->input_shape; }
+const std::vector<std::string>& Runtime::labels() const noexcept { return impl_->labels; }
+const std::string& Runtime::compute_dtype() const noexcept { return impl_->compute_dtype_name; }
+int64_t Runtime::format_version() const noexcept { return impl_->format_version; }
+int64_t Runtime::num_classes() const noexcept {
+  return static_cast<int64_t>(impl_->labels.size());
+}
+
+}  // namespace repmlp_rt

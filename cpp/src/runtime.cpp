@@ -34,6 +34,9 @@ std::string clean_message(const std::string& message) {
     if (begin == std::string::npos) continue;
     line = line.substr(begin);
     if (line.rfind("Exception raised from", 0) == 0 || line.rfind("frame #", 0) == 0) continue;
+    // The zip reader appends a long explanation; the first sentence says what happened.
+    const auto noise = line.find(" This is an internal miniz error");
+    if (noise != std::string::npos) line = line.substr(0, noise) + " (corrupt or truncated file?)";
     return line;
   }
   return "unknown error";

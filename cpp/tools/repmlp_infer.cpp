@@ -1,0 +1,324 @@
+// repmlp_infer: run a RepMLPNet artifact on images or .npy batches from the command line.
+// A thin layer over the repmlp_rt core: argument parsing, input grouping, output formatting.
+// Exit codes: 0 success, 2 usage error, 1 anything else; errors are one line on stderr.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iomanip>
+#include <iostream>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "repmlp_rt/image.hpp"
+#include "repmlp_rt/npy.hpp"
+#include "repmlp_rt/runtime.hpp"
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using json = nlohmann::json;
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+
+struct Options {
+  std::string artifact;
+  std::vector<std::string> inputs;
+  std::string device = "cpu";
+  int threads = 0;
+  int64_t batch = 8;
+  int64_t topk = 5;
+  bool json = false;
+  std::string output;
+  bool bench = false;
+  int iters = 50;
+  int warmup = 5;
+  bool info = false;
+  bool optimize = false;
+};
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+double ms_since(Clock::time_point start) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+}
+
+std::string first_line(const std::string& text) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line))
+    if (line.find_first_not_of(" \t\r") != std::string::npos) return line;
+  return text;
+}
+
+bool ends_with_ci(const std::string& text, const std::string& suffix) {
+  if (text.size() < suffix.size()) return false;
+  return std::equal(suffix.rbegin(), suffix.rend(), text.rbegin(),
+                    [](char a, char b) { return std::tolower(a) == std::tolower(b); });
+}
+
+std::string shape_string(const std::vector<int64_t>& shape) {
+  std::string out = "[";
+  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
+  return out + "]";
+}
+
+// Prints one result line per row of `logits`, named by `names`.
+void print_results(const repmlp_rt::Runtime& runtime, const at::Tensor& logits,
+                   const std::vector<std::string>& names, const Options& opt) {
+  auto [scores, indices] = repmlp_rt::softmax_topk(logits, opt.topk);
+  const auto& labels = runtime.labels();
+  for (int64_t row = 0; row < logits.size(0); ++row) {
+    if (opt.json) {
+      json topk = json::array();
+      for (int64_t k = 0; k < opt.topk; ++k) {
+        const int64_t index = indices[row][k].item<int64_t>();
+        topk.push_back({{"index", index}, {"label", labels.at(index)},
+                        {"score", scores[row][k].item<float>()}});
+      }
+      std::cout << json{{"input", names[row]}, {"topk", topk}}.dump() << '\n';
+    } else {
+      std::ostringstream line;
+      line << names[row] << ':';
+      for (int64_t k = 0; k < opt.topk; ++k) {
+        const int64_t index = indices[row][k].item<int64_t>();
+        line << (k ? ", " : " ") << labels.at(index) << " (" << std::fixed << std::setprecision(4)
+             << scores[row][k].item<float>() << ')';
+      }
+      std::cout << line.str() << '\n';
+    }
+  }
+}
+
+int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
+  std::vector<at::Tensor> all_logits;
+  // Pending images of one size, run together as one uint8 batch.
+  std::vector<repmlp_rt::Image> pending;
+  std::vector<std::string> pending_names;
+
+  auto emit = [&](const at::Tensor& logits, const std::vector<std::string>& names) {
+    print_results(runtime, logits, names, opt);
+    if (!opt.output.empty()) all_logits.push_back(logits);
+  };
+  auto flush_images = [&] {
+    if (pending.empty()) return;
+    const int64_t n = static_cast<int64_t>(pending.size());
+    const int64_t h = pending[0].height, w = pending[0].width;
+    at::Tensor batch = at::empty({n, h, w, 3}, at::kByte);
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(batch[i].data_ptr(), pending[i].rgb.data(), pending[i].rgb.size());
+    emit(runtime.infer_images(batch), pending_names);
+    pending.clear();
+    pending_names.clear();
+  };
+
+  for (const std::string& input : opt.inputs) {
+    if (ends_with_ci(input, ".npy")) {
+      flush_images();
+      repmlp_rt::NpyArray array = repmlp_rt::read_npy_f32(input);
+      const auto& expected = runtime.input_shape();
+      if (array.shape.size() != 4 || array.shape[0] < 1 || array.shape[1] != expected[0] ||
+          array.shape[2] != expected[1] || array.shape[3] != expected[2])
+        throw repmlp_rt::InputError("'" + input + "': expected a float32 NCHW array of shape (N, " +
+                                    std::to_string(expected[0]) + ", " + std::to_string(expected[1]) +
+                                    ", " + std::to_string(expected[2]) + ") with N >= 1, got " +
+                                    shape_string(array.shape));
+      at::Tensor all = at::from_blob(array.data.data(), array.shape, at::kFloat);
+      for (int64_t start = 0; start < array.shape[0]; start += opt.batch) {
+        const int64_t stop = std::min(start + opt.batch, array.shape[0]);
+        std::vector<std::string> names;
+        for (int64_t i = start; i < stop; ++i) names.push_back(input + "[" + std::to_string(i) + "]");
+        emit(runtime.infer(all.slice(0, start, stop)), names);
+      }
+    } else {
+      repmlp_rt::Image image = repmlp_rt::decode_image(input);
+      if (!pending.empty() && (pending[0].height != image.height || pending[0].width != image.width))
+        flush_images();
+      pending.push_back(std::move(image));
+      pending_names.push_back(input);
+      if (static_cast<int64_t>(pending.size()) >= opt.batch) flush_images();
+    }
+  }
+  flush_images();
+  if (!opt.output.empty()) {
+    at::Tensor stacked = at::cat(all_logits, 0).contiguous();
+    repmlp_rt::write_npy_f32(opt.output, stacked.sizes().vec(), stacked.data_ptr<float>());
+  }
+  return 0;
+}
+
+double percentile(std::vector<double> sorted, double p) {
+  // nearest-rank percentile of an already sorted sample
+  const size_t rank = static_cast<size_t>(std::ceil(p / 100.0 * sorted.size()));
+  return sorted[std::clamp<size_t>(rank, 1, sorted.size()) - 1];
+}
+
+void run_bench(const repmlp_rt::Runtime& runtime, const Options& opt, double load_ms) {
+  const auto& shape = runtime.input_shape();
+  at::manual_seed(0);
+  at::Tensor input = at::randn({opt.batch, shape[0], shape[1], shape[2]}, at::kFloat);
+  auto start = Clock::now();
+  runtime.infer(input);
+  const double first_ms = ms_since(start);
+  for (int i = 0; i < opt.warmup; ++i) runtime.infer(input);
+  std::vector<double> latencies;
+  for (int i = 0; i < opt.iters; ++i) {
+    start = Clock::now();
+    runtime.infer(input);
+    latencies.push_back(ms_since(start));
+  }
+  std::sort(latencies.begin(), latencies.end());
+  double total = 0;
+  for (double v : latencies) total += v;
+  const double mean = total / latencies.size();
+  const double images_per_s = opt.batch * 1000.0 / mean;
+  const double p50 = percentile(latencies, 50), p90 = percentile(latencies, 90),
+               p99 = percentile(latencies, 99);
+  if (opt.json) {
+    std::cout << json{{"bench",
+                       {{"device", runtime.device()}, {"threads", at::get_num_threads()},
+                        {"batch", opt.batch}, {"iters", opt.iters}, {"warmup", opt.warmup},
+                        {"optimize", opt.optimize}, {"load_ms", load_ms},
+                        {"first_call_ms", first_ms}, {"mean_ms", mean}, {"p50_ms", p50},
+                        {"p90_ms", p90}, {"p99_ms", p99}, {"images_per_s", images_per_s}}}}
+                     .dump()
+              << '\n';
+  } else {
+    std::cout << std::fixed << std::setprecision(3) << "bench: device=" << runtime.device()
+              << " threads=" << at::get_num_threads() << " batch=" << opt.batch
+              << " iters=" << opt.iters << " warmup=" << opt.warmup
+              << " optimize=" << (opt.optimize ? "on" : "off") << '\n'
+              << "  load (incl. warm-up): " << load_ms << " ms\n"
+              << "  first call:           " << first_ms << " ms\n"
+              << "  latency p50/p90/p99:  " << p50 << " / " << p90 << " / " << p99 << " ms\n"
+              << "  mean latency:         " << mean << " ms\n"
+              << std::setprecision(1) << "  throughput:           " << images_per_s
+              << " images/s\n";
+  }
+}
+
+void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
+  json manifest;
+  try {
+    manifest = json::parse(runtime.manifest_json());
+  } catch (const json::exception&) {
+    manifest = runtime.manifest_json();  // keep it verbatim if it is not JSON
+  }
+  json facts = {{"artifact", runtime.path()},
+                {"device", runtime.device()},
+                {"format_version", runtime.format_version()},
+                {"input_shape", runtime.input_shape()},
+                {"compute_dtype", runtime.compute_dtype()},
+                {"num_classes", runtime.num_classes()},
+                {"labels", runtime.labels()},
+                {"threads", at::get_num_threads()},
+                {"image_decoding", repmlp_rt::has_image_decoding()},
+                {"cuda_build", repmlp_rt::built_with_cuda()}};
+  if (opt.json) {
+    std::cout << json{{"runtime", facts}, {"manifest", manifest}}.dump() << '\n';
+    return;
+  }
+  std::cout << "artifact:       " << runtime.path() << '\n'
+            << "format version: " << runtime.format_version() << '\n'
+            << "device:         " << runtime.device() << " (threads: " << at::get_num_threads()
+            << ")\n"
+            << "input shape:    " << shape_string(runtime.input_shape()) << " (C, H, W)\n"
+            << "compute dtype:  " << runtime.compute_dtype() << '\n'
+            << "classes:        " << runtime.num_classes() << '\n'
+            << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
+            << "manifest.json:\n"
+            << manifest.dump(2) << '\n';
+}
+
+int run(int argc, char** argv) {
+  Options opt;
+  CLI::App app{"Run a RepMLPNet TorchScript artifact on images (.png/.jpg) or float32 NCHW .npy batches.",
+               "repmlp_infer"};
+  app.add_option("ARTIFACT", opt.artifact, "artifact .pt file written by repmlp-build")->required();
+  app.add_option("INPUT", opt.inputs, "image files (RGB, any size) or .npy float32 (N, C, H, W) batches");
+  app.add_option("--device", opt.device, "cpu, cuda or cuda:N")->capture_default_str();
+  app.add_option("--threads", opt.threads, "intra-op threads (0: torch default)")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
+  app.add_option("--batch", opt.batch, "batch size for inference and --bench")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
+  app.add_option("--topk", opt.topk, "number of classes reported per input")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
+  app.add_flag("--json", opt.json, "JSON output: one object per input per line");
+  app.add_option("--output", opt.output, "write all logits, stacked in input order, to FILE.npy (float32)");
+  app.add_flag("--bench", opt.bench, "benchmark: load time, first-call latency, p50/p90/p99, images/s");
+  app.add_option("--iters", opt.iters, "--bench timed iterations")->check(CLI::Range(1, 1000000))->capture_default_str();
+  app.add_option("--warmup", opt.warmup, "--bench untimed iterations before timing")
+      ->check(CLI::Range(0, 1000000))->capture_default_str();
+  app.add_flag("--info", opt.info, "print the artifact's manifest and what the runtime reads from it");
+  app.add_flag("--optimize", opt.optimize, "apply torch::jit::optimize_for_inference after loading");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::cerr << "repmlp_infer: error: " << first_line(e.what()) << " (see --help)\n";
+    return kExitUsage;
+  }
+  if (opt.inputs.empty() && !opt.info && !opt.bench)
+    throw UsageError("no INPUT given: pass image files or .npy batches (or --info / --bench)");
+  if (!opt.output.empty() && !ends_with_ci(opt.output, ".npy"))
+    throw UsageError("--output must name a .npy file, got '" + opt.output + "'");
+  if (!opt.output.empty() && opt.inputs.empty())
+    throw UsageError("--output needs at least one INPUT");
+
+  repmlp_rt::RuntimeOptions runtime_options;
+  runtime_options.device = opt.device;
+  runtime_options.threads = opt.threads;
+  runtime_options.optimize = opt.optimize;
+  const auto load_start = Clock::now();
+  std::optional<repmlp_rt::Runtime> runtime;
+  try {
+    runtime.emplace(opt.artifact, runtime_options);
+  } catch (const repmlp_rt::InputError& e) {
+    throw UsageError(e.what());  // only option values (device, threads) reach here
+  }
+  const double load_ms = ms_since(load_start);
+  if (opt.topk > runtime->num_classes())
+    throw UsageError("--topk " + std::to_string(opt.topk) + " exceeds the number of classes (" +
+                     std::to_string(runtime->num_classes()) + ")");
+
+  if (opt.info) print_info(*runtime, opt);
+  if (!opt.inputs.empty()) run_inputs(*runtime, opt);
+  if (opt.bench) run_bench(*runtime, opt, load_ms);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "repmlp_infer: error: " << first_line(e.what()) << '\n';
+    return kExitUsage;
+  } catch (const c10::Error& e) {
+    std::cerr << "repmlp_infer: error: " << first_line(e.what_without_backtrace()) << '\n';
+    return kExitError;
+  } catch (const std::exception& e) {
+    std::cerr << "repmlp_infer: error: " << first_line(e.what()) << '\n';
+    return kExitError;
+  } catch (...) {
+    std::cerr << "repmlp_infer: error: unknown failure\n";
+    return kExitError;
+  }
+}

@@ -74,6 +74,8 @@ class Preprocessing:
             self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]
         ):
             raise ValueError(f"crop {self.crop} is larger than the resize {self.resize}")
+        if self.resize_mode == "short_side" and self.resize[0] < max(self.crop):
+            raise ValueError(f"short side {self.resize[0]} is smaller than the crop {self.crop}")
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)

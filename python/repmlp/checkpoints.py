@@ -1,0 +1,264 @@
+"""Reading and writing RepMLPNet weights in the official and the mmcls/mmpretrain layouts.
+
+Loading is always strict: the layout (official or mmcls) and the form (training or deploy)
+are detected from the keys, the keys are mapped onto this package's layout, and any missing,
+unexpected or mis-shaped tensor is an error that names the offending keys.
+
+This package's state-dict keys are the official ones, except that a block's local branches
+live in ``local_convs.{i}`` (in the order of ``reparam_conv_kernels``) where upstream names
+them ``repconv{k}``.
+"""
+
+import hashlib
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .model import RepMLPNet
+
+__all__ = ["CheckpointError", "CheckpointInfo", "load_checkpoint", "export_state_dict", "read_state_dict"]
+
+LAYOUTS = ("official", "mmcls")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not match the model."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    layout: str  # "official" | "mmcls"
+    form: str  # "training" | "deploy"
+    num_tensors: int
+    path: Optional[str] = None
+    sha256: Optional[str] = None
+
+
+# (official prefix, mmcls prefix): whole-prefix renames, first match wins.
+_PREFIX_RULES: Tuple[Tuple[str, str], ...] = (
+    ("conv_embedding.conv.", "backbone.patch_embed.projection."),
+    ("conv_embedding.bn.", "backbone.patch_embed.norm."),
+    ("embeds.", "backbone.downsample_layers."),
+    ("head_norm.", "backbone.final_norm."),
+    ("head.", "head.fc."),
+    ("stages.", "backbone.stages."),
+)
+# Renames inside a block: (official, mmcls).
+_INNER_RULES: Tuple[Tuple[str, str], ...] = (
+    (".gp.fc1.", ".gp.conv1.conv."),
+    (".gp.fc2.", ".gp.conv2.conv."),
+    (".prebn1.", ".norm1."),
+    (".prebn2.", ".norm2."),
+)
+
+
+def _rename(key: str, to_mmcls: bool) -> str:
+    src, dst = (0, 1) if to_mmcls else (1, 0)
+    for rule in _PREFIX_RULES:
+        if key.startswith(rule[src]):
+            key = rule[dst] + key[len(rule[src]) :]
+            break
+    for rule in _INNER_RULES:
+        key = key.replace(rule[src], rule[dst])
+    return key
+
+
+_REPCONV = re.compile(r"\.repconv(\d+)\.")
+_LOCAL = re.compile(r"\.local_convs\.(\d+)\.")
+
+
+def _official_to_native(key: str, kernels: List[int]) -> str:
+    match = _REPCONV.search(key)
+    if match and int(match.group(1)) in kernels:
+        index = kernels.index(int(match.group(1)))
+        key = key[: match.start()] + f".local_convs.{index}." + key[match.end() :]
+    return key
+
+
+def _native_to_official(key: str, kernels: List[int]) -> str:
+    match = _LOCAL.search(key)
+    if match:
+        key = key[: match.start()] + f".repconv{kernels[int(match.group(1))]}." + key[match.end() :]
+    return key
+
+
+def detect_layout(keys: List[str]) -> str:
+    if any(k.startswith("backbone.") for k in keys):
+        return "mmcls"
+    if any(k.startswith("conv_embedding.") for k in keys):
+        return "official"
+    raise CheckpointError(
+        "not a RepMLPNet checkpoint: expected keys starting with 'conv_embedding.' (official) or "
+        f"'backbone.' (mmcls/mmpretrain), got {keys[:3]}"
+    )
+
+
+def detect_form(keys: List[str]) -> str:
+    training = any(".fc3_bn." in k or ".repconv" in k for k in keys)
+    deploy = any(k.endswith(".fc3.bias") for k in keys)
+    if training and deploy:
+        raise CheckpointError("checkpoint mixes training (fc3_bn/repconv) and deploy (fc3.bias) keys")
+    if not (training or deploy):
+        raise CheckpointError("checkpoint has neither fc3_bn (training form) nor fc3.bias (deploy form) keys")
+    return "training" if training else "deploy"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    """Read a checkpoint file (``weights_only=True``) or take a dict; unwrap and strip ``module.``.
+
+    Returns the flat state dict and the file path (None for a dict).
+    """
+    path: Optional[str] = None
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"checkpoint file not found: {path}")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for bad files
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+    else:
+        obj = source
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(
+            f"checkpoint {path or ''} holds {type(obj).__name__}, expected a non-empty state dict".replace("  ", " ")
+        )
+    state: Dict[str, torch.Tensor] = OrderedDict()
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, expected a tensor")
+        state[key[len("module.") :] if key.startswith("module.") else key] = value
+    return state, path
+
+
+def _model_kernels(model: RepMLPNet) -> List[int]:
+    kernels = model.config.reparam_conv_kernels
+    return list(kernels) if kernels is not None else []
+
+
+def load_checkpoint(
+    model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any]]
+) -> CheckpointInfo:
+    """Load official or mmcls/mmpretrain weights into ``model``, strictly.
+
+    ``source`` is a file path (read with ``torch.load(weights_only=True)``) or a state dict,
+    possibly wrapped in ``state_dict``/``model`` and with ``module.`` prefixes.
+    Raises :class:`CheckpointError` (a ``ValueError``) naming the problem.
+    """
+    if not isinstance(model, RepMLPNet):
+        raise CheckpointError(f"load_checkpoint needs a RepMLPNet, got {type(model).__name__}")
+    state, path = read_state_dict(source)
+    keys = list(state)
+    layout = detect_layout(keys)
+    form = detect_form(keys)
+    model_form = model.form
+    if model_form == "fused":
+        raise CheckpointError(
+            "the model's BNs are already fused; load into a model from create_model(), then call fuse_model()"
+        )
+    if form == "training" and model_form != "training":
+        raise CheckpointError(
+            f"the checkpoint ({layout} layout) is in training form (fc3_bn, repconv) but the model is "
+            "in deploy form: create it with deploy=False, load, then call reparameterize_model()"
+        )
+    if form == "deploy" and model_form != "deploy":
+        raise CheckpointError(
+            f"the checkpoint ({layout} layout) is in deploy form (fc3.bias, no fc3_bn/repconv) but the "
+            "model is in training form: create it with deploy=True"
+        )
+    kernels = _model_kernels(model)
+    mapped: Dict[str, torch.Tensor] = OrderedDict()
+    for key, value in state.items():
+        official = _rename(key, to_mmcls=False) if layout == "mmcls" else key
+        mapped[_official_to_native(official, kernels)] = value
+    expected = model.state_dict()
+    # Old checkpoints may lack BN's num_batches_tracked; BN fills it in, as torch does.
+    missing = [k for k in expected if k not in mapped and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in mapped if k not in expected]
+    mismatched = [
+        k for k in mapped if k in expected and tuple(mapped[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        to_file = _key_in_file_namer(layout, kernels)
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} missing (e.g. {[to_file(k) for k in missing[:3]]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected (e.g. {[to_file(k) for k in unexpected[:3]]})")
+        if mismatched:
+            shown = ", ".join(
+                f"{to_file(k)}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
+                for k in mismatched[:3]
+            )
+            problems.append(f"{len(mismatched)} with the wrong shape ({shown})")
+        arch = _describe(model)
+        raise CheckpointError(
+            f"checkpoint ({layout} layout, {form} form) does not match {arch}: " + "; ".join(problems)
+        )
+    with torch.no_grad():
+        model.load_state_dict(mapped, strict=True)
+    return CheckpointInfo(
+        layout=layout,
+        form=form,
+        num_tensors=len(state),
+        path=path,
+        sha256=_sha256(path) if path else None,
+    )
+
+
+def _key_in_file_namer(layout: str, kernels: List[int]):
+    """Report keys as the file spells them (native keys of unexpected entries pass through)."""
+
+    def name(key: str) -> str:
+        if ".local_convs." in key:
+            key = _native_to_official(key, kernels)
+        return _rename(key, to_mmcls=True) if layout == "mmcls" else key
+
+    return name
+
+
+def _describe(model: RepMLPNet) -> str:
+    cfg = model.config
+    return (
+        f"RepMLPNet(channels={list(cfg.channels)}, depths={list(cfg.depths)}, "
+        f"sharesets={list(cfg.sharesets)}, img_size={list(cfg.img_size)}, "
+        f"num_classes={cfg.num_classes}, kernels={cfg.reparam_conv_kernels})"
+    )
+
+
+def export_state_dict(model: nn.Module, layout: str = "official") -> Dict[str, torch.Tensor]:
+    """The model's weights under the official or the mmcls/mmpretrain key names.
+
+    Works for the training and the (locality-injected) deploy form; a fused model has no
+    upstream counterpart.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(model, RepMLPNet):
+        raise ValueError(f"export_state_dict needs a RepMLPNet, got {type(model).__name__}")
+    if model.form == "fused":
+        raise ValueError("a fused model has no upstream layout; export before fuse_model()")
+    kernels = _model_kernels(model)
+    out: Dict[str, torch.Tensor] = OrderedDict()
+    for key, value in model.state_dict().items():
+        official = _native_to_official(key, kernels)
+        out[_rename(official, to_mmcls=True) if layout == "mmcls" else official] = value.detach().clone()
+    return out

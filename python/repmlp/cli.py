@@ -1,0 +1,114 @@
+"""``repmlp-build`` / ``build_artifact.py``: checkpoint -> verified TorchScript artifact."""
+
+import argparse
+import json
+import re
+import sys
+from typing import List, Optional, Tuple, Union
+
+from .artifact import DEFAULT_TOLERANCE, DTYPES, BuildError, build_artifact
+from .checkpoints import CheckpointError
+from .variants import DEFAULT_ARCH, list_variants
+
+PROG = "repmlp-build"
+
+
+def _size(text: str) -> Union[int, Tuple[int, int]]:
+    match = re.fullmatch(r"(\d+)(?:[xX](\d+))?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected H or HxW (e.g. 224 or 224x160), got {text!r}")
+    h = int(match.group(1))
+    return h if match.group(2) is None else (h, int(match.group(2)))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Build a verified, frozen TorchScript RepMLPNet artifact from a checkpoint.",
+    )
+    p.add_argument(
+        "--arch",
+        default=DEFAULT_ARCH,
+        help=f"variant: {', '.join(list_variants())} (default: {DEFAULT_ARCH}, the shipped digits model)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        help="official or mmcls/mmpretrain .pth (training or deploy form). Default: the shipped "
+        "checkpoint for the default arch, seeded random weights for any other",
+    )
+    p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
+    p.add_argument("--num-classes", type=_positive_int, help="classifier width (default: the variant's)")
+    p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and compute dtype")
+    p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt in the current folder)")
+    p.add_argument("--device", default="cpu", help="device used for verification (cpu, cuda, cuda:N)")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        help="max |error| / max |logit| allowed at every stage (default: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
+        + ")",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights (no checkpoint)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)  # usage errors exit 2
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        report = build_artifact(
+            args.arch,
+            checkpoint=args.checkpoint,
+            out=args.out,
+            img_size=args.img_size,
+            num_classes=args.num_classes,
+            labels_file=args.labels,
+            dtype=args.dtype,
+            device=args.device,
+            tolerance=args.tolerance,
+            force=args.force,
+            seed=args.seed,
+            progress=progress,
+        )
+    except (BuildError, CheckpointError, ValueError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted, nothing written", file=sys.stderr)
+        return 130
+    m = report.manifest
+    worst = max((s.max_rel_err or 0.0) for s in report.stages)
+    shape = "x".join(str(v) for v in m["input"]["shape"])
+    print(
+        f"{PROG}: wrote {report.path}\n"
+        f"  arch {m['arch']['name']}, input {shape} {m['input']['compute_dtype']}, "
+        f"{m['output']['num_classes']} classes, weights: {m['weights']['source']}\n"
+        f"  params {m['model']['params_loaded']:,} loaded, {m['model']['params_deploy']:,} deployed; "
+        f"{m['model']['gflop_per_image']:.3f} GFLOP/image\n"
+        f"  worst relative error {worst:.2e} (tolerance {m['verification']['tolerance']:.1e})\n"
+        f"  {report.size_bytes / 1e6:.2f} MB, sha256 {report.sha256}",
+        file=sys.stderr,
+    )
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

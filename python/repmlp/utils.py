@@ -1,0 +1,54 @@
+"""Helpers shared by the builder, the tests and the benchmarks."""
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+__all__ = ["randomize_bn_", "randomize_model_", "count_flops"]
+
+
+@torch.no_grad()
+def randomize_bn_(model: nn.Module, generator: Optional[torch.Generator] = None) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters.
+
+    With fresh BNs (mean 0, var 1, weight 1, bias 0) a wrong fold can still look right, so
+    every equivalence check starts from this.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.2)
+            module.running_var.copy_(torch.rand(n, generator=generator) * 1.5 + 0.5)
+            if module.weight is not None:
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.2)
+    return model
+
+
+@torch.no_grad()
+def randomize_model_(model: nn.Module, seed: int = 0, randomize_bn: bool = True) -> nn.Module:
+    """Seeded random weights (PyTorch's default init, reproducible) and, optionally, BN stats."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            fan_in = module.weight[0].numel()
+            bound = 1.0 / fan_in**0.5
+            module.weight.copy_((torch.rand(module.weight.shape, generator=generator) * 2 - 1) * bound)
+            if module.bias is not None:
+                module.bias.copy_((torch.rand(module.bias.shape, generator=generator) * 2 - 1) * bound)
+    if randomize_bn:
+        randomize_bn_(model, generator)
+    return model
+
+
+def count_flops(model: nn.Module) -> int:
+    """FLOPs (2 x multiply-adds) of one forward pass on one image, counted by torch."""
+    config = getattr(model, "config")
+    param = next(model.parameters())
+    x = torch.zeros(1, config.in_channels, *config.img_size, dtype=param.dtype, device=param.device)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return int(counter.get_total_flops())

@@ -46,6 +46,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Default verification tolerance: max |error| / max |reference logit|.
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 VERIFY_BATCH = 2
+# torch 2.13+ warns on every torch.jit.script/freeze/save/load call; only those are silenced.
+JIT_DEPRECATION_MESSAGE = r"`torch\.jit\.\w+` is deprecated"
 VERIFY_SEED = 1234
 
 
@@ -151,8 +153,8 @@ def _quiet_jit():
     """TorchScript is deprecated in torch 2.13: silence exactly that warning around our calls."""
     ctx = warnings.catch_warnings()
     ctx.__enter__()
-    warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*TorchScript.*")
-    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*TorchScript.*")
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, message=JIT_DEPRECATION_MESSAGE)
     return ctx
 
 

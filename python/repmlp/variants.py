@@ -82,8 +82,12 @@ class Preprocessing:
 
 
 def official_preprocessing(img_size: Tuple[int, int]) -> Preprocessing:
-    """Official repo: short side resized to the input size, center crop (crop ratio 1.0)."""
-    short = min(img_size)
+    """Official repo: short side resized to the input size, center crop (crop ratio 1.0).
+
+    For a non-square input the short side goes to the larger of H and W, so any image covers
+    the crop.
+    """
+    short = max(img_size)
     return Preprocessing(resize_mode="short_side", resize=(short, short), crop=img_size)
 
 
@@ -155,13 +159,13 @@ class ArchConfig:
         """A copy at another input size; the preprocessing follows the same rule as before."""
         size = to_2tuple(img_size, "img_size")
         pre = self.preprocessing
-        if pre.resize_mode == "short_side" and tuple(pre.resize) == (min(self.img_size),) * 2:
+        if pre.resize_mode == "short_side" and tuple(pre.resize) == (max(self.img_size),) * 2:
             pre = official_preprocessing(size)
         else:
             # Keep the resize/crop ratio of the original pipeline.
             rh = round(pre.resize[0] * size[0] / self.img_size[0])
             rw = round(pre.resize[1] * size[1] / self.img_size[1])
-            pre = replace(pre, resize=(rh, rw) if pre.resize_mode == "exact" else (min(rh, rw),) * 2, crop=size)
+            pre = replace(pre, resize=(rh, rw) if pre.resize_mode == "exact" else (max(rh, rw),) * 2, crop=size)
         return replace(self, img_size=size, preprocessing=pre)
 
     def to_dict(self) -> Dict[str, Any]:

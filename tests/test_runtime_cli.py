@@ -1,0 +1,298 @@
+"""The repmlp_infer binary: equivalence with torch.jit.load, output formats, bad input."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import runtime_helpers as helpers
+
+RTOL, ATOL = 1e-5, 1e-5
+ROOT = Path(__file__).resolve().parents[1]
+REAL_ARTIFACT_FIXTURES = ["small_artifact", "digits_artifact"]  # provided by tests/conftest.py
+
+
+def _binary() -> str:
+    found = shutil.which("repmlp_infer")
+    if found:
+        return found
+    local = ROOT / "build" / "cmake" / "bin" / "repmlp_infer"
+    if local.exists():
+        return str(local)
+    pytest.skip("repmlp_infer is not built: pip install --no-build-isolation -e .")
+
+
+def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
+    result = subprocess.run([_binary(), *map(str, args)], capture_output=True, text=True,
+                            timeout=timeout)
+    # never a death by signal (abort, segfault): those give a negative return code
+    assert result.returncode >= 0, f"killed by signal {-result.returncode}: {result.stderr}"
+    return result
+
+
+def assert_error(result, code, fragment):
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("repmlp_infer: error: "), lines[0]
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def fake_artifact(tmp_path_factory):
+    return helpers.save_fake_artifact(tmp_path_factory.mktemp("fake") / "fake.pt")
+
+
+@pytest.fixture(params=["fake_artifact", *REAL_ARTIFACT_FIXTURES])
+def artifact(request):
+    try:
+        return Path(request.getfixturevalue(request.param))
+    except pytest.FixtureLookupError:
+        pytest.skip(f"fixture {request.param} is not available")
+
+
+def _expected_topk(logits: torch.Tensor, k: int):
+    return torch.softmax(logits, dim=1).topk(k, dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# equivalence
+
+
+def test_npy_logits_and_topk_match_python(artifact, tmp_path):
+    reference = helpers.load_reference(artifact)
+    shape = reference.input_shape()
+    x = np.random.default_rng(0).standard_normal((5, *shape)).astype(np.float32)
+    npy = helpers.write_npy(tmp_path / "batch.npy", x)
+    out = tmp_path / "logits.npy"
+    k = min(3, len(reference.labels()))
+    result = run_cli(artifact, npy, "--json", "--topk", k, "--batch", 2, "--output", out)
+    assert result.returncode == 0, result.stderr
+    expected = reference(torch.from_numpy(x))
+    logits = np.load(out)
+    assert logits.dtype == np.float32 and logits.shape == tuple(expected.shape)
+    torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=RTOL, atol=ATOL)
+
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["input"] for r in records] == [f"{npy}[{i}]" for i in range(5)]
+    scores, indices = _expected_topk(expected, k)
+    labels = reference.labels()
+    for row, record in enumerate(records):
+        assert [t["index"] for t in record["topk"]] == indices[row].tolist()
+        assert [t["label"] for t in record["topk"]] == [labels[i] for i in indices[row].tolist()]
+        np.testing.assert_allclose([t["score"] for t in record["topk"]], scores[row].numpy(),
+                                   rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.skipif(shutil.which("repmlp_infer") is None and not (ROOT / "build/cmake/bin/repmlp_infer").exists(),
+                    reason="repmlp_infer not built")
+def test_png_logits_and_topk_match_python(artifact, tmp_path):
+    from PIL import Image
+
+    reference = helpers.load_reference(artifact)
+    sizes = [(40, 52), (40, 52), (32, 32), (57, 45)]  # grouped into batches of equal size
+    paths = []
+    for i, size in enumerate(sizes):
+        paths.append(helpers.save_png(tmp_path / f"img{i}.png", helpers.random_images(1, *size, seed=i)[0]))
+    out = tmp_path / "logits.npy"
+    k = min(2, len(reference.labels()))
+    result = run_cli(artifact, *paths, "--topk", k, "--output", out, "--batch", 4)
+    assert result.returncode == 0, result.stderr
+
+    # reference input: the PNG decoded by PIL, uint8 RGB
+    expected = torch.cat([
+        reference.forward_images(torch.from_numpy(np.asarray(Image.open(p).convert("RGB"))[None].copy()))
+        for p in paths
+    ])
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, rtol=RTOL, atol=ATOL)
+
+    # default output: one line per input, "<input>: <label> (<score>), ..."
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(paths)
+    scores, indices = _expected_topk(expected, k)
+    labels = reference.labels()
+    for line, path, row_scores, row_indices in zip(lines, paths, scores, indices):
+        assert line.startswith(f"{path}: ")
+        parts = line[len(f"{path}: "):].split(", ")
+        assert [p.rsplit(" (", 1)[0] for p in parts] == [labels[i] for i in row_indices.tolist()]
+        np.testing.assert_allclose([float(p.rsplit(" (", 1)[1].rstrip(")")) for p in parts],
+                                   row_scores.numpy(), atol=1e-4)
+
+
+def test_mixed_inputs_keep_input_order(fake_artifact, tmp_path):
+    reference = helpers.load_reference(fake_artifact)
+    image = helpers.random_images(1, 33, 35)[0]
+    png = helpers.save_png(tmp_path / "a.png", image)
+    x = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    npy = helpers.write_npy(tmp_path / "b.npy", x)
+    out = tmp_path / "out.npy"
+    result = run_cli(fake_artifact, png, npy, png, "--output", out, "--json")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(l)["input"] for l in result.stdout.splitlines()] == [
+        str(png), f"{npy}[0]", f"{npy}[1]", str(png)]
+    from_image = reference.forward_images(torch.from_numpy(image[None].copy()))
+    expected = torch.cat([from_image, reference(torch.from_numpy(x)), from_image])
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_output_is_written_atomically(fake_artifact, tmp_path):
+    x = np.zeros((1, 3, 32, 32), np.float32)
+    npy = helpers.write_npy(tmp_path / "x.npy", x)
+    out = tmp_path / "out.npy"
+    out.write_bytes(b"old")
+    assert run_cli(fake_artifact, npy, "--output", out).returncode == 0
+    assert np.load(out).shape == (1, 10)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "x.npy"]  # no temp left
+    result = run_cli(fake_artifact, npy, "--output", tmp_path / "missing_dir" / "out.npy")
+    assert_error(result, 1, "cannot write")
+
+
+# ---------------------------------------------------------------------------------------------
+# --info, --bench
+
+
+def test_info(fake_artifact):
+    result = run_cli(fake_artifact, "--info")
+    assert result.returncode == 0, result.stderr
+    for fragment in ["format version: 1", "input shape:    [3, 32, 32]", "classes:        10",
+                     "compute dtype:  float32", '"preprocessing"']:
+        assert fragment in result.stdout
+    result = run_cli(fake_artifact, "--info", "--json")
+    info = json.loads(result.stdout)
+    extra = {"manifest.json": ""}
+    helpers.load_reference(fake_artifact)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.load(str(fake_artifact), _extra_files=extra)
+    assert info["manifest"] == json.loads(extra["manifest.json"])
+    assert info["runtime"]["input_shape"] == [3, 32, 32]
+    assert info["runtime"]["format_version"] == 1
+
+
+def test_bench(fake_artifact):
+    result = run_cli(fake_artifact, "--bench", "--iters", 5, "--warmup", 1, "--batch", 2, "--threads", 1)
+    assert result.returncode == 0, result.stderr
+    for fragment in ["load (incl. warm-up)", "first call", "p50/p90/p99", "images/s", "batch=2", "threads=1"]:
+        assert fragment in result.stdout
+    result = run_cli(fake_artifact, "--bench", "--iters", 5, "--warmup", 0, "--json")
+    bench = json.loads(result.stdout)["bench"]
+    assert bench["iters"] == 5 and bench["batch"] == 8
+    assert 0 < bench["p50_ms"] <= bench["p90_ms"] <= bench["p99_ms"]
+    assert bench["images_per_s"] > 0 and bench["load_ms"] > 0 and bench["first_call_ms"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: one line on stderr, exit 2 for usage errors, 1 for everything else
+
+
+@pytest.fixture(scope="module")
+def bad_artifacts(tmp_path_factory, fake_artifact):
+    return helpers.make_bad_artifacts(tmp_path_factory.mktemp("bad"), fake_artifact)
+
+
+@pytest.mark.parametrize("name", sorted(helpers.BAD_ARTIFACT_MESSAGES))
+def test_bad_artifacts(bad_artifacts, tmp_path, name):
+    npy = helpers.write_npy(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    assert_error(run_cli(bad_artifacts[name], npy), 1, helpers.BAD_ARTIFACT_MESSAGES[name])
+
+
+def _npy_cases(tmp_path):
+    good = np.zeros((2, 3, 32, 32), np.float32)
+    cases = {
+        "wrong_shape": (helpers.write_npy(tmp_path / "shape.npy", np.zeros((2, 3, 16, 32), np.float32)),
+                        "expected a float32 NCHW array of shape (N, 3, 32, 32)"),
+        "wrong_rank": (helpers.write_npy(tmp_path / "rank.npy", np.zeros((3, 32, 32), np.float32)),
+                       "got [3, 32, 32]"),
+        "empty_batch": (helpers.write_npy(tmp_path / "empty.npy", np.zeros((0, 3, 32, 32), np.float32)),
+                        "N >= 1"),
+        "float64": (helpers.write_npy(tmp_path / "f64.npy", good.astype(np.float64)),
+                    "expected dtype float32 ('<f4'), got '<f8'"),
+        "uint8": (helpers.write_npy(tmp_path / "u8.npy", good.astype(np.uint8)), "got '|u1'"),
+        "big_endian": (helpers.write_npy(tmp_path / "be.npy", good.astype(">f4")), "got '>f4'"),
+        "fortran": (helpers.write_npy(tmp_path / "f.npy", np.asfortranarray(good)), "Fortran order"),
+        "not_npy": (helpers.write_random_bytes(tmp_path / "random.npy", 64), "bad magic"),
+    }
+    full = helpers.write_npy(tmp_path / "full.npy", good).read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(full[:-10])
+    cases["truncated"] = (tmp_path / "truncated.npy", "truncated")
+    (tmp_path / "trailing.npy").write_bytes(full + b"xx")
+    cases["trailing"] = (tmp_path / "trailing.npy", "bytes after the data")
+    (tmp_path / "header.npy").write_bytes(full[:20])
+    cases["truncated_header"] = (tmp_path / "header.npy", "truncated header")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["wrong_shape", "wrong_rank", "empty_batch", "float64", "uint8",
+                                  "big_endian", "fortran", "not_npy", "truncated", "trailing",
+                                  "truncated_header"])
+def test_bad_npy(fake_artifact, tmp_path, case):
+    path, fragment = _npy_cases(tmp_path)[case]
+    assert_error(run_cli(fake_artifact, path), 1, fragment)
+
+
+def test_bad_images(fake_artifact, tmp_path):
+    corrupt = helpers.write_random_bytes(tmp_path / "corrupt.png", 200)
+    assert_error(run_cli(fake_artifact, corrupt), 1, "cannot decode image")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert_error(run_cli(fake_artifact, empty), 1, "cannot decode image")
+    assert_error(run_cli(fake_artifact, tmp_path / "missing.png"), 1, "cannot read image")
+    good = helpers.save_png(tmp_path / "good.png", helpers.random_images(1, 8, 8)[0])
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(good.read_bytes()[:40])
+    assert_error(run_cli(fake_artifact, good, truncated), 1, "cannot decode image")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--no-such-option"], "no-such-option"),
+        (["--topk", "0"], "topk"),
+        (["--topk", "11"], "--topk 11 exceeds the number of classes (10)"),
+        (["--batch", "0"], "batch"),
+        (["--threads", "-1"], "threads"),
+        (["--iters", "x"], "iters"),
+        (["--device", "tpu"], "invalid device 'tpu'"),
+        (["--output", "out.txt"], "--output must name a .npy file"),
+    ],
+)
+def test_usage_errors_exit_2(fake_artifact, tmp_path, args, fragment):
+    npy = helpers.write_npy(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    assert_error(run_cli(fake_artifact, npy, *args), 2, fragment)
+
+
+def test_missing_arguments_exit_2(fake_artifact):
+    assert_error(run_cli(), 2, "ARTIFACT")
+    assert_error(run_cli(fake_artifact), 2, "no INPUT given")
+
+
+def test_cuda_device_without_cuda(fake_artifact, tmp_path):
+    import repmlp_rt
+
+    if repmlp_rt.built_with_cuda():
+        pytest.skip("this build has CUDA support")
+    npy = helpers.write_npy(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    assert_error(run_cli(fake_artifact, npy, "--device", "cuda"), 1, "no CUDA support")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+def test_cuda_matches_cpu(fake_artifact, tmp_path):
+    import repmlp_rt
+
+    if not repmlp_rt.built_with_cuda():
+        pytest.skip("repmlp_rt was built against a CPU-only torch")
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    npy = helpers.write_npy(tmp_path / "x.npy", x)
+    cpu, gpu = tmp_path / "cpu.npy", tmp_path / "gpu.npy"
+    assert run_cli(fake_artifact, npy, "--output", cpu).returncode == 0
+    assert run_cli(fake_artifact, npy, "--output", gpu, "--device", "cuda").returncode == 0
+    np.testing.assert_allclose(np.load(gpu), np.load(cpu), rtol=1e-4, atol=1e-4)
+    result = run_cli(fake_artifact, "--bench", "--iters", 20, "--device", "cuda", "--json")
+    assert json.loads(result.stdout)["bench"]["device"] == "cuda:0"

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple, Union
 
 from .artifact import DEFAULT_TOLERANCE, DTYPES, BuildError, build_artifact
 from .checkpoints import CheckpointError
-from .variants import DEFAULT_ARCH, list_variants
+from .variants import DEFAULT_ARCH, get_variant, list_variants
 
 PROG = "repmlp-build"
 
@@ -19,6 +19,14 @@ def _size(text: str) -> Union[int, Tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"expected H or HxW (e.g. 224 or 224x160), got {text!r}")
     h = int(match.group(1))
     return h if match.group(2) is None else (h, int(match.group(2)))
+
+
+def _arch(text: str) -> str:
+    try:
+        get_variant(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -38,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--arch",
+        type=_arch,
         default=DEFAULT_ARCH,
         help=f"variant: {', '.join(list_variants())} (default: {DEFAULT_ARCH}, the shipped digits model)",
     )

@@ -1,0 +1,241 @@
+"""build_artifact.py / repmlp.artifact: pipeline, manifest schema, both methods, atomicity, errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from repmlp import create_model, export_state_dict
+from repmlp.artifact import ARTIFACT_FORMAT_VERSION, EXPORTED_METHODS, MANIFEST_NAME, build_artifact, read_manifest
+from repmlp.preprocess import ImageTransform
+from repmlp.variants import Preprocessing
+
+from conftest import ROOT, SMALL_ARCH, make_model, relative_close
+
+BUILD = [sys.executable, os.path.join(ROOT, "build_artifact.py")]
+
+
+def run_build(args, cwd=None):
+    return subprocess.run(BUILD + list(args), cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def _load(path):
+    extra = {MANIFEST_NAME: ""}
+    module = torch.jit.load(path, _extra_files=extra)
+    return module, json.loads(extra[MANIFEST_NAME])
+
+
+def _leftovers(folder):
+    return sorted(f for f in os.listdir(folder) if f.endswith(".tmp") or f.startswith("."))
+
+
+# ---- the artifact itself ---------------------------------------------------------------------
+
+
+def test_manifest_schema(small_artifact):
+    _, manifest = _load(small_artifact)
+    assert manifest["format"] == "repmlp-artifact"
+    assert manifest["format_version"] == ARTIFACT_FORMAT_VERSION
+    assert set(manifest) >= {"arch", "input", "preprocessing", "output", "weights", "model", "build", "verification"}
+    assert manifest["arch"]["config"]["channels"] == SMALL_ARCH["channels"]
+    assert manifest["input"]["shape"] == [3, 32, 32] and manifest["input"]["layout"] == "NCHW"
+    assert manifest["input"]["compute_dtype"] == "float32"
+    pre = manifest["preprocessing"]
+    assert pre["method"] == "forward_images" and len(pre["mean"]) == 3 and len(pre["std"]) == 3
+    assert {"resize_mode", "resize", "crop", "interpolation"} <= set(pre)
+    assert manifest["output"]["num_classes"] == 10 and len(manifest["output"]["labels"]) == 10
+    assert manifest["weights"] == {"source": "random", "seed": 3}
+    assert manifest["build"]["torch_version"] == torch.__version__
+    stages = [s["stage"] for s in manifest["verification"]["stages"]]
+    assert stages == ["load", "deploy", "script", "freeze", "save", "reload"]
+    tol = manifest["verification"]["tolerance"]
+    assert all(s["max_rel_err"] is None or s["max_rel_err"] <= tol for s in manifest["verification"]["stages"])
+    assert read_manifest(small_artifact) == manifest
+
+
+def test_methods_match_the_training_form(small_artifact):
+    module, _ = _load(small_artifact)
+    for name in EXPORTED_METHODS:
+        assert hasattr(module, name), name
+    assert module.format_version() == ARTIFACT_FORMAT_VERSION
+    assert module.input_shape() == [3, 32, 32]
+    assert module.labels() == [str(i) for i in range(10)]
+    assert module.compute_dtype() == "float32"
+    # The same weights, rebuilt independently from the seed recorded in the manifest.
+    reference = make_model(img_size=32, num_classes=10, seed=3)
+    for batch in (1, 4):  # dynamic batch
+        x = torch.randn(batch, 3, 32, 32)
+        with torch.no_grad():
+            relative_close(module(x), reference(x))
+    images = torch.randint(0, 256, (3, 40, 57, 3), dtype=torch.uint8)
+    transform = ImageTransform(reference.config.preprocessing)
+    with torch.no_grad():
+        relative_close(module.forward_images(images), reference(transform(images)))
+
+
+def test_forward_rejects_bad_shapes(small_artifact):
+    module, _ = _load(small_artifact)
+    with pytest.raises(Exception, match=r"expected a \(N, 3, 32, 32\) batch, got \[1, 3, 64, 64\]"):
+        module(torch.randn(1, 3, 64, 64))
+    with pytest.raises(Exception, match=r"expected uint8 images \(N, H, W, 3\)"):
+        module.forward_images(torch.zeros(1, 3, 32, 32))
+
+
+# ---- preprocessing against independent expectations --------------------------------------------
+
+
+def test_preprocessing_normalizes_without_resizing_when_sizes_match():
+    pre = Preprocessing(resize_mode="exact", resize=(32, 32), crop=(32, 32))
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    out = ImageTransform(pre)(images)
+    mean = torch.tensor(pre.mean).reshape(1, 3, 1, 1)
+    std = torch.tensor(pre.std).reshape(1, 3, 1, 1)
+    torch.testing.assert_close(out, (images.permute(0, 3, 1, 2).float() - mean) / std)
+
+
+def test_short_side_resize_then_center_crop_geometry():
+    # short side already 32: no resize; the center crop of a 32x48 image starts at column 8
+    pre = Preprocessing(resize_mode="short_side", resize=(32, 32), crop=(32, 32), mean=(0, 0, 0), std=(1, 1, 1))
+    images = torch.arange(32 * 48, dtype=torch.int64).remainder(251).to(torch.uint8)
+    images = images.reshape(1, 32, 48, 1).expand(1, 32, 48, 3).contiguous()
+    out = ImageTransform(pre)(images)
+    torch.testing.assert_close(out[0, 0], images[0, :, 8:40, 0].float())
+    # a uniform image stays uniform through any resize; a 64x100 image is scaled to 32x50
+    flat = torch.full((1, 64, 100, 3), 77, dtype=torch.uint8)
+    torch.testing.assert_close(ImageTransform(pre)(flat), torch.full((1, 3, 32, 32), 77.0))
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+
+def test_no_arguments_in_an_empty_folder_builds_the_default(tmp_path):
+    result = run_build([], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    path = tmp_path / "repmlp-digits.pt"
+    assert path.is_file()
+    assert os.listdir(tmp_path) == ["repmlp-digits.pt"]
+    extra = {"manifest.json": ""}
+    torch.jit.load(str(path), _extra_files=extra)
+    manifest = json.loads(extra["manifest.json"])
+    assert manifest["arch"]["name"] == "digits"
+    assert manifest["weights"]["source"] == "checkpoint" and manifest["weights"]["file"] == "digits.pth"
+    assert manifest["output"]["labels"] == [str(i) for i in range(10)]
+    for n in range(1, 7):  # one progress line per stage, then the summary
+        assert f"[{n}/6]" in result.stderr
+    assert "sha256" in result.stderr
+
+
+def test_checkpoint_json_report_and_mmcls_deploy_layout(tmp_path):
+    from repmlp import reparameterize_model
+
+    model = make_model(img_size=32, num_classes=10, seed=9)
+    ckpt = tmp_path / "mm.pth"
+    torch.save({"state_dict": export_state_dict(reparameterize_model(model), "mmcls")}, ckpt)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"class {i}\n" for i in range(10)))
+    out = tmp_path / "custom.pt"
+    result = run_build(
+        ["--arch", "B224", "--checkpoint", str(ckpt), "--out", str(out), "--json"], cwd=tmp_path
+    )
+    # B224 weights do not fit this small checkpoint: a clean error, nothing written
+    assert result.returncode == 1 and "does not match" in result.stderr and not out.exists()
+    assert "Traceback" not in result.stderr
+    report = build_artifact(SMALL_ARCH, img_size=32, num_classes=10, checkpoint=str(ckpt), out=str(out), labels_file=str(labels))
+    module, manifest = _load(str(out))
+    assert manifest["weights"]["layout"] == "mmcls" and manifest["weights"]["form"] == "deploy"
+    assert module.labels()[3] == "class 3"
+    assert report.sha256 and report.size_bytes == out.stat().st_size
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        relative_close(module(x), model(x))
+
+
+def test_json_report_on_stdout(tmp_path):
+    out = tmp_path / "a.pt"
+    result = run_build(["--arch", "digits", "--out", str(out), "--json"])
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["path"] == str(out) and len(report["sha256"]) == 64
+    assert [s["stage"] for s in report["stages"]][-1] == "reload"
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--arch", "B999"], 2, "unknown arch 'B999'"),
+        (["--img-size", "abc"], 2, "expected H or HxW"),
+        (["--dtype", "int8"], 2, "invalid choice"),
+        (["--bogus"], 2, "unrecognized arguments"),
+        (["--arch", "T224", "--img-size", "100"], 1, "divisible by 32"),
+        (["--tolerance", "1e-30"], 1, "exceeds the tolerance"),
+        (["--checkpoint", "/nonexistent/x.pth"], 1, "checkpoint file not found"),
+        (["--out", "/nonexistent/dir/a.pt"], 1, "does not exist"),
+        (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "npu"], 1, "device"),
+    ],
+)
+def test_bad_input_one_line_and_exit_code(tmp_path, args, code, message):
+    result = run_build(args + (["--out", str(tmp_path / "x.pt")] if "--out" not in args else []), cwd=tmp_path)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_output_needs_force(tmp_path):
+    out = tmp_path / "a.pt"
+    out.write_bytes(b"keep me")
+    result = run_build(["--out", str(out)])
+    assert result.returncode == 1 and "--force" in result.stderr
+    assert out.read_bytes() == b"keep me"
+    result = run_build(["--out", str(out), "--force"])
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() != b"keep me" and _leftovers(tmp_path) == []
+
+
+def test_bad_checkpoints_leave_nothing(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save(export_state_dict(create_model("digits")), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    wrong = tmp_path / "wrong.pth"
+    torch.save(export_state_dict(create_model(SMALL_ARCH, img_size=32, num_classes=10)), wrong)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    for ckpt, message in ((truncated, "cannot read checkpoint"), (wrong, "does not match")):
+        result = run_build(["--checkpoint", str(ckpt), "--out", str(out_dir / "a.pt")])
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) <= 2  # at most the load line and the error
+        assert os.listdir(out_dir) == []
+
+
+def test_labels_file_must_match(tmp_path):
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\n")
+    result = run_build(["--labels", str(labels), "--out", str(tmp_path / "a.pt")])
+    assert result.returncode == 1 and "has 2 labels, the model has 10 classes" in result.stderr
+    assert not (tmp_path / "a.pt").exists()
+
+
+def test_failure_after_save_removes_the_temporary_file(tmp_path, monkeypatch):
+    import repmlp.artifact as artifact
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("disk went away")
+
+    monkeypatch.setattr(artifact.torch.jit, "load", broken_load)
+    with pytest.raises(artifact.BuildError, match="disk went away"):
+        build_artifact(SMALL_ARCH, img_size=32, num_classes=10, out=str(tmp_path / "a.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_b224_artifact_equals_training_form(b224_artifact):
+    module, manifest = _load(b224_artifact)
+    assert manifest["model"]["params_loaded"] == 68_242_712
+    reference = make_model("B224", seed=5)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        relative_close(module(x), reference(x))

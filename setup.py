@@ -31,7 +31,7 @@ except ImportError:
 
 def read_version() -> str:
     text = (ROOT / "python" / "repmlp_rt" / "_version.py").read_text()
-    return re.search(r'^__version__ = "([^"]+)"', text, re.M).group(1)
+    return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
 
 
 def find_tool(name: str) -> str | None:

@@ -12,7 +12,6 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import List
 
 import numpy as np
 import torch
@@ -47,7 +46,7 @@ class FakeRepMLP(nn.Module):
         self.width = size
         self.resize = size + size // 7  # resize the short side, then center-crop
         self.dtype_name = dtype_name
-        self.class_names: List[str] = [f"class_{i}" for i in range(num_classes)]
+        self.class_names: list[str] = [f"class_{i}" for i in range(num_classes)]
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
 
@@ -77,11 +76,11 @@ class FakeRepMLP(nn.Module):
         return self.version
 
     @torch.jit.export
-    def input_shape(self) -> List[int]:
+    def input_shape(self) -> list[int]:
         return [3, self.height, self.width]
 
     @torch.jit.export
-    def labels(self) -> List[str]:
+    def labels(self) -> list[str]:
         return self.class_names
 
     @torch.jit.export

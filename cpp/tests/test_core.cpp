@@ -1,0 +1,95 @@
+// C++ unit tests of the repmlp_rt core (ctest). Runtime tests need an artifact:
+//   cmake -DREPMLP_BUILD_TESTS=ON -DREPMLP_TEST_ARTIFACT=/path/to/artifact.pt ... && ctest
+// (or the REPMLP_TEST_ARTIFACT environment variable); without one they are skipped.
+#include <gtest/gtest.h>
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <thread>
+#include <vector>
+
+#include "repmlp_rt/image.hpp"
+#include "repmlp_rt/npy.hpp"
+#include "repmlp_rt/runtime.hpp"
+
+namespace {
+
+std::string test_artifact() {
+  const char* path = std::getenv("REPMLP_TEST_ARTIFACT");
+  return path ? path : "";
+}
+
+std::filesystem::path temp_path(const std::string& name) {
+  return std::filesystem::temp_directory_path() / ("repmlp_rt_test_" + name);
+}
+
+TEST(Npy, RoundTrip) {
+  const std::vector<int64_t> shape{2, 3, 4, 5};
+  std::vector<float> data(120);
+  for (size_t i = 0; i < data.size(); ++i) data[i] = static_cast<float>(i) * 0.5f - 7.0f;
+  const auto path = temp_path("roundtrip.npy").string();
+  repmlp_rt::write_npy_f32(path, shape, data.data());
+  const repmlp_rt::NpyArray array = repmlp_rt::read_npy_f32(path);
+  EXPECT_EQ(array.shape, shape);
+  EXPECT_EQ(array.data, data);
+  std::filesystem::remove(path);
+}
+
+TEST(Npy, RejectsGarbage) {
+  const auto path = temp_path("garbage.npy").string();
+  std::ofstream(path, std::ios::binary) << "definitely not a numpy file";
+  EXPECT_THROW(repmlp_rt::read_npy_f32(path), repmlp_rt::InputError);
+  std::filesystem::remove(path);
+  EXPECT_THROW(repmlp_rt::read_npy_f32(path), repmlp_rt::InputError);  // missing
+}
+
+TEST(Image, MissingFileThrows) {
+  EXPECT_THROW(repmlp_rt::decode_image(temp_path("missing.png").string()), repmlp_rt::InputError);
+}
+
+TEST(Runtime, MissingArtifactThrows) {
+  EXPECT_THROW(repmlp_rt::Runtime(temp_path("missing.pt").string()), repmlp_rt::ArtifactError);
+}
+
+TEST(Runtime, ValidatesInputs) {
+  if (test_artifact().empty()) GTEST_SKIP() << "REPMLP_TEST_ARTIFACT is not set";
+  repmlp_rt::Runtime runtime(test_artifact());
+  const auto& s = runtime.input_shape();
+  ASSERT_EQ(s.size(), 3u);
+  at::Tensor logits = runtime.infer(at::zeros({2, s[0], s[1], s[2]}));
+  EXPECT_EQ(logits.sizes(), (std::vector<int64_t>{2, runtime.num_classes()}));
+  EXPECT_THROW(runtime.infer(at::zeros({2, s[0] + 1, s[1], s[2]})), repmlp_rt::InputError);
+  EXPECT_THROW(runtime.infer(at::zeros({0, s[0], s[1], s[2]})), repmlp_rt::InputError);
+  EXPECT_THROW(runtime.infer(at::zeros({2, s[0], s[1], s[2]}, at::kDouble)), repmlp_rt::InputError);
+  EXPECT_THROW(runtime.classify(at::zeros({1, 8, 8, 3}, at::kByte), 0), repmlp_rt::InputError);
+  if (!repmlp_rt::built_with_cuda())
+    EXPECT_THROW(repmlp_rt::Runtime(test_artifact(), {.device = "cuda"}), repmlp_rt::DeviceError);
+}
+
+TEST(Runtime, ConcurrentCallsMatchSerial) {
+  if (test_artifact().empty()) GTEST_SKIP() << "REPMLP_TEST_ARTIFACT is not set";
+  const repmlp_rt::Runtime runtime(test_artifact());
+  const auto& s = runtime.input_shape();
+  at::manual_seed(0);
+  std::vector<at::Tensor> inputs, expected;
+  for (int i = 0; i < 6; ++i) {
+    inputs.push_back(at::randn({1 + i % 3, s[0], s[1], s[2]}));
+    expected.push_back(runtime.infer(inputs.back()));
+  }
+  std::vector<int> mismatches(4, 0);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t)
+    threads.emplace_back([&, t] {
+      for (int rep = 0; rep < 10; ++rep) {
+        const size_t i = (t + rep) % inputs.size();
+        if (!at::equal(runtime.infer(inputs[i]), expected[i])) ++mismatches[t];
+      }
+    });
+  for (auto& thread : threads) thread.join();
+  for (int m : mismatches) EXPECT_EQ(m, 0);
+}
+
+}  // namespace

@@ -1,0 +1,58 @@
+# Everything runs in a local virtual environment (.venv); each target does its own setup and is
+# safe to run again. Quick start: `make demo` (main job), `make test` (test suite).
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.repmlp
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# Python packages the build, the tests and the demo need (torch pinned: other specs download CUDA wheels).
+PY_DEPS := torch==2.13.0 numpy pybind11 cmake ninja pytest pillow scikit-learn
+# Debian header packages the C++ runtime builds against.
+DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev
+
+ARTIFACT := repmlp-digits.pt
+
+.PHONY: all setup install demo test test-fast bench clean
+
+all: demo
+
+$(STAMP)/system:
+	@mkdir -p $(STAMP)
+	@missing=$$(for p in $(DEB_DEPS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $$missing; \
+	fi
+	@touch $@
+
+$(STAMP)/python: | $(STAMP)/system
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(PY_DEPS)
+	@touch $@
+
+setup: $(STAMP)/system $(STAMP)/python
+
+# Rebuilds incrementally (CMake build folder under build/); cheap when nothing changed.
+install: setup
+	$(PIP) install -q --no-build-isolation -e .
+
+# Main job: build the artifact from the embedded digits checkpoint, run the C++ binary on the
+# shipped PNG digits and print each prediction next to the truth.
+demo: install
+	$(VENV)/bin/repmlp-build --out $(ARTIFACT) --force
+	$(VENV)/bin/repmlp_infer --info $(ARTIFACT) | head -n 5
+	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) examples/digits/demo.py $(ARTIFACT) examples/digits/images
+
+test: install
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
+
+bench: install
+	$(PY) benchmarks/bench.py
+
+clean:
+	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(ARTIFACT)

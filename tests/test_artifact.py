@@ -239,3 +239,17 @@ def test_b224_artifact_equals_training_form(b224_artifact):
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         relative_close(module(x), reference(x))
+
+
+@pytest.mark.parametrize("dtype, rtol", [("float16", 2e-2), ("bfloat16", 6e-2)])
+def test_reduced_precision_artifact(tmp_path, dtype, rtol):
+    out = tmp_path / f"{dtype}.pt"
+    build_artifact(SMALL_ARCH, img_size=32, num_classes=10, out=str(out), seed=3, dtype=dtype)
+    module, manifest = _load(str(out))
+    assert module.compute_dtype() == dtype and manifest["input"]["compute_dtype"] == dtype
+    reference = make_model(img_size=32, num_classes=10, seed=3)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        logits = module(x)
+        assert logits.dtype == torch.float32
+        relative_close(logits, reference(x), rtol=rtol)

@@ -1,0 +1,673 @@
+#!/usr/bin/env python
+"""RepMLPNet CPU benchmark (issue 8): every deploy path, side by side, in one run.
+
+Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN statistics):
+
+  (a) upstream  the upstream deploy formulation (benchmarks/upstream_reference.py), eager
+  (b) eager     the project's fused deploy model (repmlp.model.fuse_model), eager
+  (c) jit       the artifact via torch.jit.load in Python
+  (c+) jit-opt  (c) + torch.jit.optimize_for_inference after load        [runtime choice]
+  (d) rt        the C++ runtime via repmlp_rt.Runtime(...).infer
+  (d+) rt-opt   (d) with optimize=True                                   [runtime choice]
+  (e) cli       `repmlp_infer --bench --json` (a subprocess; its p50, its peak RSS)
+  (f) ort-up    ONNX Runtime on the ONNX export of (a)
+  (g) ort       ONNX Runtime on the ONNX export of (b)
+  mm            torch.mm 4096^3 GFLOP/s at each thread count, measured in the same rounds
+
+Noise control (the machine is shared): for each (threads, batch) cell the configurations run
+in interleaved rounds (round r runs every configuration once for its iterations), and the
+reported latency is the median of all per-call latencies of that configuration in that cell.
+Outputs of (a), (c), (f), (g) are checked against (b) before anything is timed.
+
+Usage (from the repository root):
+  .venv/bin/python benchmarks/bench.py                       # full run, writes RESULTS.md
+  .venv/bin/python benchmarks/bench.py --quick --no-write    # smoke run (~2-4 min)
+Anything not available (repmlp_rt not built, no repmlp_infer, no onnxruntime, an export that
+fails) is reported as skipped; the run goes on.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(ROOT, "python"))
+sys.path.insert(0, HERE)
+warnings.filterwarnings("ignore")  # TorchScript deprecation warnings, ONNX exporter chatter
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from repmlp.model import create_model, fuse_model  # noqa: E402
+from repmlp.utils import count_flops, randomize_model_  # noqa: E402
+from upstream_reference import from_project_model  # noqa: E402
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+LABELS = {
+    "a": "(a) upstream eager",
+    "b": "(b) fused eager",
+    "c": "(c) artifact jit.load",
+    "c+": "(c+) jit.load + optimize_for_inference",
+    "d": "(d) repmlp_rt",
+    "d+": "(d+) repmlp_rt optimize=True",
+    "e": "(e) repmlp_infer --bench",
+    "f": "(f) ORT on ONNX(a)",
+    "g": "(g) ORT on ONNX(b)",
+}
+ALL = list(LABELS)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def sha_files(paths: List[str], extra: str) -> str:
+    h = hashlib.sha256(extra.encode())
+    for p in paths:
+        with open(p, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:12]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+def check_close(name: str, out: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """assert_close with an absolute tolerance of tol x the logit scale."""
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0.0, atol=tol * scale, msg=lambda m: f"{name}: {m}")
+    err = rel_err(out, ref)
+    log(f"  check {name:<10} max|diff|/max|ref| = {err:.2e} (tol {tol:.0e})")
+    return err
+
+
+def machine_info() -> Dict[str, str]:
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for key in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache", "Hypervisor vendor"):
+            m = re.search(rf"^{re.escape(key)}:\s*(.+)$", out, re.M)
+            if m:
+                info[key] = m.group(1).strip()
+        flags = re.search(r"^Flags:\s*(.+)$", out, re.M)
+        if flags:
+            f = flags.group(1).split()
+            info["simd"] = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in f)
+    except Exception as e:  # lscpu missing
+        info["lscpu"] = f"unavailable ({e})"
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except Exception:
+        info["onnxruntime"] = "not installed"
+    info["torch parallel"] = torch.__config__.parallel_info().splitlines()[0:1][0] if torch.__config__.parallel_info() else ""
+    return info
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
+# ----------------------------------------------------------------------------- preparation
+
+
+def build_or_reuse_artifact(arch: str, seed: int, cache: str) -> str:
+    from repmlp.artifact import build_artifact
+
+    key = sha_files(
+        [os.path.join(ROOT, "python", "repmlp", f) for f in ("model.py", "artifact.py", "utils.py", "variants.py")],
+        f"{arch}-{seed}-{torch.__version__}",
+    )
+    path = os.path.join(cache, f"{arch}-{key}.pt")
+    if os.path.exists(path):
+        log(f"  artifact: cached {path}")
+        return path
+    log(f"  artifact: building {path} (random weights, seed {seed}) ...")
+    t0 = time.perf_counter()
+    build_artifact(arch, out=path, seed=seed, force=True, progress=lambda line: log("    " + line))
+    log(f"  artifact built in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+def export_onnx(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
+    """ONNX export with a dynamic batch; returns a note on the exporter used."""
+    if os.path.exists(path):
+        return "cached"
+    tmp = path + ".tmp"
+    try:
+        torch.onnx.export(
+            model, (x,), tmp, dynamo=True, external_data=False,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        )
+        note = "dynamo exporter"
+    except Exception as e:
+        log(f"    dynamo export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying the TorchScript exporter")
+        torch.onnx.export(
+            model, (x,), tmp, dynamo=False, input_names=["x"], output_names=["logits"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
+        )
+        note = "TorchScript exporter"
+    os.replace(tmp, path)
+    return note
+
+
+def ort_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
+def find_cli() -> Optional[str]:
+    cand = [os.path.join(os.path.dirname(sys.executable), "repmlp_infer"), shutil.which("repmlp_infer") or ""]
+    for c in cand:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def run_cli(cli: str, artifact: str, batch: int, threads: int, iters: int, warmup: int, timeout: float) -> Dict[str, Any]:
+    """One `repmlp_infer --bench --json` run; its JSON plus the child's peak RSS (MiB)."""
+    cmd = [cli, artifact, "--bench", "--json", "--iters", str(iters), "--warmup", str(warmup),
+           "--batch", str(batch), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise RuntimeError(f"timed out after {timeout:.0f} s")
+    # communicate() already reaped the child; its rusage is folded into RUSAGE_CHILDREN, whose
+    # ru_maxrss is the max over children, so use wait4 on a re-run-free path: read /proc? No --
+    # we measure the peak RSS with a separate Popen + os.wait4 below when asked.
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {err.strip()[-300:]}")
+    for line in out.splitlines():
+        line = line.strip()
+        if line.startswith("{") and '"bench"' in line:
+            return json.loads(line)["bench"]
+    # text fallback
+    res: Dict[str, Any] = {}
+    m = re.search(r"p50/p90/p99:\s*([\d.]+)", out)
+    if m:
+        res["p50_ms"] = float(m.group(1))
+    m = re.search(r"first call:\s*([\d.]+)", out)
+    if m:
+        res["first_call_ms"] = float(m.group(1))
+    m = re.search(r"load \(incl. warm-up\):\s*([\d.]+)", out)
+    if m:
+        res["load_ms"] = float(m.group(1))
+    if "p50_ms" not in res:
+        raise RuntimeError(f"could not parse repmlp_infer output: {out[-300:]}")
+    return res
+
+
+def run_cli_rss(cli: str, artifact: str, batch: int, threads: int, iters: int, warmup: int) -> Tuple[Dict[str, Any], float]:
+    """Like run_cli, reaping the child with os.wait4 to get its own peak RSS (MiB)."""
+    cmd = [cli, artifact, "--bench", "--json", "--iters", str(iters), "--warmup", str(warmup),
+           "--batch", str(batch), "--threads", str(threads)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    err = proc.stderr.read() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"exit {proc.returncode}: {err.strip()[-300:]}")
+    for line in out.splitlines():
+        if line.strip().startswith("{") and '"bench"' in line:
+            return json.loads(line)["bench"], usage.ru_maxrss / 1024.0
+    raise RuntimeError(f"could not parse repmlp_infer output: {out[-300:]}")
+
+
+def mm_gflops(threads: int, n: int = 4096, reps: int = 2) -> float:
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n)
+    b = torch.randn(n, n)
+    torch.mm(a, b)
+    best = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best.append(time.perf_counter() - t0)
+    return 2.0 * n ** 3 / statistics.median(best) / 1e9
+
+
+def op_profile(model: torch.nn.Module, x: torch.Tensor, threads: int, reps: int = 3, rows: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    with torch.no_grad():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                model(x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    lines = ["| op | self ms / forward | share | calls / forward |", "|---|---|---|---|"]
+    for e in events[:rows]:
+        lines.append(
+            f"| {e.key} | {e.self_cpu_time_total / 1000 / reps:.1f} | {100 * e.self_cpu_time_total / total:.1f}% | {e.count // reps} |"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="B224")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--iters", type=int, default=None, help="timed calls per configuration per cell (default 6, quick 2)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell (default 3, quick 1)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing each config in a cell")
+    p.add_argument("--only", nargs="+", default=None, choices=ALL, help="run only these configurations")
+    p.add_argument("--skip", nargs="+", default=[], choices=ALL)
+    p.add_argument("--quick", action="store_true", help="fewer iterations, no runtime-choice variants, no profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=os.path.join(HERE, ".cache"))
+    p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
+    p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    p.add_argument("--json-out", default=None, help="also dump raw results as JSON here")
+    args = p.parse_args(argv)
+
+    iters = args.iters or (2 if args.quick else 6)
+    rounds = args.rounds or (1 if args.quick else 3)
+    per_round = max(1, -(-iters // rounds))
+    configs = args.only or [c for c in ALL if not (args.quick and c in ("c+", "d+"))]
+    configs = [c for c in configs if c not in args.skip]
+    command = " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else sys.executable,
+                        os.path.relpath(os.path.abspath(__file__), ROOT)] + (argv if argv is not None else sys.argv[1:]))
+    started = datetime.datetime.now(datetime.timezone.utc)
+    t_start = time.perf_counter()
+    os.makedirs(args.cache_dir, exist_ok=True)
+    info = machine_info()
+    log(f"RepMLPNet bench: {args.arch}, batches {args.batches}, threads {args.threads}, configs {configs}")
+    log(f"  {info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, torch {info['torch']}, onnxruntime {info['onnxruntime']}; load avg {loadavg()}")
+
+    skipped: Dict[str, str] = {}
+    notes: List[str] = []
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(max(args.threads))
+
+    # models ---------------------------------------------------------------------------
+    model = create_model(args.arch).eval()
+    randomize_model_(model, seed=args.seed)
+    cfg = model.config
+    shape = (cfg.in_channels, *cfg.img_size)
+    upstream = from_project_model(model)
+    fused = fuse_model(model)
+    del model
+    try:
+        flops = float(count_flops(fused))
+        flop_note = "torch.utils.flop_counter on the fused model"
+    except Exception as e:
+        flops, flop_note = 13.3e9, f"13.3 GFLOP (flop counter failed: {e})"
+    log(f"  {flops / 1e9:.2f} GFLOP per image ({flop_note})")
+
+    gen = torch.Generator().manual_seed(1234)
+    xcheck = torch.randn(2, *shape, generator=gen)
+    with torch.no_grad():
+        ref = fused(xcheck)
+        up_out = upstream(xcheck)
+    errors: Dict[str, float] = {}
+    errors["a"] = check_close("(a) vs (b)", up_out, ref, 1e-5)
+
+    runners: Dict[str, Callable[[int], Callable[[Any], Any]]] = {}  # config -> threads -> fn(x)
+    inputs: Dict[str, str] = {}  # config -> "torch" | "numpy"
+    runners["a"] = lambda t: upstream
+    runners["b"] = lambda t: fused
+    inputs["a"] = inputs["b"] = "torch"
+
+    artifact = None
+    if any(c in configs for c in ("c", "c+", "d", "d+", "e")):
+        try:
+            artifact = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir)
+        except Exception as e:
+            for c in ("c", "c+", "d", "d+", "e"):
+                skipped[c] = f"artifact build failed: {e}"
+
+    loaded: Dict[Tuple[str, int], Any] = {}
+    first_calls: Dict[str, Dict[str, float]] = {}  # config@threads -> {load_s, first_ms, second_ms, ...}
+
+    def jit_runner(opt: bool) -> Callable[[int], Any]:
+        def make(t: int) -> Any:
+            key = ("c+" if opt else "c", t)
+            if key not in loaded:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                mod = torch.jit.load(artifact).eval()
+                if opt:
+                    mod = torch.jit.optimize_for_inference(mod)
+                load_s = time.perf_counter() - t0
+                x1 = torch.randn(args.batches[0], *shape)
+                calls = []
+                with torch.no_grad():
+                    for _ in range(4):  # calls 1..4 after load: how many warm-ups are needed
+                        t0 = time.perf_counter()
+                        mod(x1)
+                        calls.append((time.perf_counter() - t0) * 1000)
+                first_calls[f"{key[0]}@{t}"] = {"load_s": load_s, "calls_ms": calls, "batch": args.batches[0]}
+                loaded[key] = mod
+            return loaded[key]
+        return make
+
+    if artifact is not None:
+        try:
+            with torch.no_grad():
+                errors["c"] = check_close("(c) vs (b)", torch.jit.load(artifact)(xcheck), ref, 1e-4)
+        except Exception as e:
+            skipped["c"] = skipped["c+"] = f"jit.load failed: {e}"
+        runners["c"] = jit_runner(False)
+        runners["c+"] = jit_runner(True)
+        inputs["c"] = inputs["c+"] = "torch"
+
+    # repmlp_rt ------------------------------------------------------------------------
+    rt_mod = None
+    if any(c in configs for c in ("d", "d+")) and artifact is not None:
+        try:
+            import repmlp_rt as rt_mod  # type: ignore
+        except Exception as e:
+            skipped["d"] = skipped["d+"] = f"repmlp_rt not importable ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
+
+    def rt_runner(opt: bool) -> Callable[[int], Any]:
+        def make(t: int) -> Any:
+            key = ("d+" if opt else "d", t)
+            if key not in loaded:
+                torch.set_num_threads(t)
+                t0 = time.perf_counter()
+                r = rt_mod.Runtime(artifact, device="cpu", threads=t, optimize=opt)
+                load_s = time.perf_counter() - t0
+                x1 = np.random.default_rng(0).standard_normal((args.batches[0], *shape), dtype=np.float32)
+                calls = []
+                for _ in range(4):
+                    t0 = time.perf_counter()
+                    r.infer(x1)
+                    calls.append((time.perf_counter() - t0) * 1000)
+                first_calls[f"{key[0]}@{t}"] = {"load_s": load_s, "calls_ms": calls, "batch": args.batches[0],
+                                               "note": "Runtime() includes its built-in warm-up"}
+                loaded[key] = r.infer
+            return loaded[key]
+        return make
+
+    if rt_mod is not None:
+        try:
+            r = rt_mod.Runtime(artifact, device="cpu", threads=max(args.threads), warmup=0)
+            errors["d"] = check_close("(d) vs (b)", torch.from_numpy(np.asarray(r.infer(xcheck.numpy()))), ref, 1e-4)
+            del r
+            runners["d"] = rt_runner(False)
+            runners["d+"] = rt_runner(True)
+            inputs["d"] = inputs["d+"] = "numpy"
+        except Exception as e:
+            skipped["d"] = skipped["d+"] = f"repmlp_rt failed: {type(e).__name__}: {e}"
+
+    cli = find_cli() if "e" in configs and artifact is not None else None
+    if "e" in configs and artifact is not None and cli is None:
+        skipped["e"] = "repmlp_infer not found next to the interpreter or on PATH"
+
+    # ONNX -----------------------------------------------------------------------------
+    if any(c in configs for c in ("f", "g")):
+        try:
+            import onnxruntime  # noqa: F401
+        except Exception:
+            skipped["f"] = skipped["g"] = "onnxruntime not installed (pip install onnxruntime onnx onnxscript)"
+        else:
+            key = sha_files([os.path.join(ROOT, "python", "repmlp", "model.py"), os.path.join(HERE, "upstream_reference.py")],
+                            f"{args.arch}-{args.seed}-{torch.__version__}")
+            for c, mod, name in (("f", upstream, "upstream"), ("g", fused, "fused")):
+                if c not in configs:
+                    continue
+                path = os.path.join(args.cache_dir, f"{args.arch}-{name}-{key}.onnx")
+                try:
+                    t0 = time.perf_counter()
+                    note = export_onnx(mod, path, xcheck[:1])
+                    log(f"  onnx {name}: {note} ({time.perf_counter() - t0:.0f} s) {path}")
+                    sess = ort_session(path, max(args.threads))
+                    errors[c] = check_close(f"({c}) vs (b)", torch.from_numpy(sess(xcheck.numpy())), ref, 1e-4)
+                    runners[c] = (lambda p: (lambda t: ort_session(p, t)))(path)
+                    inputs[c] = "numpy"
+                except Exception as e:
+                    skipped[c] = f"ONNX export/ORT failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                    log(traceback.format_exc(limit=2))
+
+    active = [c for c in configs if c not in skipped and (c in runners or c == "e")]
+    for c in configs:
+        if c in skipped:
+            log(f"  SKIP {LABELS[c]}: {skipped[c]}")
+
+    # timing ---------------------------------------------------------------------------
+    lat: Dict[Tuple[str, int, int], List[float]] = {}  # (config, threads, batch) -> per-call seconds
+    mm: Dict[int, List[float]] = {t: [] for t in args.threads}
+    cli_runs: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
+    cli_rss: List[float] = []
+    ort_cache: Dict[Tuple[str, int], Any] = {}
+
+    for t in args.threads:
+        torch.set_num_threads(t)
+        fns: Dict[str, Any] = {}
+        for c in active:
+            if c == "e":
+                continue
+            try:
+                if c in ("f", "g"):
+                    fns[c] = runners[c](t)
+                else:
+                    fns[c] = runners[c](t)
+            except Exception as e:
+                skipped[c] = f"setup failed at {t} threads: {type(e).__name__}: {e}"
+                log(f"  SKIP {LABELS[c]}: {skipped[c]}")
+        for b in args.batches:
+            xt = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+            xn = xt.numpy()
+            cell = [c for c in active if c not in skipped]
+            log(f"-- threads {t}, batch {b}: {rounds} round(s) x {per_round} call(s) of {cell}; load avg {loadavg()}")
+            with torch.no_grad():
+                for c in cell:  # warm-up in this cell (shape specialization, ORT arenas)
+                    if c == "e":
+                        continue
+                    for _ in range(args.warmup):
+                        torch.set_num_threads(t)
+                        fns[c](xn if inputs[c] == "numpy" else xt)
+                for r in range(rounds):
+                    mm[t].append(mm_gflops(t))
+                    for c in cell:
+                        torch.set_num_threads(t)
+                        if c == "e":
+                            try:
+                                if not cli_rss:
+                                    res, rss = run_cli_rss(cli, artifact, b, t, per_round, args.warmup)
+                                    cli_rss.append(rss)
+                                else:
+                                    res = run_cli(cli, artifact, b, t, per_round, args.warmup, timeout=600)
+                                cli_runs.setdefault((t, b), []).append(res)
+                                lat.setdefault((c, t, b), []).append(res["p50_ms"] / 1000)
+                            except Exception as e:
+                                skipped["e"] = f"repmlp_infer failed: {e}"
+                                log(f"  SKIP {LABELS['e']}: {skipped['e']}")
+                            continue
+                        x = xn if inputs[c] == "numpy" else xt
+                        f = fns[c]
+                        for _ in range(per_round):
+                            t0 = time.perf_counter()
+                            f(x)
+                            lat.setdefault((c, t, b), []).append(time.perf_counter() - t0)
+                    log(f"   round {r + 1}: mm {mm[t][-1]:.0f} GFLOP/s; " + ", ".join(
+                        f"{c} {1000 * statistics.median(lat[(c, t, b)]) / b:.0f}" for c in cell if (c, t, b) in lat) + " ms/img (median so far)")
+        for c in list(fns):
+            if c in ("f", "g"):
+                fns[c] = None
+
+    profile_md = ""
+    if not args.quick:
+        try:
+            profile_md = op_profile(fused, torch.randn(1, *shape), max(args.threads))
+        except Exception as e:
+            profile_md = f"(profile failed: {e})"
+
+    elapsed = time.perf_counter() - t_start
+    mm_rate = {t: statistics.median(v) for t, v in mm.items() if v}
+
+    # report ---------------------------------------------------------------------------
+    def ms_img(c: str, t: int, b: int) -> Optional[float]:
+        v = lat.get((c, t, b))
+        return None if not v else 1000 * statistics.median(v) / b
+
+    rows = []
+    header = "| config | threads | batch | ms/image | images/s | GFLOP/s | % of mm | x vs (a) | x vs (f) | n |"
+    rows.append(header)
+    rows.append("|---|---|---|---|---|---|---|---|---|---|")
+    for t in args.threads:
+        for b in args.batches:
+            for c in configs:
+                m = ms_img(c, t, b)
+                if m is None:
+                    continue
+                gf = flops / (m / 1000) / 1e9
+                pa = ms_img("a", t, b)
+                pf = ms_img("f", t, b)
+                rows.append(
+                    f"| {LABELS[c]} | {t} | {b} | {m:.1f} | {1000 / m:.2f} | {gf:.1f} | "
+                    f"{100 * gf / mm_rate[t]:.0f}% | {'' if pa is None else f'{pa / m:.2f}'} | "
+                    f"{'' if pf is None else f'{pf / m:.2f}'} | {len(lat[(c, t, b)])} |"
+                )
+    table = "\n".join(rows)
+    mm_line = ", ".join(f"{t} thread(s): {mm_rate[t]:.1f} GFLOP/s (samples {', '.join(f'{v:.0f}' for v in mm[t])})" for t in mm_rate)
+
+    fc_rows = ["| config@threads | load s | call 1 ms | call 2 ms | call 3 ms | call 4 ms | steady ms (same batch) | call 1 / steady |",
+               "|---|---|---|---|---|---|---|---|"]
+    for key, v in first_calls.items():
+        c, t = key.split("@")
+        steady = lat.get((c, int(t), v["batch"]))
+        st = 1000 * statistics.median(steady) if steady else None
+        cm = v["calls_ms"]
+        fc_rows.append(f"| {key} (batch {v['batch']}) | {v['load_s']:.1f} | " + " | ".join(f"{x:.0f}" for x in cm) +
+                       f" | {'' if st is None else f'{st:.0f}'} | {'' if st is None else f'{cm[0] / st:.2f}'} |")
+    for (t, b), runs in sorted(cli_runs.items()):
+        st = statistics.median([r["p50_ms"] for r in runs])
+        fcs = [r.get("first_call_ms", float("nan")) for r in runs]
+        lds = [r.get("load_ms", float("nan")) / 1000 for r in runs]
+        fc_rows.append(f"| e@{t} (batch {b}, per process) | {statistics.median(lds):.1f} | {statistics.median(fcs):.0f} | | | | {st:.0f} | {statistics.median(fcs) / st:.2f} |")
+    fc_table = "\n".join(fc_rows)
+
+    # targets
+    tgt: List[str] = []
+
+    def target(name: str, value: Optional[float], goal: float, fmt: str = "{:.2f}", higher: bool = True) -> None:
+        if value is None:
+            tgt.append(f"- {name}: not measured")
+            return
+        ok = value >= goal if higher else value <= goal
+        tgt.append(f"- {name}: {fmt.format(value)} (target {'>=' if higher else '<='} {fmt.format(goal)}) -> "
+                   f"{'met' if ok else 'MISSED by ' + (f'{100 * (goal - value) / goal:.0f}%' if higher else f'{100 * (value - goal) / goal:.0f}%')}")
+
+    def best_t(c: str, b: int) -> Tuple[Optional[int], Optional[float]]:
+        vals = [(ms_img(c, t, b), t) for t in args.threads if ms_img(c, t, b) is not None]
+        if not vals:
+            return None, None
+        m, t = min(vals)
+        return t, m
+
+    for b, goal in ((8, 80.0), (1, 70.0)):
+        if b in args.batches:
+            t, m = best_t("d", b)
+            tgt.append("") if False else None
+            target(f"repmlp_rt batch {b} % of mm rate (best thread count: {t})",
+                   None if m is None else 100 * flops / (m / 1000) / 1e9 / mm_rate[t], goal, "{:.0f}%")
+    if 1 in args.batches:
+        for t in args.threads:
+            d, a, f, g, e = (ms_img(c, t, 1) for c in ("d", "a", "f", "g", "e"))
+            target(f"batch 1, {t} thr: repmlp_rt speed-up vs (a)", None if d is None or a is None else a / d, 4.5, "{:.2f}x")
+            target(f"batch 1, {t} thr: repmlp_rt speed-up vs (f)", None if d is None or f is None else f / d, 2.0, "{:.2f}x")
+            target(f"batch 1, {t} thr: repmlp_rt vs (g) (time ratio g/d)", None if d is None or g is None else g / d, 1.0, "{:.2f}")
+    for t in args.threads:
+        for b in args.batches:
+            d, e = ms_img("d", t, b), ms_img("e", t, b)
+            target(f"{t} thr batch {b}: repmlp_rt time / repmlp_infer p50", None if d is None or e is None else d / e, 1.03, "{:.3f}", higher=False)
+    for key, v in first_calls.items():
+        if key.startswith("d@"):
+            t = int(key.split("@")[1])
+            steady = lat.get(("d", t, v["batch"]))
+            if steady:
+                target(f"{key} first call after load / steady", v["calls_ms"][0] / (1000 * statistics.median(steady)), 2.0, "{:.2f}", higher=False)
+    targets_md = "\n".join(x for x in tgt if x)
+
+    skipped_md = "\n".join(f"- {LABELS[c]}: skipped -- {why}" for c, why in skipped.items() if c in configs) or "- none"
+    err_md = ", ".join(f"{LABELS[c]} {v:.1e}" for c, v in errors.items())
+    machine_md = "; ".join(f"{k}: {v}" for k, v in info.items())
+
+    body = f"""{BEGIN}
+## Latest run (generated by benchmarks/bench.py)
+
+- date: {started.strftime('%Y-%m-%d %H:%M UTC')}; wall time {elapsed / 60:.1f} min; load average at end {loadavg()}
+- command: `{command}`
+- machine: {machine_md}
+- model: {args.arch}, fp32, random weights (seed {args.seed}, randomized BN stats); {flops / 1e9:.2f} GFLOP/image ({flop_note})
+- method: per (threads, batch) cell, {rounds} interleaved round(s) of {per_round} call(s) per configuration after {args.warmup} warm-up call(s); medians of per-call latency. (e) reports its own p50 per process (--iters {per_round} --warmup {args.warmup}).
+- output checks before timing (max|diff| / max|logit| vs (b)): {err_md}
+- torch.mm 4096^3: {mm_line}
+- peak RSS of repmlp_infer (batch {args.batches[0]}, {args.threads[0]} thread(s)): {f'{cli_rss[0]:.0f} MiB' if cli_rss else 'n/a'}
+
+{table}
+
+### First call after load vs steady state
+
+{fc_table}
+
+### Targets (issue 8)
+
+{targets_md}
+
+### Skipped
+
+{skipped_md}
+"""
+    if profile_md:
+        body += f"\n### Op profile: fused model, eager, batch 1, {max(args.threads)} threads (torch.profiler, self CPU time)\n\n{profile_md}\n"
+    body += END + "\n"
+
+    print()
+    print(body)
+    if args.json_out:
+        with open(args.json_out, "w") as fh:
+            json.dump({"lat": {f"{c}|{t}|{b}": v for (c, t, b), v in lat.items()}, "mm": mm, "first_calls": first_calls,
+                       "cli": {f"{t}|{b}": v for (t, b), v in cli_runs.items()}, "flops": flops, "skipped": skipped}, fh, indent=1)
+    if not args.no_write:
+        old = open(args.out).read() if os.path.exists(args.out) else "# RepMLPNet CPU benchmark results\n\n"
+        if BEGIN in old and END in old:
+            new = old[: old.index(BEGIN)] + body + old[old.index(END) + len(END) + 1:]
+        else:
+            new = old.rstrip("\n") + "\n\n" + body
+        with open(args.out, "w") as fh:
+            fh.write(new)
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

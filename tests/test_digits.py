@@ -17,20 +17,18 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-
 import repmlp
+import torch
+from conftest import relative_close
 from repmlp.artifact import default_checkpoint
 from repmlp.preprocess import ImageTransform
-
-from conftest import relative_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_DIR = os.path.join(ROOT, "examples", "digits")
 IMAGES_DIR = os.path.join(DIGITS_DIR, "images")
 sys.path.insert(0, DIGITS_DIR)
 
-from data import load_digits_rgb, split  # noqa: E402
+from data import load_digits_rgb, split
 
 MIN_ACCURACY = 0.97
 RTOL = 1e-5
@@ -68,7 +66,7 @@ def test_dataset_and_split_are_the_recorded_ones(dataset):
     images, labels, train_idx, test_idx = dataset
     assert images.shape == (1797, 8, 8, 3) and images.dtype == np.uint8
     assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()
-    assert set(np.unique(images)) <= {int(round(v * 255 / 16)) for v in range(17)}
+    assert set(np.unique(images)) <= {round(v * 255 / 16) for v in range(17)}
     assert len(train_idx) == 1347 and len(test_idx) == 450
     assert not set(train_idx) & set(test_idx)
     # stratified: every class is held out in proportion
@@ -191,7 +189,7 @@ def test_repmlp_infer_on_shipped_pngs(digits_artifact, scripted, dataset, tmp_pa
     out_npy = str(tmp_path / "logits.npy")
     proc = subprocess.run(
         [binary, digits_artifact, *paths, "--json", "--topk", "1", "--output", out_npy],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     indices = [int(PNG_RE.match(n).group(2)) for n in names]
@@ -214,7 +212,7 @@ def test_demo_script(digits_artifact):
         pytest.skip("repmlp_infer is not built")
     proc = subprocess.run(
         [sys.executable, os.path.join(DIGITS_DIR, "demo.py"), digits_artifact, IMAGES_DIR],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert re.search(r"accuracy: \d+/%d" % len(_pngs()), proc.stdout), proc.stdout
+    assert re.search(rf"accuracy: \d+/{len(_pngs())}", proc.stdout), proc.stdout

@@ -8,8 +8,6 @@ channels, shape (8, 8, 3). The model input is then made by ``repmlp.preprocess.I
 (the preprocessing every artifact bakes in), not here.
 """
 
-from typing import Tuple
-
 import numpy as np
 
 # The split: sklearn.model_selection.train_test_split on the sample indices with these
@@ -19,7 +17,7 @@ SPLIT_SEED = 0
 TEST_SIZE = 0.25
 
 
-def load_digits_rgb() -> Tuple[np.ndarray, np.ndarray]:
+def load_digits_rgb() -> tuple[np.ndarray, np.ndarray]:
     """All 1,797 digits: (uint8 images (N, 8, 8, 3) RGB, int64 labels (N,))."""
     from sklearn.datasets import load_digits
 
@@ -30,7 +28,7 @@ def load_digits_rgb() -> Tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(rgb), digits.target.astype(np.int64)
 
 
-def split(labels: np.ndarray = None) -> Tuple[np.ndarray, np.ndarray]:
+def split(labels: "np.ndarray | None" = None) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, test indices) into the arrays of :func:`load_digits_rgb`, both sorted."""
     from sklearn.model_selection import train_test_split
 

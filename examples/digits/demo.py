@@ -18,14 +18,13 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_IMAGES = os.path.join(HERE, "images")
 NAME_RE = re.compile(r"^(?P<label>[^_]+)_(?P<index>\d+)\.png$", re.IGNORECASE)
 
 
-def find_binary(explicit: Optional[str] = None) -> str:
+def find_binary(explicit: str | None = None) -> str:
     candidate = explicit or os.environ.get("REPMLP_INFER") or "repmlp_infer"
     found = shutil.which(candidate)
     if found is None:
@@ -40,7 +39,7 @@ def find_binary(explicit: Optional[str] = None) -> str:
     return found
 
 
-def list_images(folder: str) -> List[str]:
+def list_images(folder: str) -> list[str]:
     names = sorted(n for n in os.listdir(folder) if NAME_RE.match(n))
     return [os.path.join(folder, n) for n in names]
 
@@ -51,15 +50,15 @@ def truth_of(path: str) -> str:
     return m.group("label")
 
 
-def run(binary: str, artifact: str, images: List[str], topk: int = 1) -> Dict[str, dict]:
+def run(binary: str, artifact: str, images: list[str], topk: int = 1) -> dict[str, dict]:
     """{input path as given: the JSON object} for every image; raises RuntimeError on failure."""
     cmd = [binary, artifact, *images, "--json", "--topk", str(topk)]
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(
             f"{os.path.basename(binary)} exited with status {proc.returncode}:\n{proc.stderr.strip()}"
         )
-    results: Dict[str, dict] = {}
+    results: dict[str, dict] = {}
     for line in proc.stdout.splitlines():
         line = line.strip()
         if not line.startswith("{"):

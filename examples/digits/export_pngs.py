@@ -17,7 +17,7 @@ from PIL import Image
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from data import load_digits_rgb, split  # noqa: E402
+from data import load_digits_rgb, split
 
 DEFAULT_DIR = os.path.join(HERE, "images")
 

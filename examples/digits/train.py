@@ -37,11 +37,10 @@ sys.path.insert(0, HERE)
 if os.path.isdir(os.path.join(ROOT, "python", "repmlp")):
     sys.path.insert(0, os.path.join(ROOT, "python"))
 
-import repmlp  # noqa: E402
-from repmlp.artifact import default_checkpoint  # noqa: E402
-from repmlp.preprocess import ImageTransform  # noqa: E402
-
-from data import load_digits_rgb, split  # noqa: E402
+import repmlp
+from data import load_digits_rgb, split
+from repmlp.artifact import default_checkpoint
+from repmlp.preprocess import ImageTransform
 
 ARCH = "digits"
 
@@ -130,8 +129,15 @@ def main(argv=None) -> int:
     arch = json.loads(args.arch) if args.arch.lstrip().startswith("{") else args.arch
     if isinstance(arch, dict):  # an experiment: the digits variant with some fields changed
         base = repmlp.VARIANTS[ARCH]
-        fields = dict(channels=base.channels, depths=base.depths, sharesets=base.sharesets, img_size=base.img_size,
-                      num_classes=base.num_classes, labels=base.labels, preprocessing=base.preprocessing.to_dict())
+        fields = {
+            "channels": base.channels,
+            "depths": base.depths,
+            "sharesets": base.sharesets,
+            "img_size": base.img_size,
+            "num_classes": base.num_classes,
+            "labels": base.labels,
+            "preprocessing": base.preprocessing.to_dict(),
+        }
         fields.update(arch)
         arch = fields
     model = repmlp.create_model(arch)
@@ -209,7 +215,7 @@ def main(argv=None) -> int:
     torch.save(repmlp.export_state_dict(model, layout="official"), args.out)
     size = os.path.getsize(args.out)
     print(f"trained in {train_time:.1f} s")
-    print(f"held-out accuracy (training form): {acc * 100:.2f}% ({int(round(acc * len(y_test)))}/{len(y_test)})")
+    print(f"held-out accuracy (training form): {acc * 100:.2f}% ({round(acc * len(y_test))}/{len(y_test)})")
     print(f"held-out accuracy (fused deploy form): {fused_acc * 100:.2f}%, max rel logit diff {rel:.2e}")
     print(f"whole-dataset accuracy (training form): {all_acc * 100:.2f}%")
     print(f"saved {args.out} ({size / 1e6:.2f} MB, training form, official layout)")

@@ -106,16 +106,18 @@ void PybindRuntime(py::module_& m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& path, const std::string& device, int threads,
-                       int warmup, bool optimize) {
+                       int warmup, int warmup_batch, bool optimize) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
              options.warmup = warmup;
+             options.warmup_batch = warmup_batch;
              options.optimize = optimize;
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
-           "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = 2, "optimize"_a = false)
+           "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = 2, "warmup_batch"_a = 1,
+           "optimize"_a = false)
       .def(
           "infer",
           [](const Runtime& runtime, const py::array& input) {

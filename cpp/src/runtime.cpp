@@ -166,6 +166,8 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
                      std::to_string(options.threads));
   if (options.warmup < 0)
     throw InputError("warmup must be >= 0, got " + std::to_string(options.warmup));
+  if (options.warmup_batch < 1)
+    throw InputError("warmup_batch must be >= 1, got " + std::to_string(options.warmup_batch));
   s.device = parse_device(options.device);
   s.device_name = s.device.str();
 
@@ -246,8 +248,9 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   // entry points a couple of times before the first real request.
   try {
     const auto& shape = s.input_shape;
-    at::Tensor zeros = at::zeros({1, shape[0], shape[1], shape[2]}, at::kFloat);
-    at::Tensor images = at::zeros({1, shape[1], shape[2], 3}, at::kByte);
+    const int64_t batch = options.warmup_batch;
+    at::Tensor zeros = at::zeros({batch, shape[0], shape[1], shape[2]}, at::kFloat);
+    at::Tensor images = at::zeros({batch, shape[1], shape[2], 3}, at::kByte);
     for (int i = 0; i < options.warmup; ++i) {
       infer(zeros);
       infer_images(images);

@@ -285,6 +285,8 @@ int run(int argc, char** argv) {
   runtime_options.device = opt.device;
   runtime_options.threads = opt.threads;
   runtime_options.optimize = opt.optimize;
+  // --bench warms up the batch shape it times; a one-shot run only pays for a batch of one.
+  runtime_options.warmup_batch = opt.bench ? static_cast<int>(opt.batch) : 1;
   const auto load_start = Clock::now();
   std::optional<repmlp_rt::Runtime> runtime;
   try {

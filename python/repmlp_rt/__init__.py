@@ -86,11 +86,12 @@ class Runtime:
         threads: intra-op threads; ``None`` leaves torch's default. Note that torch's thread
             pool is process-wide, so this affects every runtime in the process.
         warmup: forward calls on a zero batch at load time (so the first real call is fast).
+        warmup_batch: batch size of that zero batch; use the batch size you will serve.
         optimize: apply ``torch.jit.optimize_for_inference`` after loading (in memory only).
     """
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
-                 *, warmup: int = 2, optimize: bool = False) -> None:
+                 *, warmup: int = 2, warmup_batch: int = 1, optimize: bool = False) -> None:
         if threads is None:
             threads = 0
         elif isinstance(threads, bool) or not isinstance(threads, int):
@@ -100,7 +101,7 @@ class Runtime:
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         self._core = _CoreRuntime(os.fspath(path), device=device, threads=threads, warmup=warmup,
-                                  optimize=optimize)
+                                  warmup_batch=warmup_batch, optimize=optimize)
         self._manifest: dict[str, Any] | None = None
 
     @property

@@ -23,6 +23,7 @@ struct RuntimeOptions {
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
   int threads = 0;             // intra-op threads; 0 leaves torch's default (process-wide)
   int warmup = 2;              // forward calls on a zero batch at load (2: profiling executor)
+  int warmup_batch = 1;        // batch size of that zero batch (use the batch size you serve)
   // Run torch::jit::optimize_for_inference on the loaded module (in memory only, never
   // saved). Off by default: see the README for measurements.
   bool optimize = false;

@@ -32,6 +32,7 @@ class FakeRepMLP(nn.Module):
     width: torch.jit.Final[int]
     resize: torch.jit.Final[int]
     dtype_name: torch.jit.Final[str]
+    class_names: list[str]
 
     def __init__(self, *, size: int = 32, num_classes: int = 10, version: int = FORMAT_VERSION,
                  dtype_name: str = "float32") -> None:
@@ -46,7 +47,7 @@ class FakeRepMLP(nn.Module):
         self.width = size
         self.resize = size + size // 7  # resize the short side, then center-crop
         self.dtype_name = dtype_name
-        self.class_names: list[str] = [f"class_{i}" for i in range(num_classes)]
+        self.class_names = [f"class_{i}" for i in range(num_classes)]
         self.register_buffer("mean", torch.tensor(MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(STD).view(1, 3, 1, 1))
 

@@ -55,4 +55,4 @@ bench: install
 	$(PY) benchmarks/bench.py
 
 clean:
-	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(ARTIFACT)
+	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(VENV)/bin/repmlp_infer $(ARTIFACT)

@@ -93,7 +93,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"": "python"},
     packages=find_packages("python"),
-    package_data={"repmlp_rt": ["py.typed", "*.pyi"]},
+    package_data={"repmlp_rt": ["py.typed", "*.pyi"], "repmlp": ["data/*.pth"]},
     ext_modules=[CMakeExtension("repmlp_rt._runtime")],
     cmdclass={"build_ext": CMakeBuild, "editable_wheel": EditableWheel},
     # The real binary (RPATH to torch/lib) goes to <env>/bin, next to the console scripts.

@@ -14,7 +14,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install demo test test-fast bench clean
+.PHONY: all setup install demo test test-fast bench ctest clean
 
 all: demo
 
@@ -56,3 +56,12 @@ bench: install
 
 clean:
 	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(VENV)/bin/repmlp_infer $(ARTIFACT)
+
+# Optional C++ unit tests (gtest via ctest) against a freshly built digits artifact.
+ctest: install
+	$(VENV)/bin/repmlp-build --out build/ctest-digits.pt --force
+	$(VENV)/bin/cmake -S . -B build/ctest -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
+	  -DPython3_EXECUTABLE=$(abspath $(PY)) -DREPMLP_BUILD_TESTS=ON \
+	  -DREPMLP_TEST_ARTIFACT=$(abspath build/ctest-digits.pt)
+	$(VENV)/bin/cmake --build build/ctest -j2
+	cd build/ctest && ctest --output-on-failure

@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -149,22 +148,17 @@ def build_or_reuse_artifact(arch: str, seed: int, cache: str) -> str:
 
 
 def export_onnx(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
-    """ONNX export with a dynamic batch; returns a note on the exporter used."""
+    """ONNX export for the batch size of ``x`` (static shapes: the project's fused FFN loops
+    over row chunks of N*H*W, which a symbolic batch cannot unroll); returns the exporter used."""
     if os.path.exists(path):
         return "cached"
     tmp = path + ".tmp"
     try:
-        torch.onnx.export(
-            model, (x,), tmp, dynamo=True, external_data=False,
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
-        )
+        torch.onnx.export(model, (x,), tmp, dynamo=True, external_data=False)
         note = "dynamo exporter"
     except Exception as e:
         log(f"    dynamo export failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); trying the TorchScript exporter")
-        torch.onnx.export(
-            model, (x,), tmp, dynamo=False, input_names=["x"], output_names=["logits"],
-            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}},
-        )
+        torch.onnx.export(model, (x,), tmp, dynamo=False, input_names=["x"], output_names=["logits"])
         note = "TorchScript exporter"
     os.replace(tmp, path)
     return note
@@ -202,9 +196,6 @@ def run_cli(cli: str, artifact: str, batch: int, threads: int, iters: int, warmu
         proc.kill()
         proc.communicate()
         raise RuntimeError(f"timed out after {timeout:.0f} s")
-    # communicate() already reaped the child; its rusage is folded into RUSAGE_CHILDREN, whose
-    # ru_maxrss is the max over children, so use wait4 on a re-run-free path: read /proc? No --
-    # we measure the peak RSS with a separate Popen + os.wait4 below when asked.
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {err.strip()[-300:]}")
     for line in out.splitlines():
@@ -228,33 +219,44 @@ def run_cli(cli: str, artifact: str, batch: int, threads: int, iters: int, warmu
 
 
 def run_cli_rss(cli: str, artifact: str, batch: int, threads: int, iters: int, warmup: int) -> Tuple[Dict[str, Any], float]:
-    """Like run_cli, reaping the child with os.wait4 to get its own peak RSS (MiB)."""
-    cmd = [cli, artifact, "--bench", "--json", "--iters", str(iters), "--warmup", str(warmup),
+    """Like run_cli, under /usr/bin/time -v for the binary's own peak RSS (MiB).
+
+    (ru_maxrss from wait4 on a child forked from this big Python process counts the pages it
+    shares with the parent before exec, so it overstates; GNU time forks from a small process.)
+    """
+    gnu_time = shutil.which("time") or ("/usr/bin/time" if os.path.exists("/usr/bin/time") else None)
+    if gnu_time is None:
+        return run_cli(cli, artifact, batch, threads, iters, warmup, timeout=900), float("nan")
+    cmd = [gnu_time, "-v", cli, artifact, "--bench", "--json", "--iters", str(iters), "--warmup", str(warmup),
            "--batch", str(batch), "--threads", str(threads)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out = proc.stdout.read() if proc.stdout else ""
-    err = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
-        raise RuntimeError(f"exit {proc.returncode}: {err.strip()[-300:]}")
-    for line in out.splitlines():
+        raise RuntimeError(f"exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    m = re.search(r"Maximum resident set size \(kbytes\):\s*(\d+)", proc.stderr)
+    rss = int(m.group(1)) / 1024.0 if m else float("nan")
+    for line in proc.stdout.splitlines():
         if line.strip().startswith("{") and '"bench"' in line:
-            return json.loads(line)["bench"], usage.ru_maxrss / 1024.0
-    raise RuntimeError(f"could not parse repmlp_infer output: {out[-300:]}")
+            return json.loads(line)["bench"], rss
+    raise RuntimeError(f"could not parse repmlp_infer output: {proc.stdout[-300:]}")
 
 
-def mm_gflops(threads: int, n: int = 4096, reps: int = 2) -> float:
-    torch.set_num_threads(threads)
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
-    torch.mm(a, b)
-    best = []
-    for _ in range(reps):
+class MatmulRate:
+    """torch.mm n^3 GFLOP/s; one warm-up per thread count, then one timed call per sample."""
+
+    def __init__(self, n: int = 4096) -> None:
+        self.n = n
+        self.a = torch.randn(n, n)
+        self.b = torch.randn(n, n)
+        self.warm: set = set()
+
+    def sample(self, threads: int) -> float:
+        torch.set_num_threads(threads)
+        if threads not in self.warm:
+            torch.mm(self.a, self.b)
+            self.warm.add(threads)
         t0 = time.perf_counter()
-        torch.mm(a, b)
-        best.append(time.perf_counter() - t0)
-    return 2.0 * n ** 3 / statistics.median(best) / 1e9
+        torch.mm(self.a, self.b)
+        return 2.0 * self.n ** 3 / (time.perf_counter() - t0) / 1e9
 
 
 def op_profile(model: torch.nn.Module, x: torch.Tensor, threads: int, reps: int = 3, rows: int = 12) -> str:
@@ -284,7 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--arch", default="B224")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--iters", type=int, default=None, help="timed calls per configuration per cell (default 6, quick 2)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed calls per configuration per cell (default 6 at batch 1, 3 at batch > 1; quick 2/1)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds per cell (default 3, quick 1)")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before timing each config in a cell")
     p.add_argument("--only", nargs="+", default=None, choices=ALL, help="run only these configurations")
@@ -297,9 +300,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json-out", default=None, help="also dump raw results as JSON here")
     args = p.parse_args(argv)
 
-    iters = args.iters or (2 if args.quick else 6)
     rounds = args.rounds or (1 if args.quick else 3)
-    per_round = max(1, -(-iters // rounds))
+
+    def iters_for(b: int) -> int:
+        return args.iters or ((2 if b == 1 else 1) if args.quick else (6 if b == 1 else 3))
+
+    def per_round_for(b: int) -> int:
+        return max(1, -(-iters_for(b) // rounds))
     configs = args.only or [c for c in ALL if not (args.quick and c in ("c+", "d+"))]
     configs = [c for c in configs if c not in args.skip]
     command = " ".join([os.path.relpath(sys.executable, ROOT) if sys.executable.startswith(ROOT) else sys.executable,
@@ -312,7 +319,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     log(f"  {info.get('Model name', '?')}, {info.get('CPU(s)', '?')} CPUs, torch {info['torch']}, onnxruntime {info['onnxruntime']}; load avg {loadavg()}")
 
     skipped: Dict[str, str] = {}
-    notes: List[str] = []
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(args.threads))
 
@@ -443,14 +449,26 @@ def main(argv: Optional[List[str]] = None) -> int:
             for c, mod, name in (("f", upstream, "upstream"), ("g", fused, "fused")):
                 if c not in configs:
                     continue
-                path = os.path.join(args.cache_dir, f"{args.arch}-{name}-{key}.onnx")
                 try:
-                    t0 = time.perf_counter()
-                    note = export_onnx(mod, path, xcheck[:1])
-                    log(f"  onnx {name}: {note} ({time.perf_counter() - t0:.0f} s) {path}")
-                    sess = ort_session(path, max(args.threads))
-                    errors[c] = check_close(f"({c}) vs (b)", torch.from_numpy(sess(xcheck.numpy())), ref, 1e-4)
-                    runners[c] = (lambda p: (lambda t: ort_session(p, t)))(path)
+                    paths: Dict[int, str] = {}
+                    for b in args.batches:
+                        path = os.path.join(args.cache_dir, f"{args.arch}-{name}-b{b}-{key}.onnx")
+                        xb = torch.randn(b, *shape, generator=torch.Generator().manual_seed(100 + b))
+                        t0 = time.perf_counter()
+                        note = export_onnx(mod, path, xb)
+                        log(f"  onnx {name} batch {b}: {note} ({time.perf_counter() - t0:.0f} s) {path}")
+                        sess = ort_session(path, max(args.threads))
+                        with torch.no_grad():
+                            rb = fused(xb)
+                        errors[f"{c}@{b}"] = check_close(f"({c}) b{b} vs (b)", torch.from_numpy(sess(xb.numpy())), rb, 1e-4)
+                        paths[b] = path
+                        del sess
+
+                    def make_ort(t: int, paths: Dict[int, str] = paths) -> Callable[[Any], Any]:
+                        sessions = {b: ort_session(p, t) for b, p in paths.items()}
+                        return lambda x: sessions[x.shape[0]](x)
+
+                    runners[c] = make_ort
                     inputs[c] = "numpy"
                 except Exception as e:
                     skipped[c] = f"ONNX export/ORT failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
@@ -465,8 +483,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     lat: Dict[Tuple[str, int, int], List[float]] = {}  # (config, threads, batch) -> per-call seconds
     mm: Dict[int, List[float]] = {t: [] for t in args.threads}
     cli_runs: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
-    cli_rss: List[float] = []
-    ort_cache: Dict[Tuple[str, int], Any] = {}
+    cli_rss: Dict[Tuple[int, int], float] = {}
+    mmrate = MatmulRate()
 
     for t in args.threads:
         torch.set_num_threads(t)
@@ -475,10 +493,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if c == "e":
                 continue
             try:
-                if c in ("f", "g"):
-                    fns[c] = runners[c](t)
-                else:
-                    fns[c] = runners[c](t)
+                fns[c] = runners[c](t)
             except Exception as e:
                 skipped[c] = f"setup failed at {t} threads: {type(e).__name__}: {e}"
                 log(f"  SKIP {LABELS[c]}: {skipped[c]}")
@@ -486,6 +501,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             xt = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
             xn = xt.numpy()
             cell = [c for c in active if c not in skipped]
+            per_round = per_round_for(b)
             log(f"-- threads {t}, batch {b}: {rounds} round(s) x {per_round} call(s) of {cell}; load avg {loadavg()}")
             with torch.no_grad():
                 for c in cell:  # warm-up in this cell (shape specialization, ORT arenas)
@@ -495,16 +511,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                         torch.set_num_threads(t)
                         fns[c](xn if inputs[c] == "numpy" else xt)
                 for r in range(rounds):
-                    mm[t].append(mm_gflops(t))
+                    mm[t].append(mmrate.sample(t))
                     for c in cell:
                         torch.set_num_threads(t)
                         if c == "e":
+                            if r != rounds // 2:  # one process per cell (its load dominates), mid-run
+                                continue
                             try:
-                                if not cli_rss:
-                                    res, rss = run_cli_rss(cli, artifact, b, t, per_round, args.warmup)
-                                    cli_rss.append(rss)
-                                else:
-                                    res = run_cli(cli, artifact, b, t, per_round, args.warmup, timeout=600)
+                                res, rss = run_cli_rss(cli, artifact, b, t, iters_for(b), args.warmup)
+                                cli_rss[(t, b)] = rss
                                 cli_runs.setdefault((t, b), []).append(res)
                                 lat.setdefault((c, t, b), []).append(res["p50_ms"] / 1000)
                             except Exception as e:
@@ -618,7 +633,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     targets_md = "\n".join(x for x in tgt if x)
 
     skipped_md = "\n".join(f"- {LABELS[c]}: skipped -- {why}" for c, why in skipped.items() if c in configs) or "- none"
-    err_md = ", ".join(f"{LABELS[c]} {v:.1e}" for c, v in errors.items())
+    err_md = ", ".join(f"{LABELS[c.split('@')[0]]}{' batch ' + c.split('@')[1] if '@' in c else ''} {v:.1e}" for c, v in errors.items())
     machine_md = "; ".join(f"{k}: {v}" for k, v in info.items())
 
     body = f"""{BEGIN}
@@ -628,10 +643,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 - command: `{command}`
 - machine: {machine_md}
 - model: {args.arch}, fp32, random weights (seed {args.seed}, randomized BN stats); {flops / 1e9:.2f} GFLOP/image ({flop_note})
-- method: per (threads, batch) cell, {rounds} interleaved round(s) of {per_round} call(s) per configuration after {args.warmup} warm-up call(s); medians of per-call latency. (e) reports its own p50 per process (--iters {per_round} --warmup {args.warmup}).
+- method: per (threads, batch) cell, {rounds} interleaved round(s) of {', '.join(f'{per_round_for(b)} call(s) at batch {b}' for b in args.batches)} per configuration, after {args.warmup} warm-up call(s) per configuration in the cell; medians of per-call latency. (e) is one process per cell, launched in the middle round, reporting its own p50 (--iters {'/'.join(str(iters_for(b)) for b in args.batches)} --warmup {args.warmup}).
 - output checks before timing (max|diff| / max|logit| vs (b)): {err_md}
 - torch.mm 4096^3: {mm_line}
-- peak RSS of repmlp_infer (batch {args.batches[0]}, {args.threads[0]} thread(s)): {f'{cli_rss[0]:.0f} MiB' if cli_rss else 'n/a'}
+- peak RSS of repmlp_infer --bench (GNU time -v): {', '.join(f'{t} thr batch {b}: {v:.0f} MiB' for (t, b), v in sorted(cli_rss.items())) or 'n/a'}
 
 {table}
 

@@ -317,12 +317,13 @@ class ConvFFN(nn.Module):
         w1 = self.ffn_fc1.conv.weight.flatten(1).t()  # (C, hidden)
         w2 = self.ffn_fc2.conv.weight.flatten(1).t()  # (hidden, C)
         tokens = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # the one transposing copy
-        out = torch.empty((n * h * w, w2.shape[1]), dtype=x.dtype, device=x.device)
         rows = tokens.shape[0]
+        chunks: List[torch.Tensor] = []
         for start in range(0, rows, self.chunk_rows):
-            end = min(start + self.chunk_rows, rows)
-            hidden = self.act(torch.addmm(b1, tokens[start:end], w1))
-            torch.addmm(b2, hidden, w2, out=out[start:end])
+            hidden = self.act(torch.addmm(b1, tokens[start : start + self.chunk_rows], w1))
+            chunks.append(torch.addmm(b2, hidden, w2))
+        # cat, not addmm(out=...): out= breaks autograd and torch.export; it copies C, not 4C.
+        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
         return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
 
     @torch.no_grad()

@@ -344,8 +344,7 @@ def build_artifact(
         folder = os.path.dirname(os.path.abspath(out))
         fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=folder)
         os.close(fd)
-        frozen_cpu = frozen  # saved tensors carry their device; the loader maps them
-        torch.jit.save(frozen_cpu, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
+        torch.jit.save(frozen, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
         stage("save", t0, note=f"{os.path.getsize(tmp_path) / 1e6:.1f} MB")
 
         # 6. reload and verify both methods

@@ -253,3 +253,26 @@ def test_reduced_precision_artifact(tmp_path, dtype, rtol):
         logits = module(x)
         assert logits.dtype == torch.float32
         relative_close(logits, reference(x), rtol=rtol)
+
+
+def test_preprocessing_overrides_are_baked_in(tmp_path):
+    out = tmp_path / "pp.pt"
+    changes = {"resize_mode": "short_side", "resize": 40, "mean": (1.0, 2.0, 3.0), "antialias": True}
+    build_artifact(SMALL_ARCH, img_size=32, num_classes=10, out=str(out), seed=3, preprocessing=changes)
+    module, manifest = _load(str(out))
+    pre = manifest["preprocessing"]
+    assert (pre["resize_mode"], pre["resize"], pre["mean"], pre["antialias"]) == ("short_side", [40, 40], [1.0, 2.0, 3.0], True)
+    assert pre["crop"] == [32, 32]
+    reference = make_model(img_size=32, num_classes=10, seed=3)
+    expected_pre = Preprocessing(mean=(1.0, 2.0, 3.0), resize_mode="short_side", resize=(40, 40), crop=(32, 32), antialias=True)
+    images = torch.randint(0, 256, (2, 50, 70, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        relative_close(module.forward_images(images), reference(ImageTransform(expected_pre)(images)))
+
+
+def test_bad_preprocessing_override(tmp_path):
+    result = run_build(["--resize-mode", "short_side", "--resize", "20", "--out", str(tmp_path / "a.pt")])
+    assert result.returncode == 1 and "short side 20 is smaller than the crop" in result.stderr
+    assert os.listdir(tmp_path) == []
+    result = run_build(["--mean", "1,2", "--out", str(tmp_path / "a.pt")])
+    assert result.returncode == 2 and "three comma-separated numbers" in result.stderr

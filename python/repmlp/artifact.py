@@ -13,8 +13,8 @@ import os
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from .checkpoints import CheckpointInfo, load_checkpoint, read_state_dict, detec
 from .model import RepMLPNet, create_model, fuse_model
 from .preprocess import ImageTransform
 from .utils import count_flops, randomize_model_
-from .variants import DEFAULT_ARCH, get_variant
+from .variants import DEFAULT_ARCH, ArchConfig, Preprocessing, get_variant
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
@@ -198,6 +198,22 @@ def _load_labels(path: str, num_classes: int) -> Tuple[str, ...]:
     return labels
 
 
+def _override_preprocessing(cfg: ArchConfig, changes: Mapping[str, Any]) -> Preprocessing:
+    allowed = {"mean", "std", "resize_mode", "resize", "interpolation", "antialias"}
+    unknown = set(changes) - allowed
+    if unknown:
+        raise BuildError(f"unknown preprocessing option(s) {sorted(unknown)}; valid: {sorted(allowed)}")
+    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in changes.items() if v is not None}
+    if isinstance(values.get("resize"), int):
+        values["resize"] = (values["resize"], values["resize"])
+    pre = replace(cfg.preprocessing, **values)
+    try:
+        pre.validate()
+    except ValueError as exc:
+        raise BuildError(f"preprocessing: {exc}") from None
+    return pre
+
+
 def _check_out_path(out: str, force: bool) -> None:
     folder = os.path.dirname(os.path.abspath(out)) or "."
     if os.path.isdir(out):
@@ -219,6 +235,7 @@ def build_artifact(
     num_classes: Optional[int] = None,
     labels: Optional[Sequence[str]] = None,
     labels_file: Optional[str] = None,
+    preprocessing: Optional[Mapping[str, Any]] = None,
     dtype: str = "float32",
     device: str = "cpu",
     tolerance: Optional[float] = None,
@@ -232,6 +249,9 @@ def build_artifact(
 
     Without ``checkpoint``, the default arch uses the shipped digits checkpoint and any other
     arch gets seeded random weights (with randomized BN statistics), recorded as such.
+    ``preprocessing`` overrides fields of the variant's :class:`~repmlp.variants.Preprocessing`
+    (``mean``, ``std``, ``resize_mode``, ``resize``, ``interpolation``, ``antialias``); the
+    crop is always the input size.
     Raises :class:`BuildError` (a ``ValueError``) on bad input or failed verification.
     """
     say = progress or (lambda line: None)
@@ -287,9 +307,9 @@ def build_artifact(
     if labels is not None:
         if len(labels) != model.config.num_classes:
             raise BuildError(f"{len(labels)} labels given for {model.config.num_classes} classes")
-        from dataclasses import replace
-
         model.config = replace(model.config, labels=tuple(labels))
+    if preprocessing:
+        model.config = replace(model.config, preprocessing=_override_preprocessing(model.config, preprocessing))
     if state is not None:
         ckpt_info = load_checkpoint(model, state)
         ckpt_info = CheckpointInfo(

@@ -21,6 +21,16 @@ def _size(text: str) -> Union[int, Tuple[int, int]]:
     return h if match.group(2) is None else (h, int(match.group(2)))
 
 
+def _triple(text: str) -> Tuple[float, float, float]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers R,G,B, got {text!r}")
+    return values  # type: ignore[return-value]
+
+
 def _arch(text: str) -> str:
     try:
         get_variant(text)
@@ -58,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
     p.add_argument("--num-classes", type=_positive_int, help="classifier width (default: the variant's)")
     p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
+    pre = p.add_argument_group("preprocessing overrides (default: the variant's, see the README)")
+    pre.add_argument("--resize-mode", choices=["short_side", "exact"], help="short_side keeps the aspect ratio")
+    pre.add_argument("--resize", type=_size, help="short side N (short_side) or HxW (exact), before the center crop")
+    pre.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest"])
+    pre.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None)
+    pre.add_argument("--mean", type=_triple, help="R,G,B on the 0..255 scale")
+    pre.add_argument("--std", type=_triple, help="R,G,B on the 0..255 scale")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and compute dtype")
     p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt in the current folder)")
     p.add_argument("--device", default="cpu", help="device used for verification (cpu, cuda, cuda:N)")
@@ -88,6 +105,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             img_size=args.img_size,
             num_classes=args.num_classes,
             labels_file=args.labels,
+            preprocessing={
+                "resize_mode": args.resize_mode,
+                "resize": args.resize,
+                "interpolation": args.interpolation,
+                "antialias": args.antialias,
+                "mean": args.mean,
+                "std": args.std,
+            },
             dtype=args.dtype,
             device=args.device,
             tolerance=args.tolerance,

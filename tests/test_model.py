@@ -216,3 +216,10 @@ def test_variant_table_is_data():
     assert cfg.sharesets == (1, 4, 32, 256) and cfg.reparam_conv_kernels == (1, 3)
     # deepcopy-able config, no shared mutable state between models
     copy.deepcopy(create_model(SMALL_ARCH, img_size=32).config)
+
+
+def test_custom_arch_as_keyword_arguments():
+    by_dict = create_model(SMALL_ARCH, img_size=32, num_classes=10)
+    by_kwargs = create_model(None, channels=[16, 32, 64, 128], depths=[1, 1, 2, 1], sharesets_nums=[1, 4, 8, 16], img_size=32, num_classes=10)
+    assert by_kwargs.config == by_dict.config
+    assert set(by_kwargs.state_dict()) == set(by_dict.state_dict())

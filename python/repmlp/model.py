@@ -520,7 +520,8 @@ def create_model(
     Args:
         arch: a variant name (``T224``, ``T256``, ``B224``, ``B256``, ``D256``, ``L256``,
             ``digits``, or mmcls's ``b``/``base``; case-insensitive), an :class:`ArchConfig`,
-            or a dict with ``channels``, ``depths`` and ``sharesets_nums`` (or ``sharesets``).
+            or a dict with ``channels``, ``depths`` and ``sharesets_nums`` (or ``sharesets``);
+            ``None`` takes those three from the keyword arguments.
         img_size: input size, int or (H, W), each divisible by 32; defaults to the variant's.
         num_classes: classifier width (0: the model returns pooled features); defaults to the
             variant's (1000 for ImageNet variants).
@@ -530,10 +531,15 @@ def create_model(
         **overrides: any other :class:`ArchConfig` field (``reparam_conv_kernels``,
             ``gp_ratio``, ``labels``, ...).
     """
+    changes = dict(overrides)
+    if "sharesets_nums" in changes:  # mmcls's name
+        changes["sharesets"] = changes.pop("sharesets_nums")
+    if arch is None:  # a custom arch given entirely as keyword arguments
+        structure = ("channels", "depths", "sharesets")
+        arch = {k: changes.pop(k) for k in structure if k in changes}
     cfg = get_variant(arch)
     if img_size is not None:
         cfg = cfg.with_img_size(img_size)
-    changes = dict(overrides)
     if num_classes is not None:
         changes["num_classes"] = num_classes
         if cfg.labels is not None and len(cfg.labels) != num_classes and "labels" not in changes:
@@ -556,6 +562,9 @@ def _replace_config(cfg: ArchConfig, changes: dict) -> ArchConfig:
         cfg = cfg.with_img_size(to_2tuple(changes.pop("img_size"), "img_size"))
     if "labels" in changes and changes["labels"] is not None:
         changes["labels"] = tuple(str(x) for x in changes["labels"])
+    for key in ("channels", "depths", "sharesets"):
+        if isinstance(changes.get(key), list):
+            changes[key] = tuple(changes[key])
     new = replace(cfg, **changes)
     new.validate()
     return new

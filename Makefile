@@ -46,10 +46,10 @@ demo: install
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) examples/digits/demo.py $(ARTIFACT) examples/digits/images
 
 test: install
-	$(PY) -m pytest
+	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -1,6 +1,7 @@
 """Shared fixtures: seeded models with randomized BN statistics and real built artifacts."""
 
 import os
+import shutil
 import sys
 
 import pytest
@@ -18,6 +19,15 @@ from repmlp.utils import randomize_model_  # noqa: E402
 
 # A small custom arch with every structural feature of the real ones (4 stages, sharesets > 1).
 SMALL_ARCH = {"channels": [16, 32, 64, 128], "depths": [1, 1, 2, 1], "sharesets_nums": [1, 4, 8, 16]}
+
+
+def repmlp_infer_binary() -> str:
+    """The installed repmlp_infer: on PATH (an activated venv, `make test`), else next to this
+    interpreter. Missing is a failure, not a skip: the binary is part of what is tested."""
+    beside = os.path.join(os.path.dirname(sys.executable), "repmlp_infer")
+    found = shutil.which("repmlp_infer") or (beside if os.access(beside, os.X_OK) else None)
+    assert found, "repmlp_infer is not installed: pip install --no-build-isolation -e ."
+    return found
 
 
 def relative_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-5) -> None:

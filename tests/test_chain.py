@@ -3,7 +3,6 @@ reloaded -> C++ via repmlp_rt -> the repmlp_infer binary; on the digits model an
 
 import json
 import os
-import shutil
 import subprocess
 
 import numpy as np
@@ -13,15 +12,8 @@ import torch
 from repmlp import fuse_model, load_checkpoint, create_model, reparameterize_model
 from repmlp.artifact import ArtifactModule, default_checkpoint
 
-from conftest import make_model, relative_close
-
-repmlp_rt = pytest.importorskip("repmlp_rt", reason="the C++ runtime is not built (pip install -e .)")
-
-
-def _binary() -> str:
-    path = shutil.which("repmlp_infer")
-    assert path, "repmlp_infer is not on PATH (pip install --no-build-isolation -e .)"
-    return path
+import repmlp_rt
+from conftest import make_model, relative_close, repmlp_infer_binary
 
 
 def _chain(training_model, artifact_path, x, tmp_path):
@@ -41,7 +33,7 @@ def _chain(training_model, artifact_path, x, tmp_path):
     np.save(npy, x.numpy())
     logits_file = tmp_path / "logits.npy"
     result = subprocess.run(
-        [_binary(), artifact_path, str(npy), "--output", str(logits_file), "--json", "--topk", "3"],
+        [repmlp_infer_binary(), artifact_path, str(npy), "--output", str(logits_file), "--json", "--topk", "3"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr

@@ -11,7 +11,6 @@ repmlp_infer) is compared with the artifact where it is built.
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import repmlp
 import torch
-from conftest import relative_close
+from conftest import relative_close, repmlp_infer_binary
 from repmlp.artifact import default_checkpoint
 from repmlp.preprocess import ImageTransform
 
@@ -28,7 +27,7 @@ DIGITS_DIR = os.path.join(ROOT, "examples", "digits")
 IMAGES_DIR = os.path.join(DIGITS_DIR, "images")
 sys.path.insert(0, DIGITS_DIR)
 
-from data import load_digits_rgb, split
+from data import load_digits_rgb, split  # noqa: E402  (examples/digits is not a package)
 
 MIN_ACCURACY = 0.97
 RTOL = 1e-5
@@ -157,7 +156,7 @@ def test_shipped_pngs_are_the_named_held_out_digits(dataset):
 
 
 def test_repmlp_rt_matches_artifact(digits_artifact, scripted, dataset, held_out):
-    repmlp_rt = pytest.importorskip("repmlp_rt")
+    import repmlp_rt
     images, _, _, test_idx = dataset
     x, _, logits = held_out
     with torch.no_grad():
@@ -171,18 +170,8 @@ def test_repmlp_rt_matches_artifact(digits_artifact, scripted, dataset, held_out
     relative_close(raw, ref, RTOL)
 
 
-def _infer_binary():
-    return shutil.which("repmlp_infer") or (
-        os.path.join(os.path.dirname(sys.executable), "repmlp_infer")
-        if os.access(os.path.join(os.path.dirname(sys.executable), "repmlp_infer"), os.X_OK)
-        else None
-    )
-
-
 def test_repmlp_infer_on_shipped_pngs(digits_artifact, scripted, dataset, tmp_path):
-    binary = _infer_binary()
-    if binary is None:
-        pytest.skip("repmlp_infer is not built")
+    binary = repmlp_infer_binary()
     images, _, _, _ = dataset
     names = _pngs()
     paths = [os.path.join(IMAGES_DIR, n) for n in names]
@@ -208,8 +197,7 @@ def test_repmlp_infer_on_shipped_pngs(digits_artifact, scripted, dataset, tmp_pa
 
 
 def test_demo_script(digits_artifact):
-    if _infer_binary() is None:
-        pytest.skip("repmlp_infer is not built")
+    repmlp_infer_binary()  # demo.py finds it the same way: on PATH, else beside python
     proc = subprocess.run(
         [sys.executable, os.path.join(DIGITS_DIR, "demo.py"), digits_artifact, IMAGES_DIR],
         capture_output=True, text=True, timeout=120, check=False,

@@ -1,13 +1,13 @@
 """The repmlp_infer binary: equivalence with torch.jit.load, output formats, bad input."""
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import runtime_helpers as helpers
+from conftest import repmlp_infer_binary
 import torch
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -16,13 +16,7 @@ REAL_ARTIFACT_FIXTURES = ["small_artifact", "digits_artifact"]  # provided by te
 
 
 def _binary() -> str:
-    found = shutil.which("repmlp_infer")
-    if found:
-        return found
-    local = ROOT / "build" / "cmake" / "bin" / "repmlp_infer"
-    if local.exists():
-        return str(local)
-    pytest.skip("repmlp_infer is not built: pip install --no-build-isolation -e .")
+    return repmlp_infer_binary()
 
 
 def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
@@ -48,10 +42,7 @@ def fake_artifact(tmp_path_factory):
 
 @pytest.fixture(params=["fake_artifact", *REAL_ARTIFACT_FIXTURES])
 def artifact(request):
-    try:
-        return Path(request.getfixturevalue(request.param))
-    except pytest.FixtureLookupError:
-        pytest.skip(f"fixture {request.param} is not available")
+    return Path(request.getfixturevalue(request.param))
 
 
 def _expected_topk(logits: torch.Tensor, k: int):
@@ -87,8 +78,6 @@ def test_npy_logits_and_topk_match_python(artifact, tmp_path):
                                    rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.skipif(shutil.which("repmlp_infer") is None and not (ROOT / "build/cmake/bin/repmlp_infer").exists(),
-                    reason="repmlp_infer not built")
 def test_png_logits_and_topk_match_python(artifact, tmp_path):
     from PIL import Image
 
@@ -131,7 +120,7 @@ def test_mixed_inputs_keep_input_order(fake_artifact, tmp_path):
     out = tmp_path / "out.npy"
     result = run_cli(fake_artifact, png, npy, png, "--output", out, "--json")
     assert result.returncode == 0, result.stderr
-    assert [json.loads(l)["input"] for l in result.stdout.splitlines()] == [
+    assert [json.loads(line)["input"] for line in result.stdout.splitlines()] == [
         str(png), f"{npy}[0]", f"{npy}[1]", str(png)]
     from_image = reference.forward_images(torch.from_numpy(image[None].copy()))
     expected = torch.cat([from_image, reference(torch.from_numpy(x)), from_image])

@@ -195,7 +195,7 @@ def run_cli(cli: str, artifact: str, batch: int, threads: int, iters: int, warmu
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise RuntimeError(f"timed out after {timeout:.0f} s")
+        raise RuntimeError(f"timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
         raise RuntimeError(f"exit {proc.returncode}: {err.strip()[-300:]}")
     for line in out.splitlines():

@@ -267,7 +267,7 @@ def test_concurrent_calls_match_serial(fake_runtime):
     for t in threads:
         t.join()
     assert not errors
-    for (tid, rep, kind), (i, value) in results.items():
+    for (_tid, _rep, kind), (i, value) in results.items():
         if kind == "x":
             np.testing.assert_array_equal(value, serial[i])
         else:

@@ -45,7 +45,7 @@ def randomize_model_(model: nn.Module, seed: int = 0, randomize_bn: bool = True)
 
 def count_flops(model: nn.Module) -> int:
     """FLOPs (2 x multiply-adds) of one forward pass on one image, counted by torch."""
-    config = getattr(model, "config")
+    config = model.config
     param = next(model.parameters())
     x = torch.zeros(1, config.in_channels, *config.img_size, dtype=param.dtype, device=param.device)
     counter = FlopCounterMode(display=False)

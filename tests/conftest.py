@@ -76,3 +76,22 @@ def b224_artifact(artifact_dir) -> str:
     path = os.path.join(artifact_dir, "b224.pt")
     build_artifact("B224", out=path, seed=5)
     return path
+
+
+# Every artifact the C++ runtime must agree with Python on: a minimal contract-following fake
+# (tests/runtime_helpers.py) and the real ones above.
+RUNTIME_ARTIFACTS = ["fake_artifact", "small_artifact", "digits_artifact"]
+
+
+@pytest.fixture(scope="session")
+def fake_artifact(tmp_path_factory):
+    import runtime_helpers
+
+    return runtime_helpers.save_fake_artifact(tmp_path_factory.mktemp("fake") / "fake.pt")
+
+
+@pytest.fixture(params=RUNTIME_ARTIFACTS)
+def artifact(request):
+    from pathlib import Path
+
+    return Path(request.getfixturevalue(request.param))

@@ -16,18 +16,6 @@ import runtime_helpers as helpers
 import torch
 
 RTOL, ATOL = 1e-5, 1e-5
-REAL_ARTIFACT_FIXTURES = ["small_artifact", "digits_artifact"]  # provided by tests/conftest.py
-
-
-@pytest.fixture(scope="module")
-def fake_artifact(tmp_path_factory):
-    return helpers.save_fake_artifact(tmp_path_factory.mktemp("fake") / "fake.pt")
-
-
-@pytest.fixture(params=["fake_artifact", *REAL_ARTIFACT_FIXTURES])
-def artifact(request):
-    """Every artifact the runtime must agree with Python on: the fake one and the real ones."""
-    return Path(request.getfixturevalue(request.param))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import torch
 
 RTOL, ATOL = 1e-5, 1e-5
 ROOT = Path(__file__).resolve().parents[1]
-REAL_ARTIFACT_FIXTURES = ["small_artifact", "digits_artifact"]  # provided by tests/conftest.py
 
 
 def _binary() -> str:
@@ -33,16 +32,6 @@ def assert_error(result, code, fragment):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("repmlp_infer: error: "), lines[0]
     assert fragment in lines[0], lines[0]
-
-
-@pytest.fixture(scope="module")
-def fake_artifact(tmp_path_factory):
-    return helpers.save_fake_artifact(tmp_path_factory.mktemp("fake") / "fake.pt")
-
-
-@pytest.fixture(params=["fake_artifact", *REAL_ARTIFACT_FIXTURES])
-def artifact(request):
-    return Path(request.getfixturevalue(request.param))
 
 
 def _expected_topk(logits: torch.Tensor, k: int):

@@ -7,7 +7,6 @@ check passed; on any failure nothing is left behind. See docs/ARTIFACT.md for th
 """
 
 import datetime
-import hashlib
 import json
 import os
 import tempfile
@@ -23,7 +22,7 @@ from . import __version__
 from .checkpoints import CheckpointInfo, load_checkpoint, read_state_dict, detect_form
 from .model import RepMLPNet, create_model, fuse_model
 from .preprocess import ImageTransform
-from .utils import count_flops, randomize_model_
+from .utils import count_flops, randomize_model_, sha256_file
 from .variants import DEFAULT_ARCH, ArchConfig, Preprocessing, get_variant
 
 __all__ = [
@@ -179,14 +178,6 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
     return diff, diff / max(scale, 1e-12)
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _load_labels(path: str, num_classes: int) -> Tuple[str, ...]:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -314,7 +305,7 @@ def build_artifact(
         ckpt_info = load_checkpoint(model, state)
         ckpt_info = CheckpointInfo(
             ckpt_info.layout, ckpt_info.form, ckpt_info.num_tensors, os.path.abspath(checkpoint),
-            _sha256_file(checkpoint),
+            sha256_file(checkpoint),
         )
         note = f"{os.path.basename(checkpoint)}: {ckpt_info.layout} layout, {ckpt_info.form} form"
     else:
@@ -404,7 +395,7 @@ def build_artifact(
         path=os.path.abspath(out),
         manifest=manifest,
         stages=stages,
-        sha256=_sha256_file(out),
+        sha256=sha256_file(out),
         size_bytes=os.path.getsize(out),
     )
 

@@ -9,7 +9,6 @@ live in ``local_convs.{i}`` (in the order of ``reparam_conv_kernels``) where ups
 them ``repconv{k}``.
 """
 
-import hashlib
 import os
 import re
 from collections import OrderedDict
@@ -20,6 +19,7 @@ import torch
 from torch import nn
 
 from .model import RepMLPNet
+from .utils import sha256_file
 
 __all__ = ["CheckpointError", "CheckpointInfo", "load_checkpoint", "export_state_dict", "read_state_dict"]
 
@@ -106,14 +106,6 @@ def detect_form(keys: List[str]) -> str:
     if not (training or deploy):
         raise CheckpointError("checkpoint has neither fc3_bn (training form) nor fc3.bias (deploy form) keys")
     return "training" if training else "deploy"
-
-
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
@@ -220,7 +212,7 @@ def load_checkpoint(
         form=form,
         num_tensors=len(state),
         path=path,
-        sha256=_sha256(path) if path else None,
+        sha256=sha256_file(path) if path else None,
     )
 
 

@@ -49,16 +49,12 @@ def fold_bn(
     ``weight``'s dim 0 may be a multiple of the BN's channels (fc3: one BN channel per shareset
     covers ``h*w`` outputs). Computed in float64, returned in the weight's dtype and device.
     """
-    assert bn.running_mean is not None and bn.running_var is not None
     out_dim = weight.shape[0]
     repeat = out_dim // bn.num_features
     if repeat * bn.num_features != out_dim:
         raise ValueError(f"cannot fold a BN of {bn.num_features} channels into {out_dim} outputs")
-    std = (bn.running_var.double() + bn.eps).sqrt()
-    gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(std)
-    beta = bn.bias.double() if bn.bias is not None else torch.zeros_like(std)
-    scale = (gamma / std).repeat_interleave(repeat)
-    shift = (beta - bn.running_mean.double() * gamma / std).repeat_interleave(repeat)
+    scale, shift = _bn_affine(bn)
+    scale, shift = scale.repeat_interleave(repeat), shift.repeat_interleave(repeat)
     w = weight.double() * scale.reshape(-1, *([1] * (weight.dim() - 1)))
     b = shift if bias is None else bias.double() * scale + shift
     return w.to(weight.dtype), b.to(weight.dtype)

@@ -1,12 +1,13 @@
 """Helpers shared by the builder, the tests and the benchmarks."""
 
+import hashlib
 from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["randomize_bn_", "randomize_model_", "count_flops"]
+__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file"]
 
 
 @torch.no_grad()
@@ -52,3 +53,12 @@ def count_flops(model: nn.Module) -> int:
     with counter, torch.no_grad():
         model(x)
     return int(counter.get_total_flops())
+
+
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

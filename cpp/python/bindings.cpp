@@ -152,15 +152,7 @@ void PybindRuntime(py::module_& m) {
             std::pair<at::Tensor, at::Tensor> result;
             {
               py::gil_scoped_release release;
-              if (x.scalar_type() == at::kByte) {
-                result = runtime.classify(x, topk);
-              } else {
-                if (topk < 1 || topk > runtime.num_classes())
-                  throw repmlp_rt::InputError("topk must be in [1, " +
-                                              std::to_string(runtime.num_classes()) + "], got " +
-                                              std::to_string(topk));
-                result = repmlp_rt::softmax_topk(runtime.infer(x), topk);
-              }
+              result = runtime.classify(x, topk);
             }
             return py::make_tuple(to_numpy(result.first), to_numpy(result.second));
           },

@@ -373,22 +373,23 @@ at::Tensor Runtime::infer_images(const at::Tensor& images) const {
   return impl_->run(*impl_->forward_images, images);
 }
 
-std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& images,
-                                                    int64_t topk) const {
-  const int64_t classes = num_classes();
-  if (topk < 1 || topk > classes)
-    throw InputError("topk must be in [1, " + std::to_string(classes) + "], got " +
+static void check_topk(int64_t topk, int64_t num_classes) {
+  if (topk < 1 || topk > num_classes)
+    throw InputError("topk must be in [1, " + std::to_string(num_classes) + "], got " +
                      std::to_string(topk));
-  return softmax_topk(infer_images(images), topk);
+}
+
+std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& input, int64_t topk) const {
+  check_topk(topk, num_classes());  // before the model runs, not after
+  const bool images = input.defined() && input.scalar_type() == at::kByte;
+  return softmax_topk(images ? infer_images(input) : infer(input), topk);
 }
 
 std::pair<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t topk) {
   if (!logits.defined() || logits.dim() != 2)
     throw InputError("expected 2-D logits (N, num_classes), got " +
                      (logits.defined() ? shape_string(logits.sizes()) : std::string("none")));
-  if (topk < 1 || topk > logits.size(1))
-    throw InputError("topk must be in [1, " + std::to_string(logits.size(1)) + "], got " +
-                     std::to_string(topk));
+  check_topk(topk, logits.size(1));
   c10::InferenceMode inference_mode;
   at::Tensor probs = at::softmax(logits.to(at::kFloat), 1);
   auto [scores, indices] = probs.topk(topk, 1, /*largest=*/true, /*sorted=*/true);

@@ -48,9 +48,11 @@ class Runtime {
   // artifact's own preprocessing (forward_images).
   at::Tensor infer_images(const at::Tensor& images) const;
 
-  // infer_images followed by softmax_topk: returns (scores, indices), both (N, topk);
-  // scores are softmax probabilities over all classes of the top-k classes, descending.
-  std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& images, int64_t topk) const;
+  // uint8 NHWC images (through infer_images) or a normalized float NCHW batch (through
+  // infer), then softmax_topk: returns (scores, indices), both (N, topk); scores are softmax
+  // probabilities over all classes of the top-k classes, descending. A bad topk throws
+  // InputError before the model runs.
+  std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& input, int64_t topk) const;
 
   // What the artifact says about itself.
   const std::string& path() const noexcept;

@@ -375,3 +375,42 @@ def test_cuda_matches_cpu(tmp_path, dtype_name, rtol, atol):
         t.join()
     for r in results:
         np.testing.assert_array_equal(r, results[0])
+
+
+def test_gil_is_released_while_the_model_runs(small_artifact):
+    """While one thread is inside Runtime.infer, Python code in another thread keeps running.
+
+    Held for the whole call, the GIL would let the main thread run only until the worker
+    enters C++ (one switch interval, 5 ms); released, the main thread runs throughout.
+    """
+    import time
+
+    runtime = repmlp_rt.Runtime(small_artifact, threads=1)  # leave a core for this thread
+    batch = 64
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+    started = time.perf_counter()
+    runtime.infer(x)
+    per_call = time.perf_counter() - started
+    # grow the batch until one call lasts long enough to tell the two cases apart
+    batch = int(batch * max(1.0, 0.4 / max(per_call, 1e-4)))
+    x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
+
+    def spin(seconds: float) -> int:
+        count, end = 0, time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            count += 1
+        return count
+
+    solo_rate = spin(0.2) / 0.2
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (runtime.infer(x), done.set()))
+    count = 0
+    started = time.perf_counter()
+    worker.start()
+    while not done.is_set():
+        count += 1
+    elapsed = time.perf_counter() - started
+    worker.join()
+    assert elapsed > 0.1, f"the call was too short to judge ({elapsed:.3f} s)"
+    share = count / (solo_rate * elapsed)
+    assert share > 0.2, f"the main thread ran {share:.0%} of the time during infer: the GIL was held"

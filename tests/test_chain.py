@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from repmlp import fuse_model, load_checkpoint, create_model, reparameterize_model
-from repmlp.artifact import ArtifactModule, default_checkpoint
+from repmlp.artifact import ArtifactModule, build_artifact, default_checkpoint
 
 import repmlp_rt
-from conftest import make_model, relative_close, repmlp_infer_binary
+from conftest import SMALL_ARCH, make_model, relative_close, repmlp_infer_binary
 
 
 def _chain(training_model, artifact_path, x, tmp_path):
@@ -71,3 +71,14 @@ def test_chain_on_b224_random_weights(b224_artifact, tmp_path):
     outputs, topk = _chain(model, b224_artifact, x, tmp_path)
     _assert_chain(outputs, topk)
     assert os.path.getsize(b224_artifact) > 250e6  # the full model, not a stub
+
+
+def test_chain_on_a_non_square_input(artifact_dir, tmp_path):
+    """64x96 input: the upstream mmcls conversion crashes on non-square partitions."""
+    path = str(artifact_dir / "small_64x96.pt")
+    build_artifact(SMALL_ARCH, img_size=(64, 96), num_classes=10, out=path, seed=8)
+    model = make_model(img_size=(64, 96), num_classes=10, seed=8)
+    x = torch.randn(3, 3, 64, 96, generator=torch.Generator().manual_seed(23))
+    outputs, topk = _chain(model, path, x, tmp_path)
+    _assert_chain(outputs, topk)
+    assert repmlp_rt.Runtime(path).input_shape == (3, 64, 96)

@@ -6,6 +6,7 @@ The file is written to a temporary name in the target folder and renamed only wh
 check passed; on any failure nothing is left behind. See docs/ARTIFACT.md for the contract.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -13,7 +14,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -148,25 +149,23 @@ class BuildReport:
         }
 
 
-def _quiet_jit():
+@contextlib.contextmanager
+def _quiet_jit() -> Iterator[None]:
     """TorchScript is deprecated in torch 2.13: silence exactly that warning around our calls."""
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("ignore", category=category, message=JIT_DEPRECATION_MESSAGE)
-    return ctx
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, message=JIT_DEPRECATION_MESSAGE)
+        yield
 
 
 def read_manifest(path: str) -> Dict[str, Any]:
     """The manifest embedded in an artifact (raises BuildError if absent or unreadable)."""
     extra = {MANIFEST_NAME: ""}
-    ctx = _quiet_jit()
     try:
-        torch.jit.load(path, map_location="cpu", _extra_files=extra)
+        with _quiet_jit():
+            torch.jit.load(path, map_location="cpu", _extra_files=extra)
     except Exception as exc:
         raise BuildError(f"cannot load artifact {path}: {str(exc).strip().splitlines()[0]}") from None
-    finally:
-        ctx.__exit__(None, None, None)
     if not extra[MANIFEST_NAME]:
         raise BuildError(f"{path} has no {MANIFEST_NAME}: not a RepMLP artifact")
     return json.loads(extra[MANIFEST_NAME])
@@ -178,14 +177,12 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
     return diff, diff / max(scale, 1e-12)
 
 
-def _load_labels(path: str, num_classes: int) -> Tuple[str, ...]:
+def _load_labels(path: str) -> Tuple[str, ...]:
     try:
         with open(path, encoding="utf-8") as fh:
             labels = tuple(line.rstrip("\r\n") for line in fh if line.strip())
     except OSError as exc:
         raise BuildError(f"cannot read labels file {path}: {exc.strerror}") from None
-    if len(labels) != num_classes:
-        raise BuildError(f"labels file {path} has {len(labels)} labels, the model has {num_classes} classes")
     return labels
 
 
@@ -269,6 +266,10 @@ def build_artifact(
 
     stages: List[StageResult] = []
 
+    def check(what: str, rel: float) -> None:
+        if not rel <= tol:
+            raise BuildError(f"{what}: relative error {rel:.3e} exceeds the tolerance {tol:.1e}")
+
     def stage(name: str, started: float, ref: Optional[torch.Tensor] = None, got: Optional[torch.Tensor] = None, note: str = "") -> None:
         result = StageResult(name, time.perf_counter() - started, note=note)
         line = f"[{len(stages) + 1}/6] {name:<8} {result.seconds:7.2f} s"
@@ -279,10 +280,8 @@ def build_artifact(
             line += f"  {note}"
         stages.append(result)
         say(line)
-        if result.max_rel_err is not None and not result.max_rel_err <= tol:
-            raise BuildError(
-                f"stage {name}: relative error {result.max_rel_err:.3e} exceeds the tolerance {tol:.1e}"
-            )
+        if result.max_rel_err is not None:
+            check(f"stage {name}", result.max_rel_err)
 
     # 1. load
     t0 = time.perf_counter()
@@ -294,18 +293,18 @@ def build_artifact(
         form = detect_form(list(state))
     model = create_model(cfg, img_size=img_size, num_classes=num_classes, deploy=form == "deploy", **overrides)
     if labels_file is not None:
-        labels = _load_labels(labels_file, model.config.num_classes)
+        labels = _load_labels(labels_file)
     if labels is not None:
         if len(labels) != model.config.num_classes:
-            raise BuildError(f"{len(labels)} labels given for {model.config.num_classes} classes")
+            given = f"labels file {labels_file}" if labels_file is not None else "labels"
+            raise BuildError(f"{given} has {len(labels)} labels, the model has {model.config.num_classes} classes")
         model.config = replace(model.config, labels=tuple(labels))
     if preprocessing:
         model.config = replace(model.config, preprocessing=_override_preprocessing(model.config, preprocessing))
     if state is not None:
-        ckpt_info = load_checkpoint(model, state)
-        ckpt_info = CheckpointInfo(
-            ckpt_info.layout, ckpt_info.form, ckpt_info.num_tensors, os.path.abspath(checkpoint),
-            sha256_file(checkpoint),
+        # The file was read once above; load_checkpoint saw a dict, so add its path and hash.
+        ckpt_info = replace(
+            load_checkpoint(model, state), path=os.path.abspath(checkpoint), sha256=sha256_file(checkpoint)
         )
         note = f"{os.path.basename(checkpoint)}: {ckpt_info.layout} layout, {ckpt_info.form} form"
     else:
@@ -328,66 +327,64 @@ def build_artifact(
         eager_out = wrapper(x)
     stage("deploy", t0, reference, eager_out, note=f"from {form} form")
 
-    ctx = _quiet_jit()
     tmp_path: Optional[str] = None
     try:
-        # 3. script
-        t0 = time.perf_counter()
-        scripted = torch.jit.script(wrapper)
-        with torch.no_grad():
-            scripted_out = scripted(x)
-        stage("script", t0, reference, scripted_out)
+        with _quiet_jit():
+            # 3. script
+            t0 = time.perf_counter()
+            scripted = torch.jit.script(wrapper)
+            with torch.no_grad():
+                scripted_out = scripted(x)
+            stage("script", t0, reference, scripted_out)
 
-        # 4. freeze
-        t0 = time.perf_counter()
-        frozen = torch.jit.freeze(scripted.eval(), preserved_attrs=list(EXPORTED_METHODS))
-        with torch.no_grad():
-            frozen_out = frozen(x)
-        stage("freeze", t0, reference, frozen_out)
+            # 4. freeze
+            t0 = time.perf_counter()
+            frozen = torch.jit.freeze(scripted.eval(), preserved_attrs=list(EXPORTED_METHODS))
+            with torch.no_grad():
+                frozen_out = frozen(x)
+            stage("freeze", t0, reference, frozen_out)
 
-        # A JSON round trip turns tuples into lists, so later comparisons are like for like.
-        manifest = json.loads(json.dumps(_manifest(
-            model, fused, arch_name, dtype, dev, tol, ckpt_info, seed, params_loaded, stages
-        )))
+            # A JSON round trip turns tuples into lists, so later comparisons are like for like.
+            manifest = json.loads(json.dumps(_manifest(
+                model, fused, arch_name, dtype, dev, tol, ckpt_info, seed, params_loaded, stages
+            )))
 
-        # 5. save (temporary file in the target folder)
-        t0 = time.perf_counter()
-        folder = os.path.dirname(os.path.abspath(out))
-        fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        torch.jit.save(frozen, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
-        stage("save", t0, note=f"{os.path.getsize(tmp_path) / 1e6:.1f} MB")
+            # 5. save (temporary file in the target folder)
+            t0 = time.perf_counter()
+            folder = os.path.dirname(os.path.abspath(out))
+            fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=folder)
+            os.close(fd)
+            torch.jit.save(frozen, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
+            stage("save", t0, note=f"{os.path.getsize(tmp_path) / 1e6:.1f} MB")
 
-        # 6. reload and verify both methods
-        t0 = time.perf_counter()
-        extra = {MANIFEST_NAME: ""}
-        reloaded = torch.jit.load(tmp_path, map_location=dev, _extra_files=extra)
-        if json.loads(extra[MANIFEST_NAME]) != manifest:
-            raise BuildError("the manifest read back differs from the one written")
-        missing = [m for m in EXPORTED_METHODS if not hasattr(reloaded, m)]
-        if missing:
-            raise BuildError(f"the saved artifact lost its methods {missing}")
-        images = torch.randint(0, 256, (VERIFY_BATCH, h + 7, w + 3, 3), generator=gen, dtype=torch.uint8).to(dev)
-        with torch.no_grad():
-            reloaded_out = reloaded(x)
-            image_ref = model(wrapper.preprocess(images)).float()
-            image_out = reloaded.forward_images(images)
-        _, image_rel = _errors(image_out, image_ref)
-        stage("reload", t0, reference, reloaded_out, note=f"forward_images rel err {image_rel:.2e}")
-        if not image_rel <= tol:
-            raise BuildError(f"forward_images: relative error {image_rel:.3e} exceeds the tolerance {tol:.1e}")
-        # The embedded report now covers every stage: write the final file from the reloaded module.
-        manifest["verification"]["stages"] = [vars(s) for s in stages]
-        torch.jit.save(reloaded, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
-        os.replace(tmp_path, out)
-        tmp_path = None
+            # 6. reload and verify both methods
+            t0 = time.perf_counter()
+            extra = {MANIFEST_NAME: ""}
+            reloaded = torch.jit.load(tmp_path, map_location=dev, _extra_files=extra)
+            if json.loads(extra[MANIFEST_NAME]) != manifest:
+                raise BuildError("the manifest read back differs from the one written")
+            missing = [m for m in EXPORTED_METHODS if not hasattr(reloaded, m)]
+            if missing:
+                raise BuildError(f"the saved artifact lost its methods {missing}")
+            images = torch.randint(0, 256, (VERIFY_BATCH, h + 7, w + 3, 3), generator=gen, dtype=torch.uint8).to(dev)
+            with torch.no_grad():
+                reloaded_out = reloaded(x)
+                image_ref = model(wrapper.preprocess(images)).float()
+                image_out = reloaded.forward_images(images)
+            _, image_rel = _errors(image_out, image_ref)
+            stage("reload", t0, reference, reloaded_out, note=f"forward_images rel err {image_rel:.2e}")
+            check("forward_images", image_rel)
+            # The embedded report now covers every stage: write the final file from the reloaded module.
+            manifest["verification"]["stages"] = [vars(s) for s in stages]
+            torch.jit.save(reloaded, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
+            os.replace(tmp_path, out)
+            tmp_path = None
     except BuildError:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BuildError(f"build failed: {first}") from exc
     finally:
-        ctx.__exit__(None, None, None)
         if tmp_path is not None and os.path.exists(tmp_path):
             os.unlink(tmp_path)
 

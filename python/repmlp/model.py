@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .variants import ArchConfig, get_variant, to_2tuple
+from .variants import ArchConfig, get_variant
 
 __all__ = [
     "ConvBN",
@@ -540,30 +540,9 @@ def create_model(
         changes["num_classes"] = num_classes
         if cfg.labels is not None and len(cfg.labels) != num_classes and "labels" not in changes:
             changes["labels"] = None
-    if "reparam_conv_kernels" in changes and changes["reparam_conv_kernels"] is not None:
-        changes["reparam_conv_kernels"] = tuple(changes["reparam_conv_kernels"])
     if changes:
-        known = set(ArchConfig.__dataclass_fields__)
-        unknown = set(changes) - known
-        if unknown:
-            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(known)}")
-        cfg = _replace_config(cfg, changes)
+        cfg = cfg.with_changes(changes)
     return RepMLPNet(cfg, deploy=deploy, out_indices=out_indices, final_norm=final_norm)
-
-
-def _replace_config(cfg: ArchConfig, changes: dict) -> ArchConfig:
-    from dataclasses import replace
-
-    if "img_size" in changes:
-        cfg = cfg.with_img_size(to_2tuple(changes.pop("img_size"), "img_size"))
-    if "labels" in changes and changes["labels"] is not None:
-        changes["labels"] = tuple(str(x) for x in changes["labels"])
-    for key in ("channels", "depths", "sharesets"):
-        if isinstance(changes.get(key), list):
-            changes[key] = tuple(changes[key])
-    new = replace(cfg, **changes)
-    new.validate()
-    return new
 
 
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:

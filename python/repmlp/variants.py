@@ -168,6 +168,18 @@ class ArchConfig:
             pre = replace(pre, resize=(rh, rw) if pre.resize_mode == "exact" else (max(rh, rw),) * 2, crop=size)
         return replace(self, img_size=size, preprocessing=pre)
 
+    def with_changes(self, changes: Mapping[str, Any]) -> "ArchConfig":
+        """A validated copy with fields replaced; user values (lists, ints) are normalized."""
+        changes = dict(changes)
+        known = set(ArchConfig.__dataclass_fields__)
+        unknown = set(changes) - known
+        if unknown:
+            raise ValueError(f"unknown option(s) {sorted(unknown)}; valid: {sorted(known)}")
+        cfg = self.with_img_size(changes.pop("img_size")) if "img_size" in changes else self
+        new = replace(cfg, **_normalize_fields(changes))
+        new.validate()
+        return new
+
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
@@ -277,18 +289,24 @@ def get_variant(arch: Any) -> ArchConfig:
     return cfg
 
 
-def _from_fields(fields: Dict[str, Any]) -> ArchConfig:
-    """Build an ArchConfig from loose user values (lists, ints), normalizing types."""
+def _normalize_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
+    """Loose user values (lists, ints) as ArchConfig's types, for the keys present."""
     out = dict(fields)
     for key in ("channels", "depths", "sharesets"):
-        value = out[key]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list of ints, got {value!r}")
-        out[key] = tuple(value)
-    kernels = out.get("reparam_conv_kernels", (1, 3))
-    out["reparam_conv_kernels"] = None if kernels is None else tuple(kernels)
-    if "labels" in out and out["labels"] is not None:
+        if key in out:
+            if not isinstance(out[key], (list, tuple)):
+                raise ValueError(f"{key} must be a list of ints, got {out[key]!r}")
+            out[key] = tuple(out[key])
+    if out.get("reparam_conv_kernels") is not None:
+        out["reparam_conv_kernels"] = tuple(out["reparam_conv_kernels"])
+    if out.get("labels") is not None:
         out["labels"] = tuple(str(x) for x in out["labels"])
+    return out
+
+
+def _from_fields(fields: Dict[str, Any]) -> ArchConfig:
+    """Build an ArchConfig from loose user values (lists, ints), normalizing types."""
+    out = _normalize_fields(fields)
     img = to_2tuple(out.get("img_size", 224), "img_size")
     out["img_size"] = img
     pre = out.get("preprocessing")

@@ -73,6 +73,19 @@ py::array to_numpy(const at::Tensor& result) {
   return py::array(dtype, shape, strides, tensor.data_ptr(), base);
 }
 
+// Runs one of Runtime's array -> logits methods on a numpy array, without the GIL.
+template <at::Tensor (repmlp_rt::Runtime::*Method)(const at::Tensor&) const>
+py::array call_without_gil(const repmlp_rt::Runtime& runtime, const py::array& input) {
+  py::array holder;
+  at::Tensor x = tensor_view(input, holder);
+  at::Tensor logits;
+  {
+    py::gil_scoped_release release;
+    logits = (runtime.*Method)(x);
+  }
+  return to_numpy(logits);
+}
+
 void PybindErrors(py::module_& m) {
   py::register_exception<repmlp_rt::ArtifactError>(m, "ArtifactError", PyExc_RuntimeError);
   py::register_exception<repmlp_rt::InputError>(m, "InputError", PyExc_ValueError);
@@ -118,32 +131,10 @@ void PybindRuntime(py::module_& m) {
            }),
            "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = 2, "warmup_batch"_a = 1,
            "optimize"_a = false)
-      .def(
-          "infer",
-          [](const Runtime& runtime, const py::array& input) {
-            py::array holder;
-            at::Tensor x = tensor_view(input, holder);
-            at::Tensor logits;
-            {
-              py::gil_scoped_release release;
-              logits = runtime.infer(x);
-            }
-            return to_numpy(logits);
-          },
-          "x"_a, "Normalized float32 NCHW array -> float32 logits (N, num_classes).")
-      .def(
-          "infer_images",
-          [](const Runtime& runtime, const py::array& input) {
-            py::array holder;
-            at::Tensor images = tensor_view(input, holder);
-            at::Tensor logits;
-            {
-              py::gil_scoped_release release;
-              logits = runtime.infer_images(images);
-            }
-            return to_numpy(logits);
-          },
-          "images"_a, "uint8 NHWC RGB images -> float32 logits, via the artifact's preprocessing.")
+      .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
+           "Normalized float32 NCHW array -> float32 logits (N, num_classes).")
+      .def("infer_images", &call_without_gil<&Runtime::infer_images>, "images"_a,
+           "uint8 NHWC RGB images -> float32 logits, via the artifact's preprocessing.")
       .def(
           "classify",
           [](const Runtime& runtime, const py::array& input, int64_t topk) {

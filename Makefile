@@ -64,4 +64,4 @@ ctest: install
 	  -DPython3_EXECUTABLE=$(abspath $(PY)) -DREPMLP_BUILD_TESTS=ON \
 	  -DREPMLP_TEST_ARTIFACT=$(abspath build/ctest-digits.pt)
 	$(VENV)/bin/cmake --build build/ctest -j2
-	cd build/ctest && ctest --output-on-failure
+	$(VENV)/bin/ctest --test-dir build/ctest --output-on-failure

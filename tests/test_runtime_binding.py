@@ -205,6 +205,34 @@ def test_bad_arguments(fake_runtime, fake_artifact):
         repmlp_rt.Runtime(fake_artifact, device="tpu")
 
 
+@pytest.mark.parametrize("warmup", [None, 0, 3])
+def test_warmup_counts_give_the_same_results(small_artifact, warmup):
+    runtime = repmlp_rt.Runtime(small_artifact, warmup=warmup, warmup_batch=2)
+    x = _batch(runtime.input_shape, n=2, seed=5)
+    expected = helpers.load_reference(small_artifact)(torch.from_numpy(x))
+    torch.testing.assert_close(torch.from_numpy(runtime.infer(x)), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_bad_warmup_is_a_value_error(fake_artifact):
+    with pytest.raises(ValueError, match="warmup must be >= 0, got -1"):
+        repmlp_rt.Runtime(fake_artifact, warmup=-1)
+    with pytest.raises(ValueError, match="warmup_batch must be >= 1, got 0"):
+        repmlp_rt.Runtime(fake_artifact, warmup_batch=0)
+
+
+def test_calls_leave_the_callers_graph_executor_setting_alone(fake_runtime):
+    # CPU calls run with TorchScript's executor optimization off; the switch is thread-local
+    # and must be restored, or TorchScript code the caller runs afterwards would change.
+    before = torch._C._get_graph_executor_optimize()
+    try:
+        torch._C._set_graph_executor_optimize(True)
+        fake_runtime.infer(_batch((3, 32, 32)))
+        fake_runtime.infer_images(helpers.random_images(1, 32, 32))
+        assert torch._C._get_graph_executor_optimize() is True
+    finally:
+        torch._C._set_graph_executor_optimize(before)
+
+
 @pytest.mark.skipif(repmlp_rt.built_with_cuda(), reason="this build has CUDA support")
 def test_cuda_on_cpu_build_is_a_clear_error(fake_artifact):
     with pytest.raises(RuntimeError, match="no CUDA support") as info:

@@ -119,7 +119,7 @@ void PybindRuntime(py::module_& m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& path, const std::string& device, int threads,
-                       int warmup, int warmup_batch, bool optimize) {
+                       std::optional<int> warmup, int warmup_batch, bool optimize) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
@@ -129,7 +129,7 @@ void PybindRuntime(py::module_& m) {
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
-           "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = 2, "warmup_batch"_a = 1,
+           "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = py::none(), "warmup_batch"_a = 1,
            "optimize"_a = false)
       .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
            "Normalized float32 NCHW array -> float32 logits (N, num_classes).")

@@ -6,6 +6,7 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/csrc/jit/serialization/import.h>
 
 #ifdef REPMLP_RT_WITH_CUDA
@@ -164,8 +165,8 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   if (options.threads < 0)
     throw InputError("threads must be >= 0 (0 = torch default), got " +
                      std::to_string(options.threads));
-  if (options.warmup < 0)
-    throw InputError("warmup must be >= 0, got " + std::to_string(options.warmup));
+  if (options.warmup && *options.warmup < 0)
+    throw InputError("warmup must be >= 0, got " + std::to_string(*options.warmup));
   if (options.warmup_batch < 1)
     throw InputError("warmup_batch must be >= 1, got " + std::to_string(options.warmup_batch));
   s.device = parse_device(options.device);
@@ -244,14 +245,15 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   s.forward.emplace(s.module.get_method("forward"));
   s.forward_images.emplace(s.module.get_method("forward_images"));
 
-  // Warm-up: the profiling executor optimizes the graph on the second call, so run both
-  // entry points a couple of times before the first real request.
+  // Warm-up (see RuntimeOptions::warmup): one call on CPU; on CUDA the profiling executor
+  // records shapes on the first call and builds fused kernels on the second.
+  const int warmup = options.warmup.value_or(s.device.is_cpu() ? 1 : 2);
   try {
     const auto& shape = s.input_shape;
     const int64_t batch = options.warmup_batch;
     at::Tensor zeros = at::zeros({batch, shape[0], shape[1], shape[2]}, at::kFloat);
     at::Tensor images = at::zeros({batch, shape[1], shape[2], 3}, at::kByte);
-    for (int i = 0; i < options.warmup; ++i) {
+    for (int i = 0; i < warmup; ++i) {
       infer(zeros);
       infer_images(images);
     }
@@ -316,6 +318,11 @@ at::Tensor Runtime::Impl::run(const torch::jit::Method& method, const at::Tensor
 #ifdef REPMLP_RT_WITH_CUDA
     if (device.is_cuda()) return run_cuda(method, input);
 #endif
+    // The artifact is frozen, and there is no CPU fuser for the profiling executor to feed:
+    // its profiling and re-optimizing calls (about 2x a steady call each, measured in
+    // benchmarks/RESULTS.md) buy nothing on CPU. The switch is thread-local and restored on
+    // return, so other TorchScript code in the process is unaffected.
+    torch::jit::GraphOptimizerEnabledGuard plain_interpreter(false);
     at::Tensor x = input.device().is_cpu() ? input : input.to(at::kCPU);
     at::Tensor out = method({x}).toTensor();
     if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);

@@ -285,8 +285,12 @@ int run(int argc, char** argv) {
   runtime_options.device = opt.device;
   runtime_options.threads = opt.threads;
   runtime_options.optimize = opt.optimize;
-  // --bench warms up the batch shape it times; a one-shot run only pays for a batch of one.
-  runtime_options.warmup_batch = opt.bench ? static_cast<int>(opt.batch) : 1;
+  // --bench warms up the batch shape it times, as a server would; a one-shot run skips the
+  // warm-up, which would only add to its total time.
+  if (opt.bench)
+    runtime_options.warmup_batch = static_cast<int>(opt.batch);
+  else
+    runtime_options.warmup = 0;
   const auto load_start = Clock::now();
   std::optional<repmlp_rt::Runtime> runtime;
   try {

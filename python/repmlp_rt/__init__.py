@@ -85,13 +85,16 @@ class Runtime:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         threads: intra-op threads; ``None`` leaves torch's default. Note that torch's thread
             pool is process-wide, so this affects every runtime in the process.
-        warmup: forward calls on a zero batch at load time (so the first real call is fast).
+        warmup: calls of both entry points on a zero batch at load time, so the first real
+            call is as fast as a steady one. ``None``: 1 on CPU (calls run without
+            TorchScript's profiling executor; one call pays the one-time costs), 2 on CUDA
+            (the executor profiles, then fuses). 0 loads fastest.
         warmup_batch: batch size of that zero batch; use the batch size you will serve.
         optimize: apply ``torch.jit.optimize_for_inference`` after loading (in memory only).
     """
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
-                 *, warmup: int = 2, warmup_batch: int = 1, optimize: bool = False) -> None:
+                 *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False) -> None:
         if threads is None:
             threads = 0
         elif isinstance(threads, bool) or not isinstance(threads, int):

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -22,8 +23,13 @@ bool built_with_cuda() noexcept;
 struct RuntimeOptions {
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
   int threads = 0;             // intra-op threads; 0 leaves torch's default (process-wide)
-  int warmup = 2;              // forward calls on a zero batch at load (2: profiling executor)
-  int warmup_batch = 1;        // batch size of that zero batch (use the batch size you serve)
+  // Calls of both entry points on a zero batch at load time. Unset: 1 on CPU, where calls
+  // run with TorchScript's profiling executor switched off (the frozen graph is already
+  // optimized) and one call pays the one-time costs (oneDNN primitives, first-touch memory);
+  // 2 on CUDA, where the executor profiles the first call and fuses on the second. 0 loads
+  // fastest when only one batch will run.
+  std::optional<int> warmup;
+  int warmup_batch = 1;  // batch size of that zero batch (use the batch size you serve)
   // Run torch::jit::optimize_for_inference on the loaded module (in memory only, never
   // saved). Off by default: see the README for measurements.
   bool optimize = false;

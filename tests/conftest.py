@@ -17,6 +17,18 @@ from repmlp import create_model  # noqa: E402
 from repmlp.artifact import build_artifact  # noqa: E402
 from repmlp.utils import randomize_model_  # noqa: E402
 
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` run where torch sees a GPU and are skipped elsewhere."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="CUDA is not available")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 # A small custom arch with every structural feature of the real ones (4 stages, sharesets > 1).
 SMALL_ARCH = {"channels": [16, 32, 64, 128], "depths": [1, 1, 2, 1], "sharesets_nums": [1, 4, 8, 16]}
 

@@ -374,10 +374,7 @@ def test_decode_image_matches_pil(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # CUDA (skipped without a GPU)
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
-
-
-@cuda
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype_name, rtol, atol", [("float32", 1e-4, 1e-4), ("float16", 2e-2, 2e-2)])
 def test_cuda_matches_cpu(tmp_path, dtype_name, rtol, atol):
     if not repmlp_rt.built_with_cuda():

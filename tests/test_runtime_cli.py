@@ -258,7 +258,7 @@ def test_cuda_device_without_cuda(fake_artifact, tmp_path):
     assert_error(run_cli(fake_artifact, npy, "--device", "cuda"), 1, "no CUDA support")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+@pytest.mark.cuda
 def test_cuda_matches_cpu(fake_artifact, tmp_path):
     import repmlp_rt
 

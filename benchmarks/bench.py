@@ -17,7 +17,9 @@ Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN stat
 Noise control (the machine is shared): for each (threads, batch) cell the configurations run
 in interleaved rounds (round r runs every configuration once for its iterations), and the
 reported latency is the median of all per-call latencies of that configuration in that cell.
-Outputs of (a), (c), (f), (g) are checked against (b) before anything is timed.
+After each ONNX Runtime configuration the round waits --ort-settle seconds: ORT's threads spin
+after a run and would otherwise slow whatever runs next. Outputs of (a), (c), (f), (g) are
+checked against (b) before anything is timed.
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/bench.py                       # full run, writes RESULTS.md
@@ -293,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--only", nargs="+", default=None, choices=ALL, help="run only these configurations")
     p.add_argument("--skip", nargs="+", default=[], choices=ALL)
     p.add_argument("--quick", action="store_true", help="fewer iterations, no runtime-choice variants, no profile")
+    p.add_argument("--ort-settle", type=float, default=2.0,
+                   help="seconds to wait after each ONNX Runtime configuration, until its spinning threads go idle")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.path.join(HERE, ".cache"))
     p.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
@@ -497,6 +501,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             except Exception as e:
                 skipped[c] = f"setup failed at {t} threads: {type(e).__name__}: {e}"
                 log(f"  SKIP {LABELS[c]}: {skipped[c]}")
+        def settle_after(c: str) -> None:
+            # ONNX Runtime's worker threads keep spinning for a while after a run (its default,
+            # which helps its own back-to-back calls). On 2 cores that steals the CPU from
+            # whatever runs next: repmlp_rt right after an ORT run measured 160-177 ms instead
+            # of 105-128 (2 threads, batch 1). So the round waits for them to go idle.
+            if c in ("f", "g"):
+                time.sleep(args.ort_settle)
+
         for b in args.batches:
             xt = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
             xn = xt.numpy()
@@ -510,6 +522,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for _ in range(args.warmup):
                         torch.set_num_threads(t)
                         fns[c](xn if inputs[c] == "numpy" else xt)
+                    settle_after(c)
                 for r in range(rounds):
                     mm[t].append(mmrate.sample(t))
                     for c in cell:
@@ -532,6 +545,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                             t0 = time.perf_counter()
                             f(x)
                             lat.setdefault((c, t, b), []).append(time.perf_counter() - t0)
+                        settle_after(c)
                     log(f"   round {r + 1}: mm {mm[t][-1]:.0f} GFLOP/s; " + ", ".join(
                         f"{c} {1000 * statistics.median(lat[(c, t, b)]) / b:.0f}" for c in cell if (c, t, b) in lat) + " ms/img (median so far)")
         for c in list(fns):
@@ -643,7 +657,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 - command: `{command}`
 - machine: {machine_md}
 - model: {args.arch}, fp32, random weights (seed {args.seed}, randomized BN stats); {flops / 1e9:.2f} GFLOP/image ({flop_note})
-- method: per (threads, batch) cell, {rounds} interleaved round(s) of {', '.join(f'{per_round_for(b)} call(s) at batch {b}' for b in args.batches)} per configuration, after {args.warmup} warm-up call(s) per configuration in the cell; medians of per-call latency. (e) is one process per cell, launched in the middle round, reporting its own p50 (--iters {'/'.join(str(iters_for(b)) for b in args.batches)} --warmup {args.warmup}).
+- method: per (threads, batch) cell, {rounds} interleaved round(s) of {', '.join(f'{per_round_for(b)} call(s) at batch {b}' for b in args.batches)} per configuration, after {args.warmup} warm-up call(s) per configuration in the cell; medians of per-call latency. (e) is one process per cell, launched in the middle round, reporting its own p50 (--iters {'/'.join(str(iters_for(b)) for b in args.batches)} --warmup {args.warmup}). The round pauses {args.ort_settle:g} s after each ONNX Runtime configuration (its threads spin after a run).
 - output checks before timing (max|diff| / max|logit| vs (b)): {err_md}
 - torch.mm 4096^3: {mm_line}
 - peak RSS of repmlp_infer --bench (GNU time -v): {', '.join(f'{t} thr batch {b}: {v:.0f} MiB' for (t, b), v in sorted(cli_rss.items())) or 'n/a'}

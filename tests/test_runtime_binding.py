@@ -213,6 +213,21 @@ def test_warmup_counts_give_the_same_results(small_artifact, warmup):
     torch.testing.assert_close(torch.from_numpy(runtime.infer(x)), expected, rtol=RTOL, atol=ATOL)
 
 
+def test_optimize_for_inference_matches_the_plain_artifact(small_artifact):
+    # optimize=True rewrites the graph in memory (oneDNN convolutions): not bit-exact, so
+    # compared at 1e-4 of the logit scale, for both entry points.
+    runtime = repmlp_rt.Runtime(small_artifact, optimize=True)
+    reference = helpers.load_reference(small_artifact)
+    x = _batch(runtime.input_shape, n=3, seed=9)
+    expected = reference(torch.from_numpy(x))
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(torch.from_numpy(runtime.infer(x)), expected, rtol=1e-4, atol=1e-4 * scale)
+    images = helpers.random_images(2, 40, 52, seed=9)
+    expected_images = reference.forward_images(torch.from_numpy(images))
+    torch.testing.assert_close(torch.from_numpy(runtime.infer_images(images)), expected_images,
+                               rtol=1e-4, atol=1e-4 * expected_images.abs().max().item())
+
+
 def test_bad_warmup_is_a_value_error(fake_artifact):
     with pytest.raises(ValueError, match="warmup must be >= 0, got -1"):
         repmlp_rt.Runtime(fake_artifact, warmup=-1)

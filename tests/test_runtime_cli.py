@@ -67,6 +67,19 @@ def test_npy_logits_and_topk_match_python(artifact, tmp_path):
                                    rtol=RTOL, atol=ATOL)
 
 
+def test_optimize_flag_matches_python(small_artifact, tmp_path):
+    reference = helpers.load_reference(small_artifact)
+    x = np.random.default_rng(3).standard_normal((2, *reference.input_shape())).astype(np.float32)
+    npy = helpers.write_npy(tmp_path / "batch.npy", x)
+    out = tmp_path / "logits.npy"
+    result = run_cli(small_artifact, npy, "--optimize", "--output", out)
+    assert result.returncode == 0, result.stderr
+    expected = reference(torch.from_numpy(x))
+    # optimize_for_inference is not bit-exact: 1e-4 of the logit scale
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, rtol=1e-4,
+                               atol=1e-4 * expected.abs().max().item())
+
+
 def test_png_logits_and_topk_match_python(artifact, tmp_path):
     from PIL import Image
 

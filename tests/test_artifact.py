@@ -162,6 +162,20 @@ def test_json_report_on_stdout(tmp_path):
     assert [s["stage"] for s in report["stages"]][-1] == "reload"
 
 
+def test_cli_preprocessing_and_class_flags_reach_the_build(tmp_path):
+    out = tmp_path / "pp.pt"
+    flags = ["--interpolation", "bicubic", "--antialias", "--std", "60,61,62", "--resize-mode", "exact"]
+    result = run_build(["--arch", "digits", "--out", str(out), *flags])
+    assert result.returncode == 0, result.stderr
+    _, manifest = _load(str(out))
+    pre = manifest["preprocessing"]
+    assert (pre["interpolation"], pre["antialias"], pre["std"], pre["resize_mode"]) == ("bicubic", True, [60.0, 61.0, 62.0], "exact")
+    # the shipped digits checkpoint has 10 classes: another width is a strict-load error
+    result = run_build(["--arch", "digits", "--num-classes", "7", "--out", str(tmp_path / "x.pt")])
+    assert result.returncode == 1 and "head" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.pt").exists()
+
+
 @pytest.mark.parametrize(
     "args, code, message",
     [

@@ -319,7 +319,7 @@ at::Tensor Runtime::Impl::run(const torch::jit::Method& method, const at::Tensor
     if (device.is_cuda()) return run_cuda(method, input);
 #endif
     // The artifact is frozen, and there is no CPU fuser for the profiling executor to feed:
-    // its profiling and re-optimizing calls (about 2x a steady call each, measured in
+    // its profiling and re-optimizing calls (2-2.6x a steady call each, measured in
     // benchmarks/RESULTS.md) buy nothing on CPU. The switch is thread-local and restored on
     // return, so other TorchScript code in the process is unaffected.
     torch::jit::GraphOptimizerEnabledGuard plain_interpreter(false);

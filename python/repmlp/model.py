@@ -180,11 +180,11 @@ class RepMLPBlock(nn.Module):
         self.channels = channels
         self.partition_h, self.partition_w = partition_size
         self.num_sharesets = num_sharesets
-        # With one shareset, fc3 is one (h*w x h*w) matrix: computed as W @ rows^T with W's
-        # output rows cut into this many panels, one batched GEMM (see forward).
-        self.fc3_panels = 2
         self.kernel_sizes: List[int] = list(reparam_conv_kernels or [])
         area = self.partition_h * self.partition_w
+        # With one shareset, fc3 is one (h*w x h*w) matrix: computed as W @ rows^T with W's
+        # output rows cut into this many panels, one batched GEMM (see forward).
+        self.fc3_panels = 2 if area % 2 == 0 else 1
         self.gp = GlobalPerceptron(channels, gp_ratio)
         self.fc3 = nn.Conv2d(
             num_sharesets * area, num_sharesets * area, 1, groups=num_sharesets, bias=deploy
@@ -219,9 +219,9 @@ class RepMLPBlock(nn.Module):
             # out^T = W @ rows^T, with W's rows (the outputs) split into panels that run as one
             # batched GEMM: MKL then gives each thread its own panel instead of splitting the
             # few (N*C) rows, and no weight is copied or re-laid out (the panels are a view).
-            # B224 stage 0 (96 x 3136 x 3136) on the 2-core AVX2 CPU: ~20% faster at 2
-            # threads, ~3% at 1 (benchmarks/gemm_variants.py, "wxt"/"panels").
-            panels = self.fc3_panels if area % self.fc3_panels == 0 else 1
+            # B224 stage 0 (96 x 3136 x 3136) on the 2-core AVX2 CPU: 16-22% faster at 2
+            # threads, ~5% at 1 (benchmarks/gemm_variants.py, "wxtpan").
+            panels = self.fc3_panels
             cols = rows.reshape(-1, area).t().expand(panels, area, -1)
             weight_panels = weight.reshape(panels, area // panels, area)
             if bias is not None:

@@ -366,27 +366,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     loaded: Dict[Tuple[str, int], Any] = {}
     first_calls: Dict[str, Dict[str, float]] = {}  # config@threads -> {load_s, first_ms, second_ms, ...}
 
+    def load_once(config: str, t: int, load: Callable[[], Callable[[Any], Any]], x1: Any, **extra: str) -> Any:
+        """Loads a configuration once per thread count, timing the load and its first 4 calls
+        (how many warm-ups it needs); later calls get the loaded callable."""
+        key = (config, t)
+        if key not in loaded:
+            torch.set_num_threads(t)
+            t0 = time.perf_counter()
+            call = load()
+            load_s = time.perf_counter() - t0
+            calls = []
+            with torch.no_grad():
+                for _ in range(4):
+                    t0 = time.perf_counter()
+                    call(x1)
+                    calls.append((time.perf_counter() - t0) * 1000)
+            first_calls[f"{config}@{t}"] = {"load_s": load_s, "calls_ms": calls, "batch": args.batches[0], **extra}
+            loaded[key] = call
+        return loaded[key]
+
     def jit_runner(opt: bool) -> Callable[[int], Any]:
-        def make(t: int) -> Any:
-            key = ("c+" if opt else "c", t)
-            if key not in loaded:
-                torch.set_num_threads(t)
-                t0 = time.perf_counter()
-                mod = torch.jit.load(artifact).eval()
-                if opt:
-                    mod = torch.jit.optimize_for_inference(mod)
-                load_s = time.perf_counter() - t0
-                x1 = torch.randn(args.batches[0], *shape)
-                calls = []
-                with torch.no_grad():
-                    for _ in range(4):  # calls 1..4 after load: how many warm-ups are needed
-                        t0 = time.perf_counter()
-                        mod(x1)
-                        calls.append((time.perf_counter() - t0) * 1000)
-                first_calls[f"{key[0]}@{t}"] = {"load_s": load_s, "calls_ms": calls, "batch": args.batches[0]}
-                loaded[key] = mod
-            return loaded[key]
-        return make
+        def load() -> Any:
+            mod = torch.jit.load(artifact).eval()
+            return torch.jit.optimize_for_inference(mod) if opt else mod
+
+        return lambda t: load_once("c+" if opt else "c", t, load, torch.randn(args.batches[0], *shape))
 
     if artifact is not None:
         try:
@@ -408,22 +412,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     def rt_runner(opt: bool) -> Callable[[int], Any]:
         def make(t: int) -> Any:
-            key = ("d+" if opt else "d", t)
-            if key not in loaded:
-                torch.set_num_threads(t)
-                t0 = time.perf_counter()
-                r = rt_mod.Runtime(artifact, device="cpu", threads=t, optimize=opt)
-                load_s = time.perf_counter() - t0
-                x1 = np.random.default_rng(0).standard_normal((args.batches[0], *shape), dtype=np.float32)
-                calls = []
-                for _ in range(4):
-                    t0 = time.perf_counter()
-                    r.infer(x1)
-                    calls.append((time.perf_counter() - t0) * 1000)
-                first_calls[f"{key[0]}@{t}"] = {"load_s": load_s, "calls_ms": calls, "batch": args.batches[0],
-                                               "note": "Runtime() includes its built-in warm-up"}
-                loaded[key] = r.infer
-            return loaded[key]
+            x1 = np.random.default_rng(0).standard_normal((args.batches[0], *shape), dtype=np.float32)
+            load = lambda: rt_mod.Runtime(artifact, device="cpu", threads=t, optimize=opt).infer  # noqa: E731
+            return load_once("d+" if opt else "d", t, load, x1, note="Runtime() includes its built-in warm-up")
         return make
 
     if rt_mod is not None:

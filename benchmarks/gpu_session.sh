@@ -5,6 +5,8 @@
 # the next ones, and the exit code says whether any failed.
 #
 # Prepare on a machine with apt: cpp/scripts/unpack_header_deps.sh third_party_prefix
+# The binding needs numpy; if the GPU machine lacks it, carry a wheel for its Python in a folder
+# (pip download numpy --only-binary :all: --python-version 3.X -d wheels) and set WHEELS=wheels.
 # Then, from the repository root on the GPU machine:
 #   REPMLP_THIRD_PARTY_PREFIX=$PWD/third_party_prefix OUT=/somewhere bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -27,7 +29,14 @@ step() {  # step NAME COMMAND...: run, log to $out/NAME.log, remember failures
   fi
 }
 
-step machine sh -c "nvidia-smi; $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
+step machine sh -c "nvidia-smi; $py -c 'import sys, torch; print(sys.version); print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))'"
+if ! "$py" -c "import numpy" 2>/dev/null; then
+  if [ -n "${WHEELS:-}" ]; then
+    step numpy "$py" -m pip install --no-index --find-links "$WHEELS" numpy
+  else
+    echo "== numpy is missing and WHEELS is not set: the binding, its tests and bench_gpu.py will fail"
+  fi
+fi
 step build "$py" -m pip install --no-build-isolation --no-deps -e .
 step built-with-cuda "$py" -c "import repmlp_rt, sys; print(repmlp_rt.built_with_cuda()); sys.exit(0 if repmlp_rt.built_with_cuda() else 1)"
 bin_dir=$(dirname "$(command -v "$py")")

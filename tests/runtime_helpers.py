@@ -182,6 +182,9 @@ def make_bad_artifacts(folder: os.PathLike | str, good: os.PathLike | str) -> di
         "foreign_with_manifest": save_foreign_torchscript(folder / "foreign_manifest.pt", with_manifest=True),
         "no_manifest": save_fake_artifact(folder / "no_manifest.pt", manifest=False),
         "wrong_version": save_fake_artifact(folder / "wrong_version.pt", version=FORMAT_VERSION + 1),
+        # beyond int64: must be compared, not parsed into a number
+        "huge_manifest_version": save_fake_artifact(folder / "huge_version.pt",
+                                                    manifest={"format_version": 10**22}),
         "directory": folder,
     }
 
@@ -196,6 +199,7 @@ BAD_ARTIFACT_MESSAGES = {
     "foreign_with_manifest": "not a RepMLP artifact",
     "no_manifest": "no manifest.json",
     "wrong_version": "format version 2",
+    "huge_manifest_version": "manifest.json has format_version 10000000000000000000000",
     "directory": "is a directory",
 }
 

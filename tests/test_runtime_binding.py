@@ -197,6 +197,8 @@ def test_bad_arguments(fake_runtime, fake_artifact):
         fake_runtime.classify(images, topk=11)
     with pytest.raises(ValueError, match=r"topk must be in \[1, 10\], got 0"):
         fake_runtime.classify(_batch((3, 32, 32)), topk=0)
+    with pytest.raises(ValueError, match=r"topk must be in \[1, 10\], got 1180591620717411303424"):
+        fake_runtime.classify(images, topk=2**70)
     with pytest.raises(TypeError):
         fake_runtime.infer([[1.0, 2.0]])
     with pytest.raises(ValueError, match="threads"):
@@ -229,10 +231,29 @@ def test_optimize_for_inference_matches_the_plain_artifact(small_artifact):
 
 
 def test_bad_warmup_is_a_value_error(fake_artifact):
-    with pytest.raises(ValueError, match="warmup must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"warmup must be in \[0, 1048576\] .*, got -1"):
         repmlp_rt.Runtime(fake_artifact, warmup=-1)
-    with pytest.raises(ValueError, match="warmup_batch must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"warmup_batch must be in \[1, 1048576\], got 0"):
         repmlp_rt.Runtime(fake_artifact, warmup_batch=0)
+    # Past the C++ int range too: a ValueError, not pybind11's TypeError.
+    with pytest.raises(ValueError, match="warmup must be in"):
+        repmlp_rt.Runtime(fake_artifact, warmup=2**40)
+    with pytest.raises(ValueError, match="warmup_batch must be in"):
+        repmlp_rt.Runtime(fake_artifact, warmup_batch=2**40)
+    with pytest.raises(TypeError, match="warmup must be an int, got float"):
+        repmlp_rt.Runtime(fake_artifact, warmup=1.5)
+
+
+def test_default_topk_is_at_most_the_class_count(fake_runtime, tmp_path):
+    images = helpers.random_images(2, 32, 32)
+    scores, indices = fake_runtime.classify(images)
+    assert scores.shape == indices.shape == (2, 5)
+    three = repmlp_rt.Runtime(helpers.save_fake_artifact(tmp_path / "three.pt", num_classes=3))
+    logits = torch.from_numpy(three.infer(images))
+    scores, indices = three.classify(images)
+    expected = torch.softmax(logits, dim=1).topk(3, dim=1)
+    torch.testing.assert_close(torch.from_numpy(scores), expected.values, rtol=RTOL, atol=ATOL)
+    assert indices.tolist() == expected.indices.tolist()
 
 
 def test_calls_leave_the_callers_graph_executor_setting_alone(fake_runtime):

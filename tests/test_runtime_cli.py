@@ -215,12 +215,20 @@ def _npy_cases(tmp_path):
     cases["trailing"] = (tmp_path / "trailing.npy", "bytes after the data")
     (tmp_path / "header.npy").write_bytes(full[:20])
     cases["truncated_header"] = (tmp_path / "header.npy", "truncated header")
+    # A valid file whose header is padded past numpy's 10000-byte limit (this once overflowed
+    # the stack of the header's regex match).
+    header = ("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 32, 32), }".ljust(50000) + "\n").encode()
+    (tmp_path / "padded.npy").write_bytes(b"\x93NUMPY\x02\x00" + len(header).to_bytes(4, "little") + header
+                                          + good.tobytes())
+    cases["huge_header"] = (tmp_path / "padded.npy", "header of 50001 bytes exceeds the limit of 10000")
+    (tmp_path / "folder.npy").mkdir()
+    cases["directory"] = (tmp_path / "folder.npy", "is a directory")
     return cases
 
 
 @pytest.mark.parametrize("case", ["wrong_shape", "wrong_rank", "empty_batch", "float64", "uint8",
                                   "big_endian", "fortran", "not_npy", "truncated", "trailing",
-                                  "truncated_header"])
+                                  "truncated_header", "huge_header", "directory"])
 def test_bad_npy(fake_artifact, tmp_path, case):
     path, fragment = _npy_cases(tmp_path)[case]
     assert_error(run_cli(fake_artifact, path), 1, fragment)
@@ -237,6 +245,8 @@ def test_bad_images(fake_artifact, tmp_path):
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:40])
     assert_error(run_cli(fake_artifact, good, truncated), 1, "cannot decode image")
+    (tmp_path / "folder.png").mkdir()
+    assert_error(run_cli(fake_artifact, tmp_path / "folder.png"), 1, "is a directory")
 
 
 @pytest.mark.parametrize(
@@ -247,6 +257,8 @@ def test_bad_images(fake_artifact, tmp_path):
         (["--topk", "11"], "--topk 11 exceeds the number of classes (10)"),
         (["--batch", "0"], "batch"),
         (["--threads", "-1"], "threads"),
+        (["--threads", "5000"], "not in range 0 to 4096"),
+        (["--output", "no-such-folder/x.npy"], "no-such-folder' does not exist"),
         (["--iters", "x"], "iters"),
         (["--device", "tpu"], "invalid device 'tpu'"),
         (["--output", "out.txt"], "--output must name a .npy file"),
@@ -255,6 +267,35 @@ def test_bad_images(fake_artifact, tmp_path):
 def test_usage_errors_exit_2(fake_artifact, tmp_path, args, fragment):
     npy = helpers.write_npy(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
     assert_error(run_cli(fake_artifact, npy, *args), 2, fragment)
+
+
+def test_fewer_classes_than_the_default_topk(tmp_path):
+    # The default top-5 shrinks to the class count; only an explicit --topk above it is an error.
+    three = helpers.save_fake_artifact(tmp_path / "three.pt", num_classes=3)
+    npy = helpers.write_npy(tmp_path / "x.npy", np.zeros((2, 3, 32, 32), np.float32))
+    result = run_cli(three, npy, "--json")
+    assert result.returncode == 0, result.stderr
+    assert [len(json.loads(line)["topk"]) for line in result.stdout.splitlines()] == [3, 3]
+    assert run_cli(three, "--info").returncode == 0
+    assert_error(run_cli(three, npy, "--topk", "4"), 2, "--topk 4 exceeds the number of classes (3)")
+
+
+def test_json_with_a_non_utf8_file_name(fake_artifact, tmp_path):
+    name = tmp_path / "caf\udce9.npy"  # the byte 0xE9 alone: not UTF-8
+    helpers.write_npy(name, np.zeros((1, 3, 32, 32), np.float32))
+    result = run_cli(fake_artifact, name, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["input"].endswith("caf\ufffd.npy[0]")
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_failed_stdout_write_is_an_error(fake_artifact, tmp_path):
+    npy = helpers.write_npy(tmp_path / "x.npy", np.zeros((1, 3, 32, 32), np.float32))
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([_binary(), str(fake_artifact), str(npy)], stdout=full,
+                                stderr=subprocess.PIPE, text=True, timeout=300, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip() == "repmlp_infer: error: cannot write to standard output"
 
 
 def test_missing_arguments_exit_2(fake_artifact):

@@ -137,7 +137,7 @@ void PybindRuntime(py::module_& m) {
            "uint8 NHWC RGB images -> float32 logits, via the artifact's preprocessing.")
       .def(
           "classify",
-          [](const Runtime& runtime, const py::array& input, int64_t topk) {
+          [](const Runtime& runtime, const py::array& input, std::optional<int64_t> topk) {
             py::array holder;
             at::Tensor x = tensor_view(input, holder);
             std::pair<at::Tensor, at::Tensor> result;
@@ -147,8 +147,9 @@ void PybindRuntime(py::module_& m) {
             }
             return py::make_tuple(to_numpy(result.first), to_numpy(result.second));
           },
-          "x"_a, "topk"_a = 5,
-          "uint8 NHWC images (or float32 NCHW) -> (softmax scores, int64 indices) of the top k.")
+          "x"_a, "topk"_a = py::none(),
+          "uint8 NHWC images (or float32 NCHW) -> (softmax scores, int64 indices) of the top k\n"
+          "(None: min(5, num_classes)).")
       .def_property_readonly("path", &Runtime::path)
       .def_property_readonly("device", &Runtime::device)
       .def_property_readonly("manifest_json", &Runtime::manifest_json)
@@ -156,7 +157,8 @@ void PybindRuntime(py::module_& m) {
       .def_property_readonly("labels", &Runtime::labels)
       .def_property_readonly("compute_dtype", &Runtime::compute_dtype)
       .def_property_readonly("format_version", &Runtime::format_version)
-      .def_property_readonly("num_classes", &Runtime::num_classes);
+      .def_property_readonly("num_classes", &Runtime::num_classes)
+      .def_property_readonly("default_topk", &Runtime::default_topk);
 }
 
 }  // namespace

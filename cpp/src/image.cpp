@@ -1,6 +1,7 @@
 // Image decoding with stb_image. Built without it (no libstb-dev found), decode_image throws.
 #include "repmlp_rt/image.hpp"
 
+#include <filesystem>
 #include <fstream>
 
 #if defined(REPMLP_RT_WITH_STB)
@@ -24,6 +25,9 @@ bool has_image_decoding() noexcept {
 }
 
 Image decode_image(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec))
+    throw InputError("cannot read image '" + path + "': is a directory, expected a file");
   {
     std::ifstream probe(path, std::ios::binary);
     if (!probe) throw InputError("cannot read image '" + path + "': no such file or not readable");

@@ -3,6 +3,7 @@
 
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -15,6 +16,9 @@ namespace {
 
 constexpr char kMagic[] = "\x93NUMPY";
 constexpr size_t kMagicSize = 6;
+// numpy's own default limit (np.load's max_header_size). It also bounds the work of the
+// std::regex matching below, which recurses once per character in libstdc++.
+constexpr size_t kMaxHeaderSize = 10000;
 
 [[noreturn]] void fail(const std::string& path, const std::string& why) {
   throw InputError("cannot read .npy '" + path + "': " + why);
@@ -23,6 +27,8 @@ constexpr size_t kMagicSize = 6;
 }  // namespace
 
 NpyArray read_npy_f32(const std::string& path) {
+  std::error_code ec;
+  if (std::filesystem::is_directory(path, ec)) fail(path, "is a directory, expected a file");
   std::ifstream in(path, std::ios::binary);
   if (!in) fail(path, "no such file or not readable");
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -43,6 +49,9 @@ NpyArray read_npy_f32(const std::string& path) {
     fail(path, "unsupported .npy format version " + std::to_string(major) + "." +
                    std::to_string(minor) + " (expected 1.0, 2.0 or 3.0)");
   }
+  if (header_len > kMaxHeaderSize)
+    fail(path, "header of " + std::to_string(header_len) + " bytes exceeds the limit of " +
+                   std::to_string(kMaxHeaderSize));
   if (bytes.size() < offset + header_len) fail(path, "truncated header");
   std::string header = bytes.substr(offset, header_len);
   const size_t data_offset = offset + header_len;
@@ -107,7 +116,8 @@ void write_npy_f32(const std::string& path, const std::vector<int64_t>& shape, c
   const fs::path tmp = target.string() + ".tmp." + std::to_string(::getpid());
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) throw std::runtime_error("cannot write '" + tmp.string() + "'");
+    if (!out)
+      throw std::runtime_error("cannot write '" + path + "': " + std::strerror(errno));
     out.write(kMagic, kMagicSize);
     const char version[2] = {1, 0};
     out.write(version, 2);

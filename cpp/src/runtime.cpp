@@ -205,8 +205,9 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   // The manifest records the version too; both must agree with what this runtime reads.
   static const std::regex version_key(R"re("format_version"\s*:\s*(-?\d+))re");
   std::smatch match;
+  // Compared as text: a number too large for stoll is simply a different version.
   if (std::regex_search(s.manifest, match, version_key) &&
-      std::stoll(match[1].str()) != kFormatVersion)
+      match[1].str() != std::to_string(kFormatVersion))
     throw ArtifactError("'" + path + "': manifest.json has format_version " + match[1].str() +
                         "; this runtime reads version " + std::to_string(kFormatVersion));
 
@@ -386,11 +387,15 @@ static void check_topk(int64_t topk, int64_t num_classes) {
                      std::to_string(topk));
 }
 
-std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& input, int64_t topk) const {
-  check_topk(topk, num_classes());  // before the model runs, not after
+std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& input,
+                                                    std::optional<int64_t> topk) const {
+  const int64_t k = topk.value_or(default_topk());
+  check_topk(k, num_classes());  // before the model runs, not after
   const bool images = input.defined() && input.scalar_type() == at::kByte;
-  return softmax_topk(images ? infer_images(input) : infer(input), topk);
+  return softmax_topk(images ? infer_images(input) : infer(input), k);
 }
+
+int64_t Runtime::default_topk() const noexcept { return std::min<int64_t>(5, num_classes()); }
 
 std::pair<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t topk) {
   if (!logits.defined() || logits.dim() != 2)

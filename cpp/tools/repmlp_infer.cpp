@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <iomanip>
 #include <iostream>
 #include <optional>
@@ -56,6 +57,11 @@ double ms_since(Clock::time_point start) {
   return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
 }
 
+// File names need not be UTF-8; invalid bytes become U+FFFD instead of failing the dump.
+std::string json_text(const json& value, int indent = -1) {
+  return value.dump(indent, ' ', false, json::error_handler_t::replace);
+}
+
 std::string first_line(const std::string& text) {
   std::istringstream lines(text);
   std::string line;
@@ -89,7 +95,7 @@ void print_results(const repmlp_rt::Runtime& runtime, const at::Tensor& logits,
         topk.push_back({{"index", index}, {"label", labels.at(index)},
                         {"score", scores[row][k].item<float>()}});
       }
-      std::cout << json{{"input", names[row]}, {"topk", topk}}.dump() << '\n';
+      std::cout << json_text({{"input", names[row]}, {"topk", topk}}) << '\n';
     } else {
       std::ostringstream line;
       line << names[row] << ':';
@@ -188,13 +194,12 @@ void run_bench(const repmlp_rt::Runtime& runtime, const Options& opt, double loa
   const double p50 = percentile(latencies, 50), p90 = percentile(latencies, 90),
                p99 = percentile(latencies, 99);
   if (opt.json) {
-    std::cout << json{{"bench",
-                       {{"device", runtime.device()}, {"threads", at::get_num_threads()},
-                        {"batch", opt.batch}, {"iters", opt.iters}, {"warmup", opt.warmup},
-                        {"optimize", opt.optimize}, {"load_ms", load_ms},
-                        {"first_call_ms", first_ms}, {"mean_ms", mean}, {"p50_ms", p50},
-                        {"p90_ms", p90}, {"p99_ms", p99}, {"images_per_s", images_per_s}}}}
-                     .dump()
+    std::cout << json_text({{"bench",
+                             {{"device", runtime.device()}, {"threads", at::get_num_threads()},
+                              {"batch", opt.batch}, {"iters", opt.iters}, {"warmup", opt.warmup},
+                              {"optimize", opt.optimize}, {"load_ms", load_ms},
+                              {"first_call_ms", first_ms}, {"mean_ms", mean}, {"p50_ms", p50},
+                              {"p90_ms", p90}, {"p99_ms", p99}, {"images_per_s", images_per_s}}}})
               << '\n';
   } else {
     std::cout << std::fixed << std::setprecision(3) << "bench: device=" << runtime.device()
@@ -228,7 +233,7 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
                 {"image_decoding", repmlp_rt::has_image_decoding()},
                 {"cuda_build", repmlp_rt::built_with_cuda()}};
   if (opt.json) {
-    std::cout << json{{"runtime", facts}, {"manifest", manifest}}.dump() << '\n';
+    std::cout << json_text({{"runtime", facts}, {"manifest", manifest}}) << '\n';
     return;
   }
   std::cout << "artifact:       " << runtime.path() << '\n'
@@ -240,7 +245,7 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
             << "manifest.json:\n"
-            << manifest.dump(2) << '\n';
+            << json_text(manifest, 2) << '\n';
 }
 
 int run(int argc, char** argv) {
@@ -251,11 +256,11 @@ int run(int argc, char** argv) {
   app.add_option("INPUT", opt.inputs, "image files (RGB, any size) or .npy float32 (N, C, H, W) batches");
   app.add_option("--device", opt.device, "cpu, cuda or cuda:N")->capture_default_str();
   app.add_option("--threads", opt.threads, "intra-op threads (0: torch default)")
-      ->check(CLI::NonNegativeNumber)->capture_default_str();
+      ->check(CLI::Range(0, 4096))->capture_default_str();
   app.add_option("--batch", opt.batch, "batch size for inference and --bench")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
-  app.add_option("--topk", opt.topk, "number of classes reported per input")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
+  app.add_option("--topk", opt.topk, "number of classes reported per input (default: 5, or all when fewer)")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
   app.add_flag("--json", opt.json, "JSON output: one object per input per line");
   app.add_option("--output", opt.output, "write all logits, stacked in input order, to FILE.npy (float32)");
   app.add_flag("--bench", opt.bench, "benchmark: load time, first-call latency, p50/p90/p99, images/s");
@@ -280,6 +285,13 @@ int run(int argc, char** argv) {
     throw UsageError("--output must name a .npy file, got '" + opt.output + "'");
   if (!opt.output.empty() && opt.inputs.empty())
     throw UsageError("--output needs at least one INPUT");
+  if (!opt.output.empty()) {  // found now, not after every input has run
+    namespace fs = std::filesystem;
+    const fs::path folder = fs::absolute(fs::path(opt.output)).parent_path();
+    std::error_code ec;
+    if (!fs::is_directory(folder, ec))
+      throw UsageError("--output folder '" + folder.string() + "' does not exist");
+  }
 
   repmlp_rt::RuntimeOptions runtime_options;
   runtime_options.device = opt.device;
@@ -299,6 +311,7 @@ int run(int argc, char** argv) {
     throw UsageError(e.what());  // only option values (device, threads) reach here
   }
   const double load_ms = ms_since(load_start);
+  if (app.count("--topk") == 0) opt.topk = runtime->default_topk();
   if (opt.topk > runtime->num_classes())
     throw UsageError("--topk " + std::to_string(opt.topk) + " exceeds the number of classes (" +
                      std::to_string(runtime->num_classes()) + ")");
@@ -306,6 +319,8 @@ int run(int argc, char** argv) {
   if (opt.info) print_info(*runtime, opt);
   if (!opt.inputs.empty()) run_inputs(*runtime, opt);
   if (opt.bench) run_bench(*runtime, opt, load_ms);
+  std::cout.flush();
+  if (!std::cout) throw std::runtime_error("cannot write to standard output");
   return 0;
 }
 

@@ -77,6 +77,20 @@ def _from_numpy(array: np.ndarray, to_torch: bool) -> Any:
     return array
 
 
+_MAX_THREADS = 4096  # as repmlp_infer --threads
+_MAX_WARMUP = 1 << 20
+
+
+def _checked_int(name: str, value: Any, low: int, high: int, note: str = "") -> int:
+    """``value`` as an int in [low, high]: TypeError for a non-int, ValueError outside."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        extra = f" ({note})" if note else ""
+        raise ValueError(f"{name} must be in [{low}, {high}]{extra}, got {value}")
+    return int(value)
+
+
 class Runtime:
     """A loaded artifact on one device.
 
@@ -95,12 +109,10 @@ class Runtime:
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
                  *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False) -> None:
-        if threads is None:
-            threads = 0
-        elif isinstance(threads, bool) or not isinstance(threads, int):
-            raise TypeError(f"threads must be an int or None, got {type(threads).__name__}")
-        elif threads < 1:
-            raise ValueError(f"threads must be >= 1 (or None for torch's default), got {threads}")
+        threads = 0 if threads is None else _checked_int("threads", threads, 1, _MAX_THREADS, "or None for torch's default")
+        if warmup is not None:
+            warmup = _checked_int("warmup", warmup, 0, _MAX_WARMUP, "or None for the device's default")
+        warmup_batch = _checked_int("warmup_batch", warmup_batch, 1, _MAX_WARMUP)
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         self._core = _CoreRuntime(os.fspath(path), device=device, threads=threads, warmup=warmup,
@@ -161,17 +173,19 @@ class Runtime:
         array, from_torch = _to_numpy(images)
         return _from_numpy(self._core.infer_images(array), from_torch)
 
-    def classify(self, images: Any, topk: int = 5) -> tuple[Any, Any]:
+    def classify(self, images: Any, topk: int | None = None) -> tuple[Any, Any]:
         """Top-k classes, like ``torch.topk``: ``(scores, indices)``, both ``(N, topk)``.
+
+        ``topk`` defaults to ``min(5, num_classes)``.
 
         ``scores`` are softmax probabilities (over all classes) of the top-k classes, in
         descending order; ``indices`` are int64 class indices into ``labels``. ``images`` are
         uint8 NHWC images (the artifact preprocesses them) or a float32 NCHW batch.
         """
-        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)):
-            raise TypeError(f"topk must be an int, got {type(topk).__name__}")
+        if topk is not None:
+            topk = _checked_int("topk", topk, 1, self.num_classes)
         array, from_torch = _to_numpy(images)
-        scores, indices = self._core.classify(array, int(topk))
+        scores, indices = self._core.classify(array, topk)
         return _from_numpy(scores, from_torch), _from_numpy(indices, from_torch)
 
     def __repr__(self) -> str:

@@ -57,8 +57,12 @@ class Runtime {
   // uint8 NHWC images (through infer_images) or a normalized float NCHW batch (through
   // infer), then softmax_topk: returns (scores, indices), both (N, topk); scores are softmax
   // probabilities over all classes of the top-k classes, descending. A bad topk throws
-  // InputError before the model runs.
-  std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& input, int64_t topk) const;
+  // InputError before the model runs; no topk means default_topk().
+  std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& input,
+                                             std::optional<int64_t> topk = std::nullopt) const;
+
+  // min(5, num_classes): the number of classes reported when the caller does not say.
+  int64_t default_topk() const noexcept;
 
   // What the artifact says about itself.
   const std::string& path() const noexcept;

@@ -76,8 +76,18 @@ def test_methods_match_the_training_form(small_artifact):
         relative_close(module.forward_images(images), reference(transform(images)))
 
 
+def test_artifact_file_mode_follows_the_umask(small_artifact):
+    # The file is written under a mkstemp name (mode 0600) and must not stay owner-only: a
+    # server often runs as another user.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert os.stat(small_artifact).st_mode & 0o777 == 0o666 & ~mask
+
+
 def test_forward_rejects_bad_shapes(small_artifact):
     module, _ = _load(small_artifact)
+    with pytest.raises(Exception, match=r"expected a batch of N >= 1, got N = 0"):
+        module(torch.randn(0, 3, 32, 32))
     with pytest.raises(Exception, match=r"expected a \(N, 3, 32, 32\) batch, got \[1, 3, 64, 64\]"):
         module(torch.randn(1, 3, 64, 64))
     with pytest.raises(Exception, match=r"expected uint8 images \(N, H, W, 3\)"):
@@ -183,7 +193,12 @@ def test_cli_preprocessing_and_class_flags_reach_the_build(tmp_path):
         (["--img-size", "abc"], 2, "expected H or HxW"),
         (["--dtype", "int8"], 2, "invalid choice"),
         (["--bogus"], 2, "unrecognized arguments"),
-        (["--arch", "T224", "--img-size", "100"], 1, "divisible by 32"),
+        (["--arch", "T224", "--img-size", "100"], 2, "each side must be a positive multiple of 32"),
+        (["--tolerance", "0"], 2, "argument --tolerance: expected a number > 0"),
+        (["--device", "meta"], 2, "argument --device: expected cpu, cuda or cuda:N"),
+        (["--std", "inf,1,1"], 2, "argument --std: expected three comma-separated finite numbers"),
+        (["--num-classes", "0"], 2, "argument --num-classes: expected an integer >= 1"),
+        (["--arch", "T224", "--img-size", "64", "--resize", "100x50"], 1, "short_side resizing takes one size"),
         (["--tolerance", "1e-30"], 1, "exceeds the tolerance"),
         (["--checkpoint", "/nonexistent/x.pth"], 1, "checkpoint file not found"),
         (["--out", "/nonexistent/dir/a.pt"], 1, "does not exist"),
@@ -231,6 +246,25 @@ def test_labels_file_must_match(tmp_path):
     result = run_build(["--labels", str(labels), "--out", str(tmp_path / "a.pt")])
     assert result.returncode == 1 and "has 2 labels, the model has 10 classes" in result.stderr
     assert not (tmp_path / "a.pt").exists()
+
+
+def test_num_classes_0_is_refused_before_building(tmp_path):
+    with pytest.raises(ValueError, match="needs num_classes >= 1"):
+        build_artifact(SMALL_ARCH, img_size=32, num_classes=0, out=str(tmp_path / "a.pt"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_model_too_large_to_allocate_is_a_build_error(tmp_path, monkeypatch):
+    # (Allocating for real is not safe to test: with memory overcommit it may succeed.)
+    import repmlp.artifact as artifact
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4398046511104 bytes")
+
+    monkeypatch.setattr(artifact, "create_model", no_memory)
+    with pytest.raises(artifact.BuildError, match="cannot create the model: DefaultCPUAllocator"):
+        build_artifact("T224", img_size=4096, out=str(tmp_path / "a.pt"))
+    assert os.listdir(tmp_path) == []
 
 
 def test_failure_after_save_removes_the_temporary_file(tmp_path, monkeypatch):
@@ -289,4 +323,4 @@ def test_bad_preprocessing_override(tmp_path):
     assert result.returncode == 1 and "short side 20 is smaller than the crop" in result.stderr
     assert os.listdir(tmp_path) == []
     result = run_build(["--mean", "1,2", "--out", str(tmp_path / "a.pt")])
-    assert result.returncode == 2 and "three comma-separated numbers" in result.stderr
+    assert result.returncode == 2 and "three comma-separated finite numbers" in result.stderr

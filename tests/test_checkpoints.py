@@ -198,6 +198,28 @@ def test_arbitrary_pickle_is_refused_by_weights_only(tmp_path):
         load_checkpoint(_fresh(), str(path))
 
 
+def test_unreadable_files_say_why(tmp_path):
+    import numpy as np
+
+    cases = {
+        "numpy.pth": ({"state_dict": {"w": torch.zeros(1)}, "meta": np.zeros(3)},
+                      r"weights_only=True refuses \(Unsupported global: GLOBAL numpy.*state dict$"),
+        "empty.pth": (None, "the file is empty or truncated"),
+        "text.pth": ("hello\n", r"not a PyTorch checkpoint \("),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        if content is None:
+            path.write_bytes(b"")
+        elif isinstance(content, str):
+            path.write_text(content)
+        else:
+            torch.save(content, path)
+        with pytest.raises(CheckpointError, match=message) as info:
+            load_checkpoint(_fresh(), str(path))
+        assert "\x1b" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_foreign_state_dict():
     foreign = torch.nn.Linear(2, 2).state_dict()
     with pytest.raises(CheckpointError, match="not a RepMLPNet checkpoint"):
@@ -206,6 +228,8 @@ def test_foreign_state_dict():
         load_checkpoint(_fresh(), {})
     with pytest.raises(CheckpointError, match="expected a tensor"):
         load_checkpoint(_fresh(), {"conv_embedding.conv.weight": [1, 2]})
+    with pytest.raises(CheckpointError, match=r"key 1 \(int\) is not a parameter name"):
+        load_checkpoint(_fresh(), {1: torch.zeros(1)})
 
 
 def test_export_refuses_fused_models(trained):

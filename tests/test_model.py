@@ -195,6 +195,31 @@ def test_bad_kernels(kernels):
         create_model(SMALL_ARCH, img_size=32, reparam_conv_kernels=kernels)
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"gp_ratio": 0}, "gp_ratio must be a positive int, got 0"),
+        ({"patch_size": 0}, "patch_size must be a positive int"),
+        ({"ffn_expand": 0}, "ffn_expand must be a positive int"),
+        ({"in_channels": 0}, "in_channels must be a positive int"),
+        ({"num_classes": 10.0}, "num_classes must be an int >= 0, got 10.0"),
+        ({"num_classes": -1}, "num_classes must be an int >= 0"),
+        ({"reparam_conv_kernels": 3}, "reparam_conv_kernels must be a list of ints, got 3"),
+    ],
+)
+def test_bad_config_values_are_value_errors(override, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(SMALL_ARCH, img_size=32, **override)
+
+
+def test_empty_batch_in_every_form():
+    model = make_model(img_size=32, num_classes=10).eval()
+    x = torch.zeros(0, 3, 32, 32)
+    with torch.no_grad():
+        for form in (model, reparameterize_model(model), fuse_model(model)):
+            assert form(x).shape == (0, 10)
+
+
 def test_unknown_override():
     with pytest.raises(ValueError, match="unknown option"):
         create_model(SMALL_ARCH, img_size=32, colour="blue")

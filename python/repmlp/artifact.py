@@ -93,6 +93,8 @@ class ArtifactModule(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError("expected a floating-point batch, got {}".format(x.dtype))
+        if x.shape[0] < 1:
+            raise ValueError("expected a batch of N >= 1, got N = 0")
         return self.model(x.to(self.compute_dtype_)).float()
 
     @torch.jit.export
@@ -202,6 +204,18 @@ def _override_preprocessing(cfg: ArchConfig, changes: Mapping[str, Any]) -> Prep
     return pre
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _umask_file_mode() -> int:
+    """0o666 less the process umask: the mode open() would give a new file (mkstemp gives 0o600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _check_out_path(out: str, force: bool) -> None:
     folder = os.path.dirname(os.path.abspath(out)) or "."
     if os.path.isdir(out):
@@ -291,7 +305,15 @@ def build_artifact(
     if checkpoint is not None:
         state, _ = read_state_dict(checkpoint)
         form = detect_form(list(state))
-    model = create_model(cfg, img_size=img_size, num_classes=num_classes, deploy=form == "deploy", **overrides)
+    try:
+        model = create_model(cfg, img_size=img_size, num_classes=num_classes, deploy=form == "deploy", **overrides)
+    except RuntimeError as exc:  # allocation: fc3's weights grow with the square of the map's area
+        raise BuildError(f"cannot create the model: {_first_line(exc)}") from None
+    if model.config.num_classes < 1:
+        raise BuildError(
+            "an artifact serves class logits and needs num_classes >= 1 (docs/ARTIFACT.md); "
+            "num_classes 0 (pooled features) is for the Python model only"
+        )
     if labels_file is not None:
         labels = _load_labels(labels_file)
     if labels is not None:
@@ -377,13 +399,13 @@ def build_artifact(
             # The embedded report now covers every stage: write the final file from the reloaded module.
             manifest["verification"]["stages"] = [vars(s) for s in stages]
             torch.jit.save(reloaded, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
+            os.chmod(tmp_path, _umask_file_mode())  # readable by a server running as another user
             os.replace(tmp_path, out)
             tmp_path = None
     except BuildError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BuildError(f"build failed: {first}") from exc
+        raise BuildError(f"build failed: {_first_line(exc)}") from exc
     finally:
         if tmp_path is not None and os.path.exists(tmp_path):
             os.unlink(tmp_path)

@@ -108,6 +108,22 @@ def detect_form(keys: List[str]) -> str:
     return "training" if training else "deploy"
 
 
+def _load_failure(exc: Exception) -> str:
+    """One line on why torch.load(weights_only=True) failed."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours part of its message
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        reason = text.split(marker, 1)[1].strip().split(" Please use", 1)[0].strip().rstrip(".")
+        return (
+            f"it holds objects that weights_only=True refuses ({reason}). If the file is trusted, "
+            "load it once with weights_only=False and save only its state dict"
+        )
+    if isinstance(exc, EOFError):
+        return "the file is empty or truncated"
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"not a PyTorch checkpoint ({type(exc).__name__}{': ' + first if first else ''})"
+
+
 def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
     """Read a checkpoint file (``weights_only=True``) or take a dict; unwrap and strip ``module.``.
 
@@ -121,8 +137,7 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises many types for bad files
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(f"cannot read checkpoint {path}: {first}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
     else:
         obj = source
     for wrapper in ("state_dict", "model"):
@@ -135,7 +150,9 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple
         )
     state: Dict[str, torch.Tensor] = OrderedDict()
     for key, value in obj.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise CheckpointError(f"checkpoint key {key!r} ({type(key).__name__}) is not a parameter name (str)")
+        if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, expected a tensor")
         state[key[len("module.") :] if key.startswith("module.") else key] = value
     return state, path

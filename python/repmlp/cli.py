@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import re
 import sys
 from typing import List, Optional, Tuple, Union
@@ -11,6 +12,7 @@ from .checkpoints import CheckpointError
 from .variants import DEFAULT_ARCH, get_variant, list_variants
 
 PROG = "repmlp-build"
+INPUT_STRIDE = 32  # every variant: patch size 4, then three 2x downsamplings
 
 
 def _size(text: str) -> Union[int, Tuple[int, int]]:
@@ -21,14 +23,41 @@ def _size(text: str) -> Union[int, Tuple[int, int]]:
     return h if match.group(2) is None else (h, int(match.group(2)))
 
 
+def _img_size(text: str) -> Union[int, Tuple[int, int]]:
+    size = _size(text)
+    dims = (size, size) if isinstance(size, int) else size
+    if any(d < INPUT_STRIDE or d % INPUT_STRIDE for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"each side must be a positive multiple of {INPUT_STRIDE} (patch 4 x 3 downsamplings), got {text!r}"
+        )
+    return size
+
+
 def _triple(text: str) -> Tuple[float, float, float]:
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
         values = ()
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers R,G,B, got {text!r}")
+    if len(values) != 3 or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected three comma-separated finite numbers R,G,B, got {text!r}")
     return values  # type: ignore[return-value]
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    # Only the syntax here; whether CUDA is usable is found out (exit 1) when the build starts.
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
 
 
 def _arch(text: str) -> str:
@@ -44,8 +73,8 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
 
 
@@ -65,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
         help="official or mmcls/mmpretrain .pth (training or deploy form). Default: the shipped "
         "checkpoint for the default arch, seeded random weights for any other",
     )
-    p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
+    p.add_argument("--img-size", type=_img_size, help="input size H or HxW, each divisible by 32")
     p.add_argument("--num-classes", type=_positive_int, help="classifier width (default: the variant's)")
     p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
     pre = p.add_argument_group("preprocessing overrides (default: the variant's, see the README)")
@@ -77,10 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--std", type=_triple, help="R,G,B on the 0..255 scale")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and compute dtype")
     p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt in the current folder)")
-    p.add_argument("--device", default="cpu", help="device used for verification (cpu, cuda, cuda:N)")
+    p.add_argument("--device", type=_device, default="cpu", help="device used for verification (cpu, cuda, cuda:N)")
     p.add_argument(
         "--tolerance",
-        type=float,
+        type=_tolerance,
         help="max |error| / max |logit| allowed at every stage (default: "
         + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_TOLERANCE.items())
         + ")",

@@ -328,12 +328,13 @@ class ConvFFN(nn.Module):
         tokens = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # the one transposing copy
         rows = tokens.shape[0]
         chunks: List[torch.Tensor] = []
-        for start in range(0, rows, self.chunk_rows):
+        # max(rows, 1): an empty batch still makes one (empty) chunk, as the other forms do.
+        for start in range(0, max(rows, 1), self.chunk_rows):
             hidden = self.act(torch.addmm(b1, tokens[start : start + self.chunk_rows], w1))
             chunks.append(torch.addmm(b2, hidden, w2))
         # cat, not addmm(out=...): out= breaks autograd and torch.export; it copies C, not 4C.
         out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return out.reshape(n, h, w, -1).permute(0, 3, 1, 2)
+        return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def fuse_batchnorms(self) -> None:
@@ -391,8 +392,10 @@ class RepMLPNet(nn.Module):
     """RepMLPNet backbone + classifier (final BN -> global average pool -> linear).
 
     ``forward(x)`` returns logits, or pooled features when ``num_classes == 0``.
-    ``forward_backbone(x)`` returns the stage outputs listed in ``out_indices`` (the last stage
-    through the final norm when ``final_norm``), as the mmcls backbone does.
+    ``forward_backbone(x)`` returns the outputs of the stages listed in ``out_indices``, each
+    taken before the downsampling that follows it (the last stage through the final norm when
+    ``final_norm``). For the default ``(3,)`` this is mmcls's output; for earlier stages mmcls
+    returns the map after the downsampling layer instead (the next stage's input).
     """
 
     __jit_unused_properties__ = ["form"]

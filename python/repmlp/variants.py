@@ -6,6 +6,7 @@ the artifact, the C++ runtime) reads them from here.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -39,6 +40,10 @@ def to_2tuple(value: Any, name: str = "value") -> Tuple[int, int]:
     raise ValueError(f"{name} must be an int or (H, W), got {value!r}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How a raw RGB uint8 image becomes the model input.
@@ -66,14 +71,23 @@ class Preprocessing:
                 "interpolation must be 'bilinear', 'bicubic' or 'nearest', "
                 f"got {self.interpolation!r}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean and std need 3 values, std > 0; got {self.mean}, {self.std}")
+        if (
+            len(self.mean) != 3
+            or len(self.std) != 3
+            or not all(math.isfinite(v) for v in (*self.mean, *self.std))
+            or min(self.std) <= 0
+        ):
+            raise ValueError(f"mean and std need 3 finite values, std > 0; got {self.mean}, {self.std}")
         if min(self.resize) < 1 or min(self.crop) < 1:
             raise ValueError(f"resize and crop must be positive, got {self.resize}, {self.crop}")
         if self.resize_mode == "exact" and (
             self.crop[0] > self.resize[0] or self.crop[1] > self.resize[1]
         ):
             raise ValueError(f"crop {self.crop} is larger than the resize {self.resize}")
+        if self.resize_mode == "short_side" and self.resize[0] != self.resize[1]:
+            raise ValueError(
+                f"short_side resizing takes one size (the short side), got {self.resize[0]}x{self.resize[1]}"
+            )
         if self.resize_mode == "short_side" and self.resize[0] < max(self.crop):
             raise ValueError(f"short side {self.resize[0]} is smaller than the crop {self.crop}")
 
@@ -120,8 +134,13 @@ class ArchConfig:
             ("depths", self.depths),
             ("sharesets", self.sharesets),
         ):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            if not all(_is_int(v) and v > 0 for v in values):
                 raise ValueError(f"{name} must be positive ints, got {list(values)}")
+        for name in ("gp_ratio", "ffn_expand", "patch_size", "in_channels"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if not _is_int(self.num_classes) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0, got {self.num_classes!r}")
         for i, (c, s) in enumerate(zip(self.channels, self.sharesets)):
             if c % s:
                 raise ValueError(f"stage {i}: {c} channels are not divisible by {s} sharesets")
@@ -129,12 +148,10 @@ class ArchConfig:
                 raise ValueError(f"stage {i}: {c} channels leave no GlobalPerceptron width at ratio {self.gp_ratio}")
         if self.reparam_conv_kernels is not None:
             ks = self.reparam_conv_kernels
-            if len(ks) == 0 or not all(isinstance(k, int) and k > 0 and k % 2 == 1 for k in ks):
+            if not isinstance(ks, (tuple, list)) or len(ks) == 0 or not all(_is_int(k) and k > 0 and k % 2 == 1 for k in ks):
                 raise ValueError(f"reparam_conv_kernels must be odd positive ints or None, got {ks}")
             if len(set(ks)) != len(ks):
                 raise ValueError(f"reparam_conv_kernels has duplicates: {ks}")
-        if self.num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {self.num_classes}")
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ValueError(f"{len(self.labels)} labels given for {self.num_classes} classes")
         h, w = self.img_size
@@ -292,13 +309,11 @@ def get_variant(arch: Any) -> ArchConfig:
 def _normalize_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
     """Loose user values (lists, ints) as ArchConfig's types, for the keys present."""
     out = dict(fields)
-    for key in ("channels", "depths", "sharesets"):
-        if key in out:
+    for key in ("channels", "depths", "sharesets", "reparam_conv_kernels"):
+        if key in out and (out[key] is not None or key != "reparam_conv_kernels"):
             if not isinstance(out[key], (list, tuple)):
                 raise ValueError(f"{key} must be a list of ints, got {out[key]!r}")
             out[key] = tuple(out[key])
-    if out.get("reparam_conv_kernels") is not None:
-        out["reparam_conv_kernels"] = tuple(out["reparam_conv_kernels"])
     if out.get("labels") is not None:
         out["labels"] = tuple(str(x) for x in out["labels"])
     return out

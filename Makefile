@@ -36,6 +36,7 @@ setup: $(STAMP)/system $(STAMP)/python
 
 # Rebuilds incrementally (CMake build folder under build/); cheap when nothing changed.
 install: setup
+	@echo "building the C++ runtime, repmlp_infer and the binding (first time: 2-3 minutes; pip -q hides CMake's output)"
 	$(PIP) install -q --no-build-isolation -e .
 
 # Main job: build the artifact from the embedded digits checkpoint, run the C++ binary on the

@@ -179,6 +179,7 @@ def make_bad_artifacts(folder: os.PathLike | str, good: os.PathLike | str) -> di
         "truncated": write_truncated(good, folder / "truncated.pt"),
         "random_bytes": write_random_bytes(folder / "random.pt"),
         "foreign": save_foreign_torchscript(folder / "foreign.pt"),
+        "checkpoint": _save_checkpoint(folder / "checkpoint.pth"),
         "foreign_with_manifest": save_foreign_torchscript(folder / "foreign_manifest.pt", with_manifest=True),
         "no_manifest": save_fake_artifact(folder / "no_manifest.pt", manifest=False),
         "wrong_version": save_fake_artifact(folder / "wrong_version.pt", version=FORMAT_VERSION + 1),
@@ -196,12 +197,18 @@ BAD_ARTIFACT_MESSAGES = {
     "truncated": "cannot load artifact",
     "random_bytes": "cannot load artifact",
     "foreign": "not a RepMLP artifact",
+    "checkpoint": "it is a torch.save() file (a checkpoint?), not a TorchScript artifact",
     "foreign_with_manifest": "not a RepMLP artifact",
     "no_manifest": "no manifest.json",
     "wrong_version": "format version 2",
     "huge_manifest_version": "manifest.json has format_version 10000000000000000000000",
     "directory": "is a directory",
 }
+
+
+def _save_checkpoint(path: Path) -> Path:
+    torch.save(nn.Linear(4, 2).state_dict(), path)
+    return path
 
 
 def _touch(path: Path) -> Path:

@@ -121,6 +121,13 @@ def test_short_side_resize_then_center_crop_geometry():
 # ---- the CLI ---------------------------------------------------------------------------------
 
 
+def test_arch_names_are_spelled_as_in_the_variant_table():
+    from repmlp.artifact import default_out_path
+
+    assert [default_out_path(a) for a in ("t224", "b", "BASE", "digits")] == [
+        "repmlp-T224.pt", "repmlp-B224.pt", "repmlp-B224.pt", "repmlp-digits.pt"]
+
+
 def test_no_arguments_in_an_empty_folder_builds_the_default(tmp_path):
     result = run_build([], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -201,7 +208,7 @@ def test_cli_preprocessing_and_class_flags_reach_the_build(tmp_path):
         (["--arch", "T224", "--img-size", "64", "--resize", "100x50"], 1, "short_side resizing takes one size"),
         (["--tolerance", "1e-30"], 1, "exceeds the tolerance"),
         (["--checkpoint", "/nonexistent/x.pth"], 1, "checkpoint file not found"),
-        (["--out", "/nonexistent/dir/a.pt"], 1, "does not exist"),
+        (["--out", "/nonexistent/dir/a.pt"], 2, "does not exist"),
         (["--device", "cuda:7"] if not torch.cuda.is_available() else ["--device", "npu"], 1, "device"),
     ],
 )
@@ -217,7 +224,7 @@ def test_existing_output_needs_force(tmp_path):
     out = tmp_path / "a.pt"
     out.write_bytes(b"keep me")
     result = run_build(["--out", str(out)])
-    assert result.returncode == 1 and "--force" in result.stderr
+    assert result.returncode == 2 and "--force" in result.stderr
     assert out.read_bytes() == b"keep me"
     result = run_build(["--out", str(out), "--force"])
     assert result.returncode == 0, result.stderr

@@ -137,8 +137,14 @@ def test_output_is_written_atomically(fake_artifact, tmp_path):
     assert run_cli(fake_artifact, npy, "--output", out).returncode == 0
     assert np.load(out).shape == (1, 10)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "x.npy"]  # no temp left
-    result = run_cli(fake_artifact, npy, "--output", tmp_path / "missing_dir" / "out.npy")
+    # A write that fails after inference (the target is a folder): an error, nothing left.
+    (tmp_path / "taken.npy").mkdir()
+    result = run_cli(fake_artifact, npy, "--output", tmp_path / "taken.npy")
     assert_error(result, 1, "cannot write")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.npy", "taken.npy", "x.npy"]
+    # Writing over one of the inputs is refused before anything runs.
+    assert_error(run_cli(fake_artifact, npy, "--output", tmp_path / "." / "x.npy"), 2, "is also an INPUT")
+    assert np.load(npy).shape == (1, 3, 32, 32)
 
 
 # ---------------------------------------------------------------------------------------------

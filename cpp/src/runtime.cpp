@@ -184,7 +184,12 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   try {
     s.module = torch::jit::load(path, s.device, extra_files);
   } catch (const c10::Error& e) {
-    throw ArtifactError("cannot load artifact '" + path + "': " + clean_message(e));
+    std::string why = clean_message(e);
+    // A torch.save() zip (a checkpoint) has data.pkl but none of TorchScript's constants.pkl.
+    if (why.find("constants.pkl") != std::string::npos)
+      why = "it is a torch.save() file (a checkpoint?), not a TorchScript artifact; convert it "
+            "with repmlp-build --checkpoint";
+    throw ArtifactError("cannot load artifact '" + path + "': " + why);
   } catch (const std::exception& e) {
     throw ArtifactError("cannot load artifact '" + path + "': " + clean_message(e.what()));
   }

@@ -236,6 +236,17 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
     std::cout << json_text({{"runtime", facts}, {"manifest", manifest}}) << '\n';
     return;
   }
+  // A human reads this: a long label list (1000 for ImageNet) shrinks to its first few.
+  constexpr size_t kLabelsShown = 5;
+  json shown = manifest;
+  if (shown.contains("output") && shown["output"].is_object() && shown["output"].contains("labels") &&
+      shown["output"]["labels"].is_array() && shown["output"]["labels"].size() > 2 * kLabelsShown) {
+    const json& labels = shown["output"]["labels"];
+    std::string summary = std::to_string(labels.size()) + " labels: ";
+    for (size_t i = 0; i < kLabelsShown; ++i)
+      summary += (labels[i].is_string() ? labels[i].get<std::string>() : labels[i].dump()) + ", ";
+    shown["output"]["labels"] = summary + "... (--info --json prints them all)";
+  }
   std::cout << "artifact:       " << runtime.path() << '\n'
             << "format version: " << runtime.format_version() << '\n'
             << "device:         " << runtime.device() << " (threads: " << at::get_num_threads()
@@ -245,7 +256,7 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
             << "manifest.json:\n"
-            << json_text(manifest, 2) << '\n';
+            << json_text(shown, 2) << '\n';
 }
 
 int run(int argc, char** argv) {
@@ -291,6 +302,9 @@ int run(int argc, char** argv) {
     std::error_code ec;
     if (!fs::is_directory(folder, ec))
       throw UsageError("--output folder '" + folder.string() + "' does not exist");
+    for (const std::string& input : opt.inputs)
+      if (fs::equivalent(input, opt.output, ec))
+        throw UsageError("--output '" + opt.output + "' is also an INPUT; it would be overwritten");
   }
 
   repmlp_rt::RuntimeOptions runtime_options;

@@ -24,7 +24,7 @@ from .checkpoints import CheckpointInfo, load_checkpoint, read_state_dict, detec
 from .model import RepMLPNet, create_model, fuse_model
 from .preprocess import ImageTransform
 from .utils import count_flops, randomize_model_, sha256_file
-from .variants import DEFAULT_ARCH, ArchConfig, Preprocessing, get_variant
+from .variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, get_variant
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
@@ -216,7 +216,19 @@ def _umask_file_mode() -> int:
     return 0o666 & ~mask
 
 
-def _check_out_path(out: str, force: bool) -> None:
+def _arch_name(arch: Any) -> str:
+    # The variant's own spelling ("b", "t224" -> "B224", "T224") names the file and the manifest.
+    return (canonical_name(arch) or arch) if isinstance(arch, str) else "custom"
+
+
+def default_out_path(arch: Any) -> str:
+    """Where an artifact goes without ``out``: ``repmlp-<arch>.pt`` in the current folder."""
+    return f"repmlp-{_arch_name(arch)}.pt"
+
+
+def check_out_path(out: str, force: bool) -> None:
+    """Raise BuildError unless ``out`` can be written (folder exists and is writable; no
+    existing file unless ``force``)."""
     folder = os.path.dirname(os.path.abspath(out)) or "."
     if os.path.isdir(out):
         raise BuildError(f"--out {out} is a directory; give a file path")
@@ -271,12 +283,12 @@ def build_artifact(
     if dev.type not in ("cpu", "cuda"):
         raise BuildError(f"unsupported device {device!r}; expected cpu, cuda or cuda:N")
     cfg = get_variant(arch)
-    arch_name = arch if isinstance(arch, str) else "custom"
+    arch_name = _arch_name(arch)
     if checkpoint is None and isinstance(arch, str) and get_variant(DEFAULT_ARCH) == cfg:
         checkpoint = default_checkpoint()
     if out is None:
-        out = f"repmlp-{arch_name}.pt"
-    _check_out_path(out, force)
+        out = default_out_path(arch)
+    check_out_path(out, force)
 
     stages: List[StageResult] = []
 

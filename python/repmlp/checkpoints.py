@@ -112,15 +112,15 @@ def _load_failure(exc: Exception) -> str:
     """One line on why torch.load(weights_only=True) failed."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours part of its message
     marker = "WeightsUnpickler error:"
-    if marker in text:
-        reason = text.split(marker, 1)[1].strip().split(" Please use", 1)[0].strip().rstrip(".")
+    reason = text.split(marker, 1)[1].strip().splitlines()[0].split(" Please use", 1)[0].strip().rstrip(".") if marker in text else ""
+    if reason.startswith("Unsupported global"):  # a real pickle with non-tensor objects in it
         return (
             f"it holds objects that weights_only=True refuses ({reason}). If the file is trusted, "
             "load it once with weights_only=False and save only its state dict"
         )
     if isinstance(exc, EOFError):
         return "the file is empty or truncated"
-    first = text.strip().splitlines()[0] if text.strip() else ""
+    first = reason or (text.strip().splitlines()[0] if text.strip() else "")
     return f"not a PyTorch checkpoint ({type(exc).__name__}{': ' + first if first else ''})"
 
 
@@ -218,6 +218,7 @@ def load_checkpoint(
                 for k in mismatched[:3]
             )
             problems.append(f"{len(mismatched)} with the wrong shape ({shown})")
+            problems += _shape_hints(mismatched, mapped, expected)
         arch = _describe(model)
         raise CheckpointError(
             f"checkpoint ({layout} layout, {form} form) does not match {arch}: " + "; ".join(problems)
@@ -231,6 +232,27 @@ def load_checkpoint(
         path=path,
         sha256=sha256_file(path) if path else None,
     )
+
+
+def _shape_hints(
+    mismatched: List[str], found: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]
+) -> List[str]:
+    """What the two usual causes of shape mismatches (input size, class count) say to do."""
+    hints = []
+    fc3 = [k for k in mismatched if k.endswith("repmlp_block.fc3.weight")]
+    if fc3:
+        # fc3's rows are sharesets x (H/4/2^i) x (W/4/2^i): its size follows the input size.
+        key = fc3[0]
+        hints.append(
+            f"fc3 sizes follow the input size ({key}: {found[key].shape[1]} vs {expected[key].shape[1]} "
+            "positions per shareset): build at the checkpoint's img_size (--img-size)"
+        )
+    if "head.weight" in mismatched:
+        hints.append(
+            f"the checkpoint's classifier has {found['head.weight'].shape[0]} classes: "
+            "pass num_classes (--num-classes)"
+        )
+    return hints
 
 
 def _key_in_file_namer(layout: str, kernels: List[int]):

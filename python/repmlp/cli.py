@@ -7,7 +7,7 @@ import re
 import sys
 from typing import List, Optional, Tuple, Union
 
-from .artifact import DEFAULT_TOLERANCE, DTYPES, BuildError, build_artifact
+from .artifact import DEFAULT_TOLERANCE, DTYPES, BuildError, build_artifact, check_out_path, default_out_path
 from .checkpoints import CheckpointError
 from .variants import DEFAULT_ARCH, get_variant, list_variants
 
@@ -121,7 +121,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)  # usage errors exit 2
+    parser = _parser()
+    args = parser.parse_args(argv)  # usage errors exit 2
+    try:  # an unusable --out is a usage error too, found before the (long) build
+        check_out_path(args.out or default_out_path(args.arch), args.force)
+    except BuildError as exc:
+        parser.error(str(exc))
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)

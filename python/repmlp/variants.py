@@ -19,6 +19,7 @@ __all__ = [
     "ALIASES",
     "DEFAULT_ARCH",
     "list_variants",
+    "canonical_name",
     "get_variant",
     "to_2tuple",
 ]
@@ -260,7 +261,8 @@ def list_variants() -> Tuple[str, ...]:
     return tuple(VARIANTS) + tuple(ALIASES)
 
 
-def _canonical_name(name: str) -> Optional[str]:
+def canonical_name(name: str) -> Optional[str]:
+    """The variant table's spelling of a name (case-insensitive, mmcls aliases), None if unknown."""
     if name in VARIANTS:
         return name
     lowered = name.lower()
@@ -281,7 +283,7 @@ def get_variant(arch: Any) -> ArchConfig:
     if isinstance(arch, ArchConfig):
         cfg = arch
     elif isinstance(arch, str):
-        name = _canonical_name(arch)
+        name = canonical_name(arch)
         if name is None:
             raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(list_variants())} or a dict")
         cfg = VARIANTS[name]

@@ -59,7 +59,12 @@ clean:
 	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(VENV)/bin/repmlp_infer $(ARTIFACT)
 
 # Optional C++ unit tests (gtest via ctest) against a freshly built digits artifact.
-ctest: install
+$(STAMP)/gtest: | $(STAMP)/system
+	@dpkg -s libgtest-dev >/dev/null 2>&1 || { echo "installing Debian package: libgtest-dev"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libgtest-dev; }
+	@touch $@
+
+ctest: install $(STAMP)/gtest
 	$(VENV)/bin/repmlp-build --out build/ctest-digits.pt --force
 	$(VENV)/bin/cmake -S . -B build/ctest -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV)/bin/ninja) \
 	  -DPython3_EXECUTABLE=$(abspath $(PY)) -DREPMLP_BUILD_TESTS=ON \

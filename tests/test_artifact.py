@@ -118,6 +118,47 @@ def test_short_side_resize_then_center_crop_geometry():
     torch.testing.assert_close(ImageTransform(pre)(flat), torch.full((1, 3, 32, 32), 77.0))
 
 
+@pytest.mark.parametrize(
+    "mode, resize, image_hw, resized_hw, top_left",
+    [
+        # torchvision's rule, worked out by hand: the short side becomes 32, the long side is
+        # truncated (100 * 32 / 60 = 53.3 -> 53); the crop offset is round((53 - 32) / 2) = 10.
+        ("short_side", (32, 32), (100, 60), (53, 32), (10, 0)),
+        ("short_side", (32, 32), (45, 120), (32, 85), (0, 26)),  # round(26.5) = 26
+        ("exact", (40, 48), (70, 50), (40, 48), (4, 8)),
+    ],
+)
+def test_resize_and_crop_against_hand_computed_geometry(mode, resize, image_hw, resized_hw, top_left):
+    pre = Preprocessing(resize_mode=mode, resize=resize, crop=(32, 32), mean=(10.0, 20.0, 30.0), std=(2.0, 3.0, 4.0))
+    images = torch.randint(0, 256, (2, *image_hw, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
+    resized = torch.nn.functional.interpolate(
+        images.permute(0, 3, 1, 2).float(), size=resized_hw, mode="bilinear", align_corners=False
+    )
+    top, left = top_left
+    crop = resized[:, :, top : top + 32, left : left + 32]
+    expected = (crop - torch.tensor([10.0, 20.0, 30.0]).reshape(1, 3, 1, 1)) / torch.tensor([2.0, 3.0, 4.0]).reshape(1, 3, 1, 1)
+    torch.testing.assert_close(ImageTransform(pre)(images), expected, rtol=1e-6, atol=1e-5)
+
+
+def test_variant_preprocessing_defaults_follow_the_reference():
+    # REPMLPNET.md: mmcls B224 resizes to 256x256 (aspect not kept) and crops 224; mmcls B256
+    # resizes the short side to 292 and crops 256; the official repo resizes the short side to
+    # the input size and crops it (T224, T256, D256, L256).
+    from repmlp.variants import get_variant
+
+    def geometry(name):
+        pre = get_variant(name).preprocessing
+        return pre.resize_mode, tuple(pre.resize), tuple(pre.crop), pre.interpolation, pre.antialias
+
+    assert geometry("B224") == ("exact", (256, 256), (224, 224), "bilinear", False)
+    assert geometry("B256") == ("short_side", (292, 292), (256, 256), "bilinear", False)
+    assert geometry("T224") == ("short_side", (224, 224), (224, 224), "bilinear", False)
+    for name in ("T256", "D256", "L256"):
+        assert geometry(name) == ("short_side", (256, 256), (256, 256), "bilinear", False)
+    assert tuple(get_variant("B224").preprocessing.mean) == (123.675, 116.28, 103.53)
+    assert tuple(get_variant("B224").preprocessing.std) == (58.395, 57.12, 57.375)
+
+
 # ---- the CLI ---------------------------------------------------------------------------------
 
 

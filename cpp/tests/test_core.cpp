@@ -2,6 +2,7 @@
 //   cmake -DREPMLP_BUILD_TESTS=ON -DREPMLP_TEST_ARTIFACT=/path/to/artifact.pt ... && ctest
 // (or the REPMLP_TEST_ARTIFACT environment variable); without one they are skipped.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <ATen/ATen.h>
 
@@ -23,7 +24,9 @@ std::string test_artifact() {
 }
 
 std::filesystem::path temp_path(const std::string& name) {
-  return std::filesystem::temp_directory_path() / ("repmlp_rt_test_" + name);
+  // The pid keeps two runs at once (two checkouts, two CI jobs) out of each other's files.
+  return std::filesystem::temp_directory_path() /
+         ("repmlp_rt_test_" + std::to_string(::getpid()) + "_" + name);
 }
 
 TEST(Npy, RoundTrip) {

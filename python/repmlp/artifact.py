@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 # Bump when the artifact's methods or the manifest's meaning change; the C++ runtime checks it
-# (cpp/include/repmlp_rt/artifact.hpp, kFormatVersion).
+# (cpp/include/repmlp_rt/runtime.hpp, kFormatVersion).
 ARTIFACT_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 EXPORTED_METHODS = ("forward_images", "format_version", "input_shape", "labels", "compute_dtype")

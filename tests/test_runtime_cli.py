@@ -171,6 +171,19 @@ def test_info(fake_artifact):
     assert info["runtime"]["format_version"] == 1
 
 
+def test_info_text_shortens_a_long_label_list(tmp_path):
+    from conftest import SMALL_ARCH
+    from repmlp.artifact import build_artifact
+
+    labels = [f"kind {i}" for i in range(40)]
+    many = build_artifact(SMALL_ARCH, img_size=32, num_classes=40, labels=labels, out=str(tmp_path / "many.pt")).path
+    text = run_cli(many, "--info").stdout
+    assert f'"labels": "40 labels: {", ".join(labels[:5])}, ... (--info --json prints them all)"' in text
+    assert "kind 39" not in text
+    as_json = json.loads(run_cli(many, "--info", "--json").stdout)
+    assert as_json["manifest"]["output"]["labels"] == labels
+
+
 def test_bench(fake_artifact):
     result = run_cli(fake_artifact, "--bench", "--iters", 5, "--warmup", 1, "--batch", 2, "--threads", 1)
     assert result.returncode == 0, result.stderr

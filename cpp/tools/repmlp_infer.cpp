@@ -236,16 +236,19 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
     std::cout << json_text({{"runtime", facts}, {"manifest", manifest}}) << '\n';
     return;
   }
-  // A human reads this: a long label list (1000 for ImageNet) shrinks to its first few.
+  // A human reads this: a long label list (1000 for ImageNet; the manifest has it twice)
+  // shrinks to its first few.
   constexpr size_t kLabelsShown = 5;
   json shown = manifest;
-  if (shown.contains("output") && shown["output"].is_object() && shown["output"].contains("labels") &&
-      shown["output"]["labels"].is_array() && shown["output"]["labels"].size() > 2 * kLabelsShown) {
-    const json& labels = shown["output"]["labels"];
+  for (const char* where : {"/output/labels", "/arch/config/labels"}) {
+    const json::json_pointer pointer(where);
+    if (!shown.is_object() || !shown.contains(pointer)) continue;
+    const json& labels = shown.at(pointer);
+    if (!labels.is_array() || labels.size() <= 2 * kLabelsShown) continue;
     std::string summary = std::to_string(labels.size()) + " labels: ";
     for (size_t i = 0; i < kLabelsShown; ++i)
       summary += (labels[i].is_string() ? labels[i].get<std::string>() : labels[i].dump()) + ", ";
-    shown["output"]["labels"] = summary + "... (--info --json prints them all)";
+    shown[pointer] = summary + "... (--info --json prints them all)";
   }
   std::cout << "artifact:       " << runtime.path() << '\n'
             << "format version: " << runtime.format_version() << '\n'

@@ -129,7 +129,8 @@ def test_short_side_resize_then_center_crop_geometry():
     ],
 )
 def test_resize_and_crop_against_hand_computed_geometry(mode, resize, image_hw, resized_hw, top_left):
-    pre = Preprocessing(resize_mode=mode, resize=resize, crop=(32, 32), mean=(10.0, 20.0, 30.0), std=(2.0, 3.0, 4.0))
+    pre = Preprocessing(resize_mode=mode, resize=resize, crop=(32, 32), mean=(10.0, 20.0, 30.0), std=(2.0, 3.0, 4.0),
+                        antialias=False)  # the geometry only; antialiasing is checked against PIL below
     images = torch.randint(0, 256, (2, *image_hw, 3), generator=torch.Generator().manual_seed(3), dtype=torch.uint8)
     resized = torch.nn.functional.interpolate(
         images.permute(0, 3, 1, 2).float(), size=resized_hw, mode="bilinear", align_corners=False
@@ -138,6 +139,31 @@ def test_resize_and_crop_against_hand_computed_geometry(mode, resize, image_hw, 
     crop = resized[:, :, top : top + 32, left : left + 32]
     expected = (crop - torch.tensor([10.0, 20.0, 30.0]).reshape(1, 3, 1, 1)) / torch.tensor([2.0, 3.0, 4.0]).reshape(1, 3, 1, 1)
     torch.testing.assert_close(ImageTransform(pre)(images), expected, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "arch, resized_wh, crop_box",
+    [
+        # mmcls B224: Resize((256, 256), backend='pillow'), CenterCrop(224)
+        ("B224", (256, 256), (16, 16, 240, 240)),
+        # official T224: torchvision Resize(224) on a PIL image (short side 375 -> 224, long side
+        # int(224 * 500 / 375) = 298), CenterCrop(224): top round(37.0) = 37
+        ("T224", (224, 298), (0, 37, 224, 261)),
+    ],
+)
+def test_variant_preprocessing_matches_the_pil_pipelines(arch, resized_wh, crop_box):
+    PIL = pytest.importorskip("PIL.Image")
+    import numpy as np
+    from repmlp.variants import get_variant
+
+    pre = get_variant(arch).preprocessing
+    photo = np.random.default_rng(7).integers(0, 256, (500, 375, 3), dtype=np.uint8)  # H 500, W 375
+    pil = PIL.fromarray(photo).resize(resized_wh, PIL.BILINEAR).crop(crop_box)
+    expected = (torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)[None].float()
+                - torch.tensor(pre.mean).reshape(1, 3, 1, 1)) / torch.tensor(pre.std).reshape(1, 3, 1, 1)
+    out = ImageTransform(pre)(torch.from_numpy(photo)[None])
+    # PIL rounds its result to uint8: at most one grey level apart, in normalized units
+    torch.testing.assert_close(out, expected, rtol=0, atol=1.0 / min(pre.std))
 
 
 def test_variant_preprocessing_defaults_follow_the_reference():
@@ -150,11 +176,12 @@ def test_variant_preprocessing_defaults_follow_the_reference():
         pre = get_variant(name).preprocessing
         return pre.resize_mode, tuple(pre.resize), tuple(pre.crop), pre.interpolation, pre.antialias
 
-    assert geometry("B224") == ("exact", (256, 256), (224, 224), "bilinear", False)
-    assert geometry("B256") == ("short_side", (292, 292), (256, 256), "bilinear", False)
-    assert geometry("T224") == ("short_side", (224, 224), (224, 224), "bilinear", False)
+    # Antialiased: both pipelines resize PIL images (see the PIL comparison below).
+    assert geometry("B224") == ("exact", (256, 256), (224, 224), "bilinear", True)
+    assert geometry("B256") == ("short_side", (292, 292), (256, 256), "bilinear", True)
+    assert geometry("T224") == ("short_side", (224, 224), (224, 224), "bilinear", True)
     for name in ("T256", "D256", "L256"):
-        assert geometry(name) == ("short_side", (256, 256), (256, 256), "bilinear", False)
+        assert geometry(name) == ("short_side", (256, 256), (256, 256), "bilinear", True)
     assert tuple(get_variant("B224").preprocessing.mean) == (123.675, 116.28, 103.53)
     assert tuple(get_variant("B224").preprocessing.std) == (58.395, 57.12, 57.375)
 

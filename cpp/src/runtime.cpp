@@ -13,6 +13,7 @@
 // Device-generic c10 stream API: no CUDA toolkit headers are needed to build the CUDA path,
 // the CUDA implementations are registered by libtorch_cuda at load time.
 #include <c10/core/DeviceGuard.h>
+#include <c10/core/Event.h>
 #include <c10/core/Stream.h>
 #include <c10/core/StreamGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
@@ -22,6 +23,8 @@
 #include <optional>
 #include <regex>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 namespace repmlp_rt {
 namespace {
@@ -142,6 +145,8 @@ struct Runtime::Impl {
   at::Tensor run(const torch::jit::Method& method, const at::Tensor& input) const;
 #ifdef REPMLP_RT_WITH_CUDA
   at::Tensor run_cuda(const torch::jit::Method& method, const at::Tensor& input) const;
+  at::Tensor run_on_stream(const torch::jit::Method& method, const at::Tensor& input,
+                           const c10::Stream& stream) const;
 #endif
   torch::jit::IValue call_metadata(const std::string& name);
 };
@@ -250,6 +255,12 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   }
   s.forward.emplace(s.module.get_method("forward"));
   s.forward_images.emplace(s.module.get_method("forward_images"));
+#ifdef REPMLP_RT_WITH_CUDA
+  // Loading (and optimize_for_inference's folding) wrote the weights on the device's current
+  // stream; calls run on other, non-blocking pool streams, so wait for that work once here.
+  if (!s.device.is_cpu())
+    c10::impl::VirtualGuardImpl(s.device.type()).synchronizeDevice(s.device.index());
+#endif
 
   // Warm-up (see RuntimeOptions::warmup): one call on CPU; on CUDA the profiling executor
   // records shapes on the first call and builds fused kernels on the second.
@@ -339,15 +350,45 @@ at::Tensor Runtime::Impl::run(const torch::jit::Method& method, const at::Tensor
 }
 
 #ifdef REPMLP_RT_WITH_CUDA
+// The stream this thread's calls on `device` run on: taken from torch's pool once per (thread,
+// device) and then reused. Concurrent callers on different threads do not serialize on one
+// stream, and one thread's calls keep reusing the same cached memory (the CUDA caching
+// allocator reuses a freed block only on the stream it was allocated on; a fresh pool stream
+// per call would cycle through all 32 of the pool's streams, each with its own blocks).
+static c10::Stream thread_stream(const c10::impl::VirtualGuardImpl& guard_impl,
+                                 c10::Device device) {
+  thread_local std::vector<std::pair<c10::Device, c10::Stream>> streams;
+  for (const auto& [owner, stream] : streams)
+    if (owner == device) return stream;
+  streams.emplace_back(device, guard_impl.getStreamFromGlobalPool(device, /*isHighPriority=*/false));
+  return streams.back().second;
+}
+
 at::Tensor Runtime::Impl::run_cuda(const torch::jit::Method& method,
                                    const at::Tensor& input) const {
   c10::DeviceGuard device_guard(device);
   c10::impl::VirtualGuardImpl guard_impl(device.type());
-  // Each call runs on its own pool stream, so concurrent callers do not serialize on the
-  // default stream.
-  c10::Stream stream = guard_impl.getStreamFromGlobalPool(device, /*isHighPriority=*/false);
+  c10::Stream stream = thread_stream(guard_impl, device);
+  if (input.device().type() == device.type()) {
+    // A device input may still be being written on the caller's current stream, which the
+    // (non-blocking) pool stream does not wait for by itself.
+    c10::Event ready(device.type());
+    ready.record(guard_impl.getStream(input.device()));
+    ready.block(stream);
+  }
   c10::StreamGuard stream_guard(stream);
+  try {
+    return run_on_stream(method, input, stream);
+  } catch (...) {
+    // Work already queued (e.g. a copy from the caller's pinned buffer) must not outlive the
+    // call that failed.
+    stream.synchronize();
+    throw;
+  }
+}
 
+at::Tensor Runtime::Impl::run_on_stream(const torch::jit::Method& method, const at::Tensor& input,
+                                        const c10::Stream& stream) const {
   at::Tensor on_device;
   if (input.device().is_cpu()) {
     // Pinned staging buffer (from torch's caching host allocator) for an async H2D copy.

@@ -208,6 +208,9 @@ def main() -> None:
         fh.write(text)
     os.replace(args.out + ".tmp", args.out)
     log(f"wrote {args.out}")
+    if skipped and args.device != "cpu":
+        # On a GPU the point of the run is the C++ runtime: a skipped contender is a failure.
+        sys.exit(f"bench_gpu: skipped {', '.join(skipped)} (see above)")
 
 
 if __name__ == "__main__":

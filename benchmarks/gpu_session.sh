@@ -37,13 +37,19 @@ if ! "$py" -c "import numpy" 2>/dev/null; then
     echo "== numpy is missing and WHEELS is not set: the binding, its tests and bench_gpu.py will fail"
   fi
 fi
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
 step build "$py" -m pip install --no-build-isolation --no-deps -e .
 step built-with-cuda "$py" -c "import repmlp_rt, sys; print(repmlp_rt.built_with_cuda()); sys.exit(0 if repmlp_rt.built_with_cuda() else 1)"
 bin_dir=$(dirname "$(command -v "$py")")
 export PATH="$bin_dir:$PATH"
 step pytest-cuda "$py" -m pytest -q -rs -m cuda tests
 step artifact-fp16 repmlp-build --out "$out/digits-fp16.pt" --dtype float16 --device cuda --force
-step cli-cuda repmlp_infer "$out/digits-fp16.pt" examples/digits/images/0_0078.png examples/digits/images/1_0021.png --device cuda --topk 3
+if repmlp_infer "$out/digits-fp16.pt" --info --json 2>/dev/null | grep -q '"image_decoding":true'; then
+  step cli-cuda repmlp_infer "$out/digits-fp16.pt" examples/digits/images/0_0078.png examples/digits/images/1_0021.png --device cuda --topk 3
+else  # built without stb: a .npy batch instead of PNGs (written without numpy)
+  "$py" -c "import struct, sys; h=\"{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3, 32, 32), }\".ljust(117) + '\n'; open(sys.argv[1], 'wb').write(b'\x93NUMPY\x01\x00' + struct.pack('<H', len(h)) + h.encode() + bytes(4 * 2 * 3 * 32 * 32))" "$out/zeros.npy"
+  step cli-cuda repmlp_infer "$out/digits-fp16.pt" "$out/zeros.npy" --device cuda --topk 3
+fi
 step cli-cuda-bench repmlp_infer "$out/digits-fp16.pt" --bench --device cuda --batch 64 --iters 20
 step bench-gpu "$py" benchmarks/bench_gpu.py --device cuda --dtype float16 --batches 1 64 --out "$out/RESULTS-gpu.md"
 

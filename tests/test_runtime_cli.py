@@ -342,6 +342,8 @@ def test_cuda_matches_cpu(fake_artifact, tmp_path):
     cpu, gpu = tmp_path / "cpu.npy", tmp_path / "gpu.npy"
     assert run_cli(fake_artifact, npy, "--output", cpu).returncode == 0
     assert run_cli(fake_artifact, npy, "--output", gpu, "--device", "cuda").returncode == 0
-    np.testing.assert_allclose(np.load(gpu), np.load(cpu), rtol=1e-4, atol=1e-4)
+    # TF32 convolutions on Ampere and later: compared at 2e-3 of the logit scale
+    expected = np.load(cpu)
+    np.testing.assert_allclose(np.load(gpu), expected, rtol=2e-3, atol=2e-3 * np.abs(expected).max())
     result = run_cli(fake_artifact, "--bench", "--iters", 20, "--device", "cuda", "--json")
     assert json.loads(result.stdout)["bench"]["device"] == "cuda:0"

@@ -196,6 +196,11 @@ def test_arch_names_are_spelled_as_in_the_variant_table():
         "repmlp-T224.pt", "repmlp-B224.pt", "repmlp-B224.pt", "repmlp-digits.pt"]
 
 
+def test_python_dash_m_repmlp_is_the_build_command():
+    result = subprocess.run([sys.executable, "-m", "repmlp", "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("usage: repmlp-build"), result.stderr
+
+
 def test_no_arguments_in_an_empty_folder_builds_the_default(tmp_path):
     result = run_build([], cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -212,6 +212,15 @@ def test_bad_config_values_are_value_errors(override, message):
         create_model(SMALL_ARCH, img_size=32, **override)
 
 
+@pytest.mark.parametrize("field, value", [("mean", (float("nan"), 0.0, 0.0)), ("std", (1.0, float("inf"), 1.0)),
+                                          ("std", (1.0, 0.0, 1.0))])
+def test_preprocessing_needs_finite_mean_and_positive_std(field, value):
+    from repmlp.variants import Preprocessing
+
+    with pytest.raises(ValueError, match="mean and std need 3 finite values, std > 0"):
+        Preprocessing(**{field: value}).validate()
+
+
 def test_empty_batch_in_every_form():
     model = make_model(img_size=32, num_classes=10).eval()
     x = torch.zeros(0, 3, 32, 32)

@@ -55,6 +55,7 @@ import torch  # noqa: E402
 
 from repmlp.model import create_model, fuse_model  # noqa: E402
 from repmlp.utils import count_flops, randomize_model_  # noqa: E402
+from locate import find_repmlp_infer  # noqa: E402
 from upstream_reference import from_project_model  # noqa: E402
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
@@ -177,14 +178,6 @@ def ort_session(path: str, threads: int):
     sess = ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
     name = sess.get_inputs()[0].name
     return lambda x: sess.run(None, {name: x})[0]
-
-
-def find_cli() -> Optional[str]:
-    cand = [os.path.join(os.path.dirname(sys.executable), "repmlp_infer"), shutil.which("repmlp_infer") or ""]
-    for c in cand:
-        if c and os.path.isfile(c) and os.access(c, os.X_OK):
-            return c
-    return None
 
 
 def run_cli(cli: str, artifact: str, batch: int, threads: int, iters: int, warmup: int, timeout: float) -> Dict[str, Any]:
@@ -428,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:
             skipped["d"] = skipped["d+"] = f"repmlp_rt failed: {type(e).__name__}: {e}"
 
-    cli = find_cli() if "e" in configs and artifact is not None else None
+    cli = find_repmlp_infer() if "e" in configs and artifact is not None else None
     if "e" in configs and artifact is not None and cli is None:
         skipped["e"] = "repmlp_infer not found next to the interpreter or on PATH"
 

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from locate import find_repmlp_infer  # noqa: E402
 
 from repmlp.artifact import DTYPES, build_artifact  # noqa: E402
 from repmlp.model import create_model, fuse_model  # noqa: E402
@@ -69,7 +69,7 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def run_cli(artifact: str, device: str, batch: int, iters: int, warmup: int) -> Dict[str, float]:
-    binary = shutil.which("repmlp_infer", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    binary = find_repmlp_infer()
     if binary is None:
         raise RuntimeError("repmlp_infer not found next to the interpreter or on PATH")
     command = [binary, artifact, "--bench", "--json", "--device", device, "--batch", str(batch),

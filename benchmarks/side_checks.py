@@ -17,8 +17,6 @@
 
 import argparse
 import json
-import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ import warnings
 from typing import Callable, List
 
 import numpy as np
+from locate import find_repmlp_infer
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 
@@ -104,7 +103,7 @@ print(json.dumps({"p50_ms": statistics.median(times)}))
 
 
 def binding_vs_cli(args: argparse.Namespace) -> None:
-    binary = shutil.which("repmlp_infer", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    binary = find_repmlp_infer()
     if binary is None:
         raise SystemExit("repmlp_infer not found next to the interpreter or on PATH")
     common = [str(args.batch), str(args.threads), str(args.iters), str(args.warmup)]

@@ -167,7 +167,7 @@ def read_manifest(path: str) -> Dict[str, Any]:
         with _quiet_jit():
             torch.jit.load(path, map_location="cpu", _extra_files=extra)
     except Exception as exc:
-        raise BuildError(f"cannot load artifact {path}: {str(exc).strip().splitlines()[0]}") from None
+        raise BuildError(f"cannot load artifact {path}: {_first_line(exc)}") from None
     if not extra[MANIFEST_NAME]:
         raise BuildError(f"{path} has no {MANIFEST_NAME}: not a RepMLP artifact")
     return json.loads(extra[MANIFEST_NAME])

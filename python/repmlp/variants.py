@@ -317,10 +317,11 @@ def _normalize_fields(fields: Mapping[str, Any]) -> Dict[str, Any]:
     """Loose user values (lists, ints) as ArchConfig's types, for the keys present."""
     out = dict(fields)
     for key in ("channels", "depths", "sharesets", "reparam_conv_kernels"):
-        if key in out and (out[key] is not None or key != "reparam_conv_kernels"):
-            if not isinstance(out[key], (list, tuple)):
-                raise ValueError(f"{key} must be a list of ints, got {out[key]!r}")
-            out[key] = tuple(out[key])
+        if key not in out or (key == "reparam_conv_kernels" and out[key] is None):
+            continue  # absent, or no local conv branches
+        if not isinstance(out[key], (list, tuple)):
+            raise ValueError(f"{key} must be a list of ints, got {out[key]!r}")
+        out[key] = tuple(out[key])
     if out.get("labels") is not None:
         out["labels"] = tuple(str(x) for x in out["labels"])
     return out

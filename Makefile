@@ -10,7 +10,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Python packages the build, the tests and the demo need (torch pinned: other specs download CUDA wheels).
 PY_DEPS := torch==2.13.0 numpy pybind11 cmake ninja pytest pillow scikit-learn
 # Debian header packages the C++ runtime builds against.
-DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev
+DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
 
 ARTIFACT := repmlp-digits.pt
 

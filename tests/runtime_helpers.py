@@ -2,7 +2,8 @@
 
 The fake artifact implements the artifact contract of docs/ARTIFACT.md with a tiny conv net
 (forward, forward_images with resize/center-crop/normalize, format_version, input_shape,
-labels, compute_dtype, manifest.json), so the runtime can be tested without the model package.
+labels, compute_dtype, manifest.json, the self-check's probe and digest records), so the
+runtime can be tested without the model code (only repmlp.integrity writes the two records).
 The same helpers write the bad artifacts: no manifest, wrong format version, a foreign
 TorchScript module, a truncated file, random bytes.
 """
@@ -115,12 +116,17 @@ def manifest_for(model: FakeRepMLP) -> dict:
 
 def save_fake_artifact(path: os.PathLike | str, *, size: int = 32, num_classes: int = 10,
                        version: int = FORMAT_VERSION, dtype_name: str = "float32",
-                       manifest: bool | dict = True, seed: int = 0) -> Path:
-    """Writes a frozen TorchScript artifact following the contract; returns its path."""
+                       manifest: bool | dict = True, seed: int = 0, verifiable: bool = True) -> Path:
+    """Writes a frozen TorchScript artifact following the contract; returns its path.
+    ``verifiable``: with the self-check's probe and digest records (docs/ARTIFACT.md)."""
+    from repmlp import integrity
+
     path = Path(path)
     model = FakeRepMLP(size=size, num_classes=num_classes, version=version, dtype_name=dtype_name)
     _randomize(model, seed)
     model.eval()
+    # The probe's reference is the float32 eager model, as in a real build.
+    probe = integrity.make_probe(model, model.forward_images, (3, size, size), torch.device("cpu"), seed + 1)
     if dtype_name == "float16":
         model = model.half()
         model.mean.data = model.mean.data.float()
@@ -131,10 +137,18 @@ def save_fake_artifact(path: os.PathLike | str, *, size: int = 32, num_classes: 
         frozen = torch.jit.freeze(scripted.eval(), preserved_attrs=EXPORTED_METHODS)
         extra = {}
         if manifest is True:
-            extra["manifest.json"] = json.dumps(manifest_for(model), indent=2)
+            content = manifest_for(model)
+            if verifiable:
+                tolerances = integrity.PROBE_TOLERANCE[dtype_name]
+                content["probe"] = integrity.probe_section(probe, tolerances, "the fake model, eager, float32")
+            extra["manifest.json"] = json.dumps(content, indent=2)
         elif isinstance(manifest, dict):
             extra["manifest.json"] = json.dumps(manifest)
+        if verifiable:
+            extra[integrity.PROBE_RECORD] = integrity.probe_bytes(probe)
         torch.jit.save(frozen, str(path), _extra_files=extra)
+    if verifiable:
+        integrity.seal(str(path))
     return path
 
 

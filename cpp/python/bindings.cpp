@@ -97,18 +97,21 @@ void PybindImage(py::module_& m) {
         "True when this build can decode image files (stb_image).");
   m.def(
       "decode_image",
-      [](const std::string& path) {
+      [](const std::string& path, int64_t max_pixels) {
         auto image = std::make_shared<repmlp_rt::Image>();
         {
           py::gil_scoped_release release;
-          *image = repmlp_rt::decode_image(path);
+          *image = repmlp_rt::decode_image(path, max_pixels);
         }
         // The array shares the decoded buffer; the capsule keeps the Image alive.
         auto* owner = new std::shared_ptr<repmlp_rt::Image>(image);
         py::capsule base(owner, [](void* p) { delete static_cast<std::shared_ptr<repmlp_rt::Image>*>(p); });
         return py::array_t<uint8_t>({image->height, image->width, int64_t{3}}, image->rgb.data(), base);
       },
-      "path"_a, "Decodes an image file to a uint8 (H, W, 3) RGB array, as repmlp_infer does.");
+      "path"_a, "max_pixels"_a = repmlp_rt::kDefaultMaxImagePixels,
+      "Decodes an image file to a uint8 (H, W, 3) RGB array, as repmlp_infer does. Files whose\n"
+      "header claims more than max_pixels pixels (0: no limit) raise InputError before decoding.");
+  m.attr("DEFAULT_MAX_IMAGE_PIXELS") = repmlp_rt::kDefaultMaxImagePixels;
 }
 
 void PybindRuntime(py::module_& m) {
@@ -119,18 +122,19 @@ void PybindRuntime(py::module_& m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& path, const std::string& device, int threads,
-                       std::optional<int> warmup, int warmup_batch, bool optimize) {
+                       std::optional<int> warmup, int warmup_batch, bool optimize, bool verify) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
              options.warmup = warmup;
              options.warmup_batch = warmup_batch;
              options.optimize = optimize;
+             options.verify = verify;
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
            "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = py::none(), "warmup_batch"_a = 1,
-           "optimize"_a = false)
+           "optimize"_a = false, "verify"_a = true)
       .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
            "Normalized float32 NCHW array -> float32 logits (N, num_classes).")
       .def("infer_images", &call_without_gil<&Runtime::infer_images>, "images"_a,
@@ -158,7 +162,10 @@ void PybindRuntime(py::module_& m) {
       .def_property_readonly("compute_dtype", &Runtime::compute_dtype)
       .def_property_readonly("format_version", &Runtime::format_version)
       .def_property_readonly("num_classes", &Runtime::num_classes)
-      .def_property_readonly("default_topk", &Runtime::default_topk);
+      .def_property_readonly("default_topk", &Runtime::default_topk)
+      .def_property_readonly("verified", &Runtime::verified)
+      .def_property_readonly("self_check_error", &Runtime::self_check_error)
+      .def_property_readonly("self_check_tolerance", &Runtime::self_check_tolerance);
 }
 
 }  // namespace

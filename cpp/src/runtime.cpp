@@ -1,6 +1,8 @@
 // repmlp_rt::Runtime: the LibTorch side of the runtime. See runtime.hpp and docs/ARTIFACT.md.
 #include "repmlp_rt/runtime.hpp"
 
+#include "integrity.hpp"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
@@ -19,7 +21,10 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #endif
 
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
+#include <limits>
 #include <optional>
 #include <regex>
 #include <sstream>
@@ -139,6 +144,9 @@ struct Runtime::Impl {
   std::string compute_dtype_name;
   at::ScalarType compute_dtype = at::kFloat;
   int64_t format_version = 0;
+  bool verified = false;
+  double self_check_error = std::numeric_limits<double>::quiet_NaN();
+  double self_check_tolerance = std::numeric_limits<double>::quiet_NaN();
 
   void check_nchw(const at::Tensor& x) const;
   void check_images(const at::Tensor& x) const;
@@ -185,7 +193,16 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
 
   if (options.threads > 0) at::set_num_threads(options.threads);
 
-  torch::jit::ExtraFilesMap extra_files{{"manifest.json", ""}};
+  // Self-verification, first half: every record against the digest, before the loader
+  // parses any of them. A file without a digest is refused below, after the loader has said
+  // whether it is an artifact at all.
+  std::string digest;
+  if (options.verify) {
+    digest = integrity::read_digest_record(path);
+    if (!digest.empty()) integrity::check_digest(path, digest);
+  }
+
+  torch::jit::ExtraFilesMap extra_files{{"manifest.json", ""}, {integrity::kProbeRecord, ""}};
   try {
     s.module = torch::jit::load(path, s.device, extra_files);
   } catch (const c10::Error& e) {
@@ -253,6 +270,17 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
       throw ArtifactError("'" + path + "': optimize_for_inference failed: " + clean_message(e));
     }
   }
+  std::vector<integrity::ProbeCase> probe;
+  if (options.verify) {
+    if (digest.empty())
+      throw ArtifactError("'" + path + "' has no " + integrity::kDigestRecord +
+                          " record, so it cannot be verified (built before self-verifying "
+                          "artifacts?): rebuild it, or load it with verification off "
+                          "(--no-verify, verify=False)");
+    probe = integrity::read_probe(path, extra_files[integrity::kProbeRecord]);
+    s.self_check_tolerance =
+        integrity::probe_tolerance(path, s.manifest, s.device.is_cpu() ? "cpu" : "cuda");
+  }
   s.forward.emplace(s.module.get_method("forward"));
   s.forward_images.emplace(s.module.get_method("forward_images"));
 #ifdef REPMLP_RT_WITH_CUDA
@@ -263,9 +291,23 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
 #endif
 
   // Warm-up (see RuntimeOptions::warmup): one call on CPU; on CUDA the profiling executor
-  // records shapes on the first call and builds fused kernels on the second.
-  const int warmup = options.warmup.value_or(s.device.is_cpu() ? 1 : 2);
+  // records shapes on the first call and builds fused kernels on the second. With
+  // verification on, the probe is the first warm-up call (of the probe's batch size).
+  int warmup = options.warmup.value_or(s.device.is_cpu() ? 1 : 2);
+  double worst = 0;
+  std::string worst_method;
   try {
+    for (const auto& check : probe) {
+      const at::Tensor out =
+          check.method == "forward" ? infer(check.input) : infer_images(check.input);
+      const double error = integrity::relative_error(out, check.output);
+      if (!(error <= worst)) {
+        worst = error;
+        worst_method = check.method;
+      }
+    }
+    if (!probe.empty() && warmup > 0 && probe.front().input.size(0) == options.warmup_batch)
+      --warmup;
     const auto& shape = s.input_shape;
     const int64_t batch = options.warmup_batch;
     at::Tensor zeros = at::zeros({batch, shape[0], shape[1], shape[2]}, at::kFloat);
@@ -275,9 +317,24 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
       infer_images(images);
     }
   } catch (const InputError& e) {
-    throw ArtifactError("'" + path + "': warm-up failed: " + std::string(e.what()));
+    throw ArtifactError("'" + path + "': " + (probe.empty() ? "warm-up" : "self-check") +
+                        " failed: " + std::string(e.what()));
   } catch (const std::exception& e) {
-    throw ArtifactError("'" + path + "': warm-up failed: " + clean_message(e.what()));
+    throw ArtifactError("'" + path + "': " + (probe.empty() ? "warm-up" : "self-check") +
+                        " failed: " + clean_message(e.what()));
+  }
+  if (!probe.empty()) {
+    s.verified = true;
+    s.self_check_error = worst;
+    if (!(worst <= s.self_check_tolerance)) {
+      char numbers[160];
+      std::snprintf(numbers, sizeof numbers, "worst relative error %.3g in %s(), tolerance %.3g",
+                    worst, worst_method.c_str(), s.self_check_tolerance);
+      throw ArtifactError("'" + path + "': self-check failed: " + numbers + " (" +
+                          s.compute_dtype_name + " on " + s.device_name +
+                          "): the file is corrupt or this machine computes wrongly; "
+                          "--no-verify / verify=False loads it anyway");
+    }
   }
 }
 
@@ -461,6 +518,9 @@ const std::vector<int64_t>& Runtime::input_shape() const noexcept { return impl_
 const std::vector<std::string>& Runtime::labels() const noexcept { return impl_->labels; }
 const std::string& Runtime::compute_dtype() const noexcept { return impl_->compute_dtype_name; }
 int64_t Runtime::format_version() const noexcept { return impl_->format_version; }
+bool Runtime::verified() const noexcept { return impl_->verified; }
+double Runtime::self_check_error() const noexcept { return impl_->self_check_error; }
+double Runtime::self_check_tolerance() const noexcept { return impl_->self_check_tolerance; }
 int64_t Runtime::num_classes() const noexcept {
   return static_cast<int64_t>(impl_->labels.size());
 }

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
 #include <iomanip>
@@ -47,6 +48,8 @@ struct Options {
   int warmup = 5;
   bool info = false;
   bool optimize = false;
+  bool no_verify = false;
+  int64_t max_image_pixels = repmlp_rt::kDefaultMaxImagePixels;
 };
 
 struct UsageError : std::runtime_error {
@@ -70,10 +73,14 @@ std::string first_line(const std::string& text) {
   return text;
 }
 
+// ASCII-only case folding: file names need not be UTF-8, and std::tolower on a plain char is
+// undefined for bytes >= 0x80 (negative values).
+char ascii_lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
+
 bool ends_with_ci(const std::string& text, const std::string& suffix) {
   if (text.size() < suffix.size()) return false;
   return std::equal(suffix.rbegin(), suffix.rend(), text.rbegin(),
-                    [](char a, char b) { return std::tolower(a) == std::tolower(b); });
+                    [](char a, char b) { return ascii_lower(a) == ascii_lower(b); });
 }
 
 std::string shape_string(const std::vector<int64_t>& shape) {
@@ -150,7 +157,7 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
         emit(runtime.infer(all.slice(0, start, stop)), names);
       }
     } else {
-      repmlp_rt::Image image = repmlp_rt::decode_image(input);
+      repmlp_rt::Image image = repmlp_rt::decode_image(input, opt.max_image_pixels);
       if (!pending.empty() && (pending[0].height != image.height || pending[0].width != image.width))
         flush_images();
       pending.push_back(std::move(image));
@@ -215,6 +222,14 @@ void run_bench(const repmlp_rt::Runtime& runtime, const Options& opt, double loa
   }
 }
 
+std::string self_check_text(const repmlp_rt::Runtime& runtime) {
+  if (!runtime.verified()) return "off (--no-verify)";
+  std::ostringstream text;
+  text << "passed (digest of every record; probe error " << std::setprecision(3)
+       << runtime.self_check_error() << " <= tolerance " << runtime.self_check_tolerance() << ')';
+  return text.str();
+}
+
 void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
   json manifest;
   try {
@@ -231,6 +246,10 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
                 {"labels", runtime.labels()},
                 {"threads", at::get_num_threads()},
                 {"image_decoding", repmlp_rt::has_image_decoding()},
+                {"self_check", runtime.verified()
+                                   ? json{{"error", runtime.self_check_error()},
+                                          {"tolerance", runtime.self_check_tolerance()}}
+                                   : json(nullptr)},
                 {"cuda_build", repmlp_rt::built_with_cuda()}};
   if (opt.json) {
     std::cout << json_text({{"runtime", facts}, {"manifest", manifest}}) << '\n';
@@ -258,6 +277,7 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << "compute dtype:  " << runtime.compute_dtype() << '\n'
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
+            << "self-check:     " << self_check_text(runtime) << '\n'
             << "manifest.json:\n"
             << json_text(shown, 2) << '\n';
 }
@@ -283,6 +303,12 @@ int run(int argc, char** argv) {
       ->check(CLI::Range(0, 1000000))->capture_default_str();
   app.add_flag("--info", opt.info, "print the artifact's manifest and what the runtime reads from it");
   app.add_flag("--optimize", opt.optimize, "apply torch::jit::optimize_for_inference after loading");
+  app.add_flag("--no-verify", opt.no_verify,
+               "skip the load-time self-check (record digest and probe; docs/ARTIFACT.md): "
+               "loads a corrupt artifact without a word");
+  app.add_option("--max-image-pixels", opt.max_image_pixels,
+                 "refuse images whose header claims more pixels (width x height); 0: no limit")
+      ->check(CLI::Range(int64_t{0}, INT64_MAX))->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& e) {
@@ -314,6 +340,7 @@ int run(int argc, char** argv) {
   runtime_options.device = opt.device;
   runtime_options.threads = opt.threads;
   runtime_options.optimize = opt.optimize;
+  runtime_options.verify = !opt.no_verify;
   // --bench warms up the batch shape it times, as a server would; a one-shot run skips the
   // warm-up, which would only add to its total time.
   if (opt.bench)

@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, integrity
 from .checkpoints import CheckpointInfo, load_checkpoint, read_state_dict, detect_form
 from .model import RepMLPNet, create_model, fuse_model
 from .preprocess import ImageTransform
@@ -361,6 +361,12 @@ def build_artifact(
         eager_out = wrapper(x)
     stage("deploy", t0, reference, eager_out, note=f"from {form} form")
 
+    # The probe the runtime checks at load: the loaded (unfused, float32) model's outputs.
+    probe = integrity.make_probe(
+        model, lambda images: model(wrapper.preprocess(images)), (c, h, w), dev, seed=VERIFY_SEED + 1
+    )
+    probe_tolerance = integrity.probe_tolerances(dtype, str(dev), tol)
+
     tmp_path: Optional[str] = None
     try:
         with _quiet_jit():
@@ -379,24 +385,44 @@ def build_artifact(
             stage("freeze", t0, reference, frozen_out)
 
             # A JSON round trip turns tuples into lists, so later comparisons are like for like.
-            manifest = json.loads(json.dumps(_manifest(
-                model, fused, arch_name, dtype, dev, tol, ckpt_info, seed, params_loaded, stages
-            )))
+            manifest = _manifest(model, fused, arch_name, dtype, dev, tol, ckpt_info, seed, params_loaded, stages)
+            manifest["probe"] = integrity.probe_section(
+                probe, probe_tolerance, f"the loaded model in eval mode, float32, on {dev}"
+            )
+            manifest["digest"] = {
+                "record": integrity.DIGEST_RECORD,
+                "algorithm": integrity.DIGEST_ALGORITHM,
+                "covers": "every other record of the archive, by name",
+            }
+            manifest = json.loads(json.dumps(manifest))
 
             # 5. save (temporary file in the target folder)
             t0 = time.perf_counter()
             folder = os.path.dirname(os.path.abspath(out))
             fd, tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(out)}.", suffix=".tmp", dir=folder)
             os.close(fd)
-            torch.jit.save(frozen, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
-            stage("save", t0, note=f"{os.path.getsize(tmp_path) / 1e6:.1f} MB")
+            torch.jit.save(frozen, tmp_path, _extra_files={
+                MANIFEST_NAME: json.dumps(manifest, indent=2),
+                integrity.PROBE_RECORD: integrity.probe_bytes(probe),
+            })
+            # The digest of every record goes in last, so the file is complete from here on:
+            # what is verified below is what gets renamed into place, byte for byte.
+            integrity.seal(tmp_path)
+            stage("save", t0, note=f"{os.path.getsize(tmp_path) / 1e6:.1f} MB, sealed")
 
-            # 6. reload and verify both methods
+            # 6. reload and verify: the digest, the probe, both methods
             t0 = time.perf_counter()
-            extra = {MANIFEST_NAME: ""}
+            integrity.check_digest(tmp_path)
+            extra = {MANIFEST_NAME: "", integrity.PROBE_RECORD: ""}
             reloaded = torch.jit.load(tmp_path, map_location=dev, _extra_files=extra)
             if json.loads(extra[MANIFEST_NAME]) != manifest:
                 raise BuildError("the manifest read back differs from the one written")
+            probe_err = integrity.probe_errors(reloaded, integrity.load_probe(extra[integrity.PROBE_RECORD]), dev)
+            for method, rel in probe_err.items():
+                if not rel <= probe_tolerance[dev.type]:
+                    raise BuildError(
+                        f"probe {method}: relative error {rel:.3e} exceeds the tolerance {probe_tolerance[dev.type]:.1e}"
+                    )
             missing = [m for m in EXPORTED_METHODS if not hasattr(reloaded, m)]
             if missing:
                 raise BuildError(f"the saved artifact lost its methods {missing}")
@@ -406,16 +432,18 @@ def build_artifact(
                 image_ref = model(wrapper.preprocess(images)).float()
                 image_out = reloaded.forward_images(images)
             _, image_rel = _errors(image_out, image_ref)
-            stage("reload", t0, reference, reloaded_out, note=f"forward_images rel err {image_rel:.2e}")
+            worst_probe = max(probe_err.values())
+            stage("reload", t0, reference, reloaded_out,
+                  note=f"forward_images rel err {image_rel:.2e}, probe {worst_probe:.2e}, digest ok")
             check("forward_images", image_rel)
-            # The embedded report now covers every stage: write the final file from the reloaded module.
-            manifest["verification"]["stages"] = [vars(s) for s in stages]
-            torch.jit.save(reloaded, tmp_path, _extra_files={MANIFEST_NAME: json.dumps(manifest, indent=2)})
+            published_sha256 = sha256_file(tmp_path)
             os.chmod(tmp_path, _umask_file_mode())  # readable by a server running as another user
             os.replace(tmp_path, out)
             tmp_path = None
     except BuildError:
         raise
+    except integrity.IntegrityError as exc:
+        raise BuildError(f"the saved file fails its own digest: {exc}") from None
     except Exception as exc:
         raise BuildError(f"build failed: {_first_line(exc)}") from exc
     finally:
@@ -426,7 +454,7 @@ def build_artifact(
         path=os.path.abspath(out),
         manifest=manifest,
         stages=stages,
-        sha256=sha256_file(out),
+        sha256=published_sha256,
         size_bytes=os.path.getsize(out),
     )
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ._runtime import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     FORMAT_VERSION,
     ArtifactError,
     DeviceError,
@@ -38,6 +39,7 @@ from ._runtime import Runtime as _CoreRuntime
 from ._version import __version__
 
 __all__ = [
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "FORMAT_VERSION",
     "ArtifactError",
     "DeviceError",
@@ -105,10 +107,16 @@ class Runtime:
             (the executor profiles, then fuses). 0 loads fastest.
         warmup_batch: batch size of that zero batch; use the batch size you will serve.
         optimize: apply ``torch.jit.optimize_for_inference`` after loading (in memory only).
+        verify: the load-time self-check (docs/ARTIFACT.md): every record must match the
+            artifact's SHA-256 digest and the stored probe, run as the first warm-up call, must
+            reproduce the build's outputs within the tolerance for this device; otherwise
+            ``ArtifactError`` ("self-check failed"). ``False`` skips both and loads a corrupt
+            file without a word: only for those who must load fastest and trust their files.
     """
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
-                 *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False) -> None:
+                 *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False,
+                 verify: bool = True) -> None:
         threads = 0 if threads is None else _checked_int("threads", threads, 1, _MAX_THREADS, "or None for torch's default")
         if warmup is not None:
             warmup = _checked_int("warmup", warmup, 0, _MAX_WARMUP, "or None for the device's default")
@@ -116,7 +124,7 @@ class Runtime:
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         self._core = _CoreRuntime(os.fspath(path), device=device, threads=threads, warmup=warmup,
-                                  warmup_batch=warmup_batch, optimize=optimize)
+                                  warmup_batch=warmup_batch, optimize=optimize, verify=bool(verify))
         self._manifest: dict[str, Any] | None = None
 
     @property
@@ -158,6 +166,14 @@ class Runtime:
     def format_version(self) -> int:
         return self._core.format_version
 
+    @property
+    def self_check(self) -> dict[str, Any] | None:
+        """The load-time self-check: ``{"error": worst relative error, "tolerance": ...}``, or
+        None when the runtime was loaded with ``verify=False``."""
+        if not self._core.verified:
+            return None
+        return {"error": self._core.self_check_error, "tolerance": self._core.self_check_tolerance}
+
     def infer(self, x: Any) -> Any:
         """Logits for a float32 NCHW batch, or for uint8 NHWC images (via the artifact's
         preprocessing). Returns float32 ``(N, num_classes)``: numpy for numpy, torch for torch."""
@@ -197,30 +213,31 @@ _CACHE: dict[tuple[Any, ...], Runtime] = {}
 _CACHE_LOCK = threading.Lock()
 
 
-def _cached_runtime(path: str | os.PathLike[str], device: str) -> Runtime:
+def _cached_runtime(path: str | os.PathLike[str], device: str, verify: bool) -> Runtime:
     real = os.path.realpath(os.fspath(path))
     try:
         stat = os.stat(real)
-        key: tuple[Any, ...] = (real, device, stat.st_mtime_ns, stat.st_size)
+        key: tuple[Any, ...] = (real, device, bool(verify), stat.st_mtime_ns, stat.st_size)
     except OSError:
-        return Runtime(real, device=device)  # raises ArtifactError with a clear message
+        return Runtime(real, device=device, verify=verify)  # raises ArtifactError with a clear message
     with _CACHE_LOCK:
         runtime = _CACHE.get(key)
         if runtime is None:
             # A rebuilt artifact (new mtime/size) replaces the stale entry.
-            for stale in [k for k in _CACHE if k[:2] == key[:2]]:
+            for stale in [k for k in _CACHE if k[:3] == key[:3]]:
                 del _CACHE[stale]
-            runtime = _CACHE[key] = Runtime(real, device=device)
+            runtime = _CACHE[key] = Runtime(real, device=device, verify=verify)
         return runtime
 
 
-def infer(artifact: str | os.PathLike[str] | Runtime, x: Any, device: str = "cpu") -> Any:
+def infer(artifact: str | os.PathLike[str] | Runtime, x: Any, device: str = "cpu", *, verify: bool = True) -> Any:
     """Logits of ``x`` (float32 NCHW or uint8 NHWC) from ``artifact``.
 
-    ``artifact`` is a ``Runtime`` or a path; a path is loaded once per (real path, device) and
-    cached (reloaded when the file changes). numpy in gives numpy out, torch in gives torch out.
+    ``artifact`` is a ``Runtime`` or a path; a path is loaded once per (real path, device,
+    verify) and cached (reloaded when the file changes), with the self-check unless
+    ``verify=False`` (see ``Runtime``). numpy in gives numpy out, torch in gives torch out.
     """
-    runtime = artifact if isinstance(artifact, Runtime) else _cached_runtime(artifact, device)
+    runtime = artifact if isinstance(artifact, Runtime) else _cached_runtime(artifact, device, verify)
     return runtime.infer(x)
 
 

@@ -33,6 +33,12 @@ struct RuntimeOptions {
   // Run torch::jit::optimize_for_inference on the loaded module (in memory only, never
   // saved). Off by default: see the README for measurements.
   bool optimize = false;
+  // Self-verification at load (docs/ARTIFACT.md): every record of the file must match the
+  // SHA-256 digest it carries, and the stored probe, run as the first warm-up call, must give
+  // the build's outputs within the manifest's tolerance for this device. A failure throws
+  // ArtifactError ("self-check failed"). Turning it off loads corrupt files without a word:
+  // only for those who must load fastest and trust their storage and hardware.
+  bool verify = true;
 };
 
 class Runtime {
@@ -73,6 +79,12 @@ class Runtime {
   const std::string& compute_dtype() const noexcept;  // "float32", "float16", "bfloat16"
   int64_t format_version() const noexcept;
   int64_t num_classes() const noexcept;
+
+  // The load-time self-check: whether it ran (RuntimeOptions::verify), the worst relative
+  // error of the probe's entry points and the tolerance it was held to (NaN when not run).
+  bool verified() const noexcept;
+  double self_check_error() const noexcept;
+  double self_check_tolerance() const noexcept;
 
  private:
   struct Impl;

@@ -1,0 +1,170 @@
+// The digest and probe checks of cpp/src/integrity.hpp.
+#include "integrity.hpp"
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+#include <caffe2/serialize/inline_container.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+
+#include <nlohmann/json.hpp>
+#include <openssl/evp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+#include <set>
+
+#include "repmlp_rt/errors.hpp"
+
+namespace repmlp_rt::integrity {
+namespace {
+
+using json = nlohmann::json;
+
+const std::string kDigestName = std::string("extra/") + kDigestRecord;
+constexpr size_t kChunk = size_t{1} << 20;
+
+[[noreturn]] void fail(const std::string& path, const std::string& why) {
+  throw ArtifactError("'" + path + "': " + why);
+}
+
+std::string hex(const unsigned char* bytes, unsigned int size) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < size; ++i) {
+    out += digits[bytes[i] >> 4];
+    out += digits[bytes[i] & 15];
+  }
+  return out;
+}
+
+std::string sha256_of_record(caffe2::serialize::PyTorchStreamReader& reader,
+                             const std::string& name, std::vector<char>& buffer) {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("OpenSSL cannot compute SHA-256");
+  const size_t size = reader.getRecordSize(name);
+  if (size > 0) {
+    auto chunks = reader.createChunkReaderIter(name, size, kChunk);
+    for (size_t done = 0; done < size;) {
+      const size_t got = chunks.next(buffer.data());
+      if (got == 0) break;
+      EVP_DigestUpdate(ctx.get(), buffer.data(), got);
+      done += got;
+    }
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(ctx.get(), digest, &length);
+  return hex(digest, length);
+}
+
+std::string first_line(const std::string& text) {
+  const auto end = text.find('\n');
+  return end == std::string::npos ? text : text.substr(0, end);
+}
+
+}  // namespace
+
+std::string read_digest_record(const std::string& path) {
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    if (!reader.hasRecord(kDigestName)) return "";
+    auto [data, size] = reader.getRecord(kDigestName);
+    return std::string(static_cast<const char*>(data.get()), size);
+  } catch (const c10::Error&) {
+    return "";  // not a readable archive: the loader says why
+  }
+}
+
+void check_digest(const std::string& path, const std::string& digest_json) {
+  json stored;
+  try {
+    stored = json::parse(digest_json);
+  } catch (const json::exception&) {
+    fail(path, "self-check failed: the digest record " + std::string(kDigestRecord) +
+                   " is not valid JSON (corrupt file)");
+  }
+  if (!stored.is_object() || stored.value("algorithm", json()) != "sha256" ||
+      !stored.contains("records") || !stored["records"].is_object())
+    fail(path, "self-check failed: " + std::string(kDigestRecord) +
+                   " is not a sha256 record digest (corrupt file)");
+  const json& expected = stored["records"];
+  try {
+    caffe2::serialize::PyTorchStreamReader reader(path);
+    std::vector<char> buffer(kChunk);
+    std::set<std::string> seen;
+    for (const std::string& name : reader.getAllRecords()) {
+      if (name == kDigestName) continue;
+      seen.insert(name);
+      auto it = expected.find(name);
+      if (it == expected.end() || !it->is_string())
+        fail(path, "self-check failed: record '" + name + "' is not covered by the digest (the file was altered)");
+      if (sha256_of_record(reader, name, buffer) != it->get<std::string>())
+        fail(path, "self-check failed: record '" + name + "' does not match its SHA-256 digest (corrupt file)");
+    }
+    for (const auto& item : expected.items())
+      if (!seen.count(item.key()))
+        fail(path, "self-check failed: record '" + item.key() + "' listed in the digest is missing (corrupt file)");
+  } catch (const c10::Error& e) {
+    fail(path, "self-check failed: cannot read the archive's records: " +
+                   first_line(e.what_without_backtrace()));
+  }
+}
+
+std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_bytes) {
+  if (probe_bytes.empty())
+    fail(path, "has no " + std::string(kProbeRecord) +
+                   " record, so it cannot be verified (built before self-verifying artifacts?): "
+                   "rebuild it, or load it with verification off (--no-verify, verify=False)");
+  c10::IValue value;
+  try {
+    value = torch::jit::pickle_load(std::vector<char>(probe_bytes.begin(), probe_bytes.end()));
+  } catch (const std::exception& e) {
+    fail(path, "self-check failed: the probe record cannot be read: " + first_line(e.what()));
+  }
+  if (!value.isGenericDict()) fail(path, "self-check failed: the probe record is not a dict");
+  std::map<std::string, at::Tensor> tensors;
+  for (const auto& item : value.toGenericDict()) {
+    if (!item.key().isString() || !item.value().isTensor())
+      fail(path, "self-check failed: the probe record holds something other than named tensors");
+    tensors[item.key().toStringRef()] = item.value().toTensor();
+  }
+  std::vector<ProbeCase> cases;
+  for (const char* method : {"forward", "forward_images"}) {
+    auto input = tensors.find(std::string(method) + "/input");
+    auto output = tensors.find(std::string(method) + "/output");
+    if (input == tensors.end() || output == tensors.end())
+      fail(path, "self-check failed: the probe record has no case for " + std::string(method) + "()");
+    cases.push_back({method, input->second, output->second.to(at::kFloat)});
+  }
+  return cases;
+}
+
+double probe_tolerance(const std::string& path, const std::string& manifest_json,
+                       const std::string& device_type) {
+  json tolerance;
+  try {
+    tolerance = json::parse(manifest_json).at("probe").at("tolerance").at(device_type);
+  } catch (const json::exception&) {
+    fail(path, "manifest.json gives no probe tolerance for device type '" + device_type +
+                   "' (probe.tolerance." + device_type + ")");
+  }
+  if (!tolerance.is_number() || !(tolerance.get<double>() > 0))
+    fail(path, "manifest.json: probe.tolerance." + device_type + " must be a number > 0");
+  return tolerance.get<double>();
+}
+
+double relative_error(const at::Tensor& out, const at::Tensor& ref) {
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  if (!out.defined() || !ref.defined() || out.sizes() != ref.sizes() || ref.numel() == 0) return kInf;
+  const at::Tensor a = out.to(at::kCPU, at::kDouble), b = ref.to(at::kCPU, at::kDouble);
+  const double diff = (a - b).abs().max().item<double>();
+  const double scale = std::max(b.abs().max().item<double>(), 1e-12);
+  const double error = diff / scale;
+  return std::isfinite(error) ? error : kInf;
+}
+
+}  // namespace repmlp_rt::integrity

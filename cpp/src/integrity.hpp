@@ -1,0 +1,44 @@
+// Self-verification of an artifact at load (docs/ARTIFACT.md, "Self-verification"): the
+// SHA-256 digest of every record, and the stored probe that the runtime runs as its warm-up.
+// Internal to the core library.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <string>
+#include <vector>
+
+namespace repmlp_rt::integrity {
+
+// Extra-file names; TorchScript keeps extra files under extra/ inside the archive.
+inline constexpr const char* kProbeRecord = "probe.pt";
+inline constexpr const char* kDigestRecord = "digest.json";
+
+// Reads the archive's digest.json record. Returns "" when the file is not a readable zip
+// archive or has no such record (the caller decides what that means).
+std::string read_digest_record(const std::string& path);
+
+// Recomputes the SHA-256 of every record of the archive at `path` except digest.json and
+// compares them with `digest_json`. Throws ArtifactError naming the first record that differs,
+// is missing or is not listed.
+void check_digest(const std::string& path, const std::string& digest_json);
+
+struct ProbeCase {
+  std::string method;  // "forward" or "forward_images"
+  at::Tensor input;
+  at::Tensor output;  // float32, what the eager model gave at build time
+};
+
+// The probe.pt record (torch.save of a dict of tensors), one case per entry point, in a
+// fixed order. Throws ArtifactError when it is unreadable or incomplete.
+std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_bytes);
+
+// The tolerance the manifest's probe section gives for `device_type` ("cpu", "cuda").
+// Throws ArtifactError when the manifest has none.
+double probe_tolerance(const std::string& path, const std::string& manifest_json,
+                       const std::string& device_type);
+
+// max |out - ref| / max |ref| (the manifest's metric); +inf for NaN, a shape mismatch, etc.
+double relative_error(const at::Tensor& out, const at::Tensor& ref);
+
+}  // namespace repmlp_rt::integrity

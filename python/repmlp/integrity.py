@@ -1,0 +1,204 @@
+"""What makes an artifact self-verifying: a stored probe and a digest of every record.
+
+* The **probe** (record ``probe.pt``, described by the manifest's ``probe`` section) holds, for
+  each entry point, a small seeded input and the output that the loaded eager model gave for
+  it at build time. A runtime runs it as its warm-up call and refuses the artifact when the
+  relative error exceeds the tolerance for its compute dtype and device: this catches a
+  kernel that computes wrongly on the machine at hand, and corrupted weights that move
+  the outputs.
+* The **digest** (record ``digest.json``, added last) holds the SHA-256 of every other record
+  of the archive (code, constants, weights, manifest, probe): bytes that the probe cannot see
+  (labels, preprocessing constants, the manifest, a weight bit below the tolerance) cannot
+  change silently either.
+
+Both are format-neutral: any zip-based artifact (TorchScript, a torch.export ``.pt2``) can carry
+them. docs/ARTIFACT.md describes the records; the C++ runtime checks them at load
+(cpp/src/integrity.cpp).
+"""
+
+import hashlib
+import io
+import json
+import zipfile
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "PROBE_RECORD",
+    "DIGEST_RECORD",
+    "IntegrityError",
+    "probe_tolerances",
+    "make_probe",
+    "probe_bytes",
+    "load_probe",
+    "probe_section",
+    "probe_errors",
+    "record_digests",
+    "seal",
+    "check_digest",
+]
+
+# Extra-file names (TorchScript stores them as extra/<name> inside the archive).
+PROBE_RECORD = "probe.pt"
+DIGEST_RECORD = "digest.json"
+PROBE_BATCH = 1  # the runtime's default warm-up batch: the probe replaces that call
+DIGEST_ALGORITHM = "sha256"
+METRIC = "max |out - ref| / max |ref| over the logits"
+
+# Bound on the probe's relative error by compute dtype and device type (docs/ARTIFACT.md,
+# "Self-check tolerances", derives them). float32 on CUDA is checked against float16's bound
+# because cuDNN convolutions default to TF32, whose inputs keep float16's 10-bit mantissa.
+PROBE_TOLERANCE: Dict[str, Dict[str, float]] = {
+    "float32": {"cpu": 1e-4, "cuda": 2e-2},
+    "float16": {"cpu": 2e-2, "cuda": 2e-2},
+    "bfloat16": {"cpu": 6e-2, "cuda": 6e-2},
+}
+
+
+class IntegrityError(ValueError):
+    """The artifact's records do not match its digest, or its probe is missing or unreadable."""
+
+
+def probe_tolerances(dtype: str, build_device: str, build_tolerance: float) -> Dict[str, float]:
+    """The per-device tolerances a build records: the table's, with the build's own tolerance
+    for the device type it verified on."""
+    tolerances = dict(PROBE_TOLERANCE[dtype])
+    tolerances[torch.device(build_device).type] = float(build_tolerance)
+    return tolerances
+
+
+@torch.no_grad()
+def make_probe(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    forward_images: Callable[[torch.Tensor], torch.Tensor],
+    input_shape: Tuple[int, int, int],
+    device: torch.device,
+    seed: int,
+) -> Dict[str, torch.Tensor]:
+    """Seeded inputs for ``forward`` (float N(0, 1)) and ``forward_images`` (uint8 RGB of
+    another size than the input, so resizing runs) with the outputs that the given reference
+    callables (the eager model) return for them, as float32. Tensors are stored on the CPU."""
+    c, h, w = input_shape
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(PROBE_BATCH, c, h, w, generator=gen)
+    images = torch.randint(0, 256, (PROBE_BATCH, h + 7, w + 3, 3), generator=gen, dtype=torch.uint8)
+    return {
+        "forward/input": x,
+        "forward/output": forward(x.to(device)).float().cpu(),
+        "forward_images/input": images,
+        "forward_images/output": forward_images(images.to(device)).float().cpu(),
+    }
+
+
+def probe_bytes(probe: Mapping[str, torch.Tensor]) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({k: v.contiguous() for k, v in probe.items()}, buffer)
+    return buffer.getvalue()
+
+
+def load_probe(data: bytes) -> Dict[str, torch.Tensor]:
+    try:
+        probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise IntegrityError(f"the probe record {PROBE_RECORD} cannot be read: {type(exc).__name__}") from None
+    if not isinstance(probe, dict) or not all(isinstance(v, torch.Tensor) for v in probe.values()):
+        raise IntegrityError(f"the probe record {PROBE_RECORD} is not a dict of tensors")
+    return probe
+
+
+def probe_section(probe: Mapping[str, torch.Tensor], tolerances: Mapping[str, float], reference: str) -> Dict:
+    """The manifest's ``probe`` section."""
+    entry_points: Dict[str, Dict] = {}
+    for key, tensor in probe.items():
+        method, role = key.split("/")
+        entry_points.setdefault(method, {})[role] = {
+            "shape": list(tensor.shape),
+            "dtype": str(tensor.dtype).replace("torch.", ""),
+        }
+    return {
+        "record": PROBE_RECORD,
+        "format": "torch.save of a dict of tensors, '<entry point>/input' and '<entry point>/output'",
+        "entry_points": entry_points,
+        "reference": reference,
+        "metric": METRIC,
+        "tolerance": dict(tolerances),
+    }
+
+
+def probe_errors(module, probe: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, float]:
+    """Relative error of each entry point of ``module`` on the probe (the manifest's metric)."""
+    errors = {}
+    with torch.no_grad():
+        for key in probe:
+            method, role = key.split("/")
+            if role != "input":
+                continue
+            out = getattr(module, method)(probe[key].to(device)).float().cpu()
+            ref = probe[f"{method}/output"]
+            if out.shape != ref.shape:
+                raise IntegrityError(f"probe: {method} gave shape {list(out.shape)}, expected {list(ref.shape)}")
+            diff = (out.double() - ref.double()).abs().max().item()
+            errors[method] = diff / max(ref.double().abs().max().item(), 1e-12)
+    return errors
+
+
+def _records(archive: zipfile.ZipFile) -> Dict[str, zipfile.ZipInfo]:
+    """Records by name without the archive's top folder, as the C++ reader names them."""
+    records = {}
+    for info in archive.infolist():
+        name = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+        if name in records:
+            raise IntegrityError(f"the archive has two records named {name}")
+        records[name] = info
+    return records
+
+
+def record_digests(path: str, skip: Optional[str] = "extra/" + DIGEST_RECORD) -> Dict[str, str]:
+    """SHA-256 of every record of the zip archive at ``path`` (except ``skip``), by name."""
+    digests = {}
+    with zipfile.ZipFile(path) as archive:
+        for name, info in sorted(_records(archive).items()):
+            if name == skip:
+                continue
+            sha = hashlib.sha256()
+            with archive.open(info) as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    sha.update(chunk)
+            digests[name] = sha.hexdigest()
+    return digests
+
+
+def seal(path: str) -> Dict[str, str]:
+    """Append ``extra/digest.json`` (the SHA-256 of every other record) to the archive at
+    ``path``, in place and stored uncompressed; returns the record digests."""
+    digests = record_digests(path)
+    with zipfile.ZipFile(path) as archive:
+        top = archive.infolist()[0].filename.split("/", 1)[0]
+    body = json.dumps({"algorithm": DIGEST_ALGORITHM, "records": digests}, indent=1, sort_keys=True)
+    with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_STORED) as archive:
+        info = zipfile.ZipInfo(f"{top}/extra/{DIGEST_RECORD}", date_time=(1980, 1, 1, 0, 0, 0))
+        archive.writestr(info, body)
+    return digests
+
+
+def check_digest(path: str) -> None:
+    """Raise IntegrityError unless every record of ``path`` matches its ``digest.json``."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = _records(archive)
+            entry = records.get("extra/" + DIGEST_RECORD)
+            if entry is None:
+                raise IntegrityError(f"{path} has no {DIGEST_RECORD} record")
+            stored = json.loads(archive.read(entry))
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        if isinstance(exc, IntegrityError):
+            raise
+        raise IntegrityError(f"{path}: cannot read the digest: {exc}") from None
+    if not isinstance(stored, dict) or stored.get("algorithm") != DIGEST_ALGORITHM:
+        raise IntegrityError(f"{path}: {DIGEST_RECORD} is not a {DIGEST_ALGORITHM} digest")
+    actual = record_digests(path)
+    expected = stored.get("records", {})
+    if actual != expected:
+        changed = sorted(set(actual) ^ set(expected) | {k for k in actual if expected.get(k) != actual[k]})
+        raise IntegrityError(f"{path}: records differ from {DIGEST_RECORD}: {changed[:5]}")

@@ -305,7 +305,8 @@ class Reference:
             except Exception:
                 return None
             if (array.dtype != np.dtype("<f4") or np.isfortran(array) and array.ndim > 1
-                    or array.shape[1:] != (c, h, w) or array.ndim != 4 or array.shape[0] < 1):
+                    or array.shape[1:] != (c, h, w) or array.ndim != 4 or array.shape[0] < 1
+                    or not np.isfinite(array).all()):
                 return None
             return self.runtime.infer(np.ascontiguousarray(array))
         if kind == "png":
@@ -339,13 +340,14 @@ def worker_main(work: Path) -> None:
     from repmlp import create_model
     from repmlp.artifact import build_artifact
     from repmlp.checkpoints import load_checkpoint
+    from repmlp.variants import DEFAULT_ARCH, get_variant
 
     state = json.loads((work / "corpus.json").read_text())
     x = np.load(state["x_npy"])
     with Image.open(state["png"]) as png:
         images = np.asarray(png.convert("RGB"))[None]
     intact = repmlp_rt.Runtime(state["artifact"], threads=1)
-    expected = (intact.infer(x), intact.infer(images), intact.labels, intact.manifest_json)
+    expected = (intact.infer(x), intact.infer(images), intact.labels, intact.manifest)
 
     def artifact_case(path: str, index: int) -> tuple[str, str]:
         try:
@@ -355,7 +357,7 @@ def worker_main(work: Path) -> None:
             else:
                 runtime = repmlp_rt.Runtime(path, threads=1)
                 got = (runtime.infer(x), runtime.infer(images))
-            labels, manifest = runtime.labels, runtime.manifest_json
+            labels, manifest = runtime.labels, runtime.manifest
         except repmlp_rt.ArtifactError as exc:
             text = str(exc)
             return ("error", text) if "\n" not in text.strip() else ("unclean", text[:500])
@@ -392,7 +394,7 @@ def worker_main(work: Path) -> None:
                 os.unlink(out)
         if np.array_equal(got, expected[0]):
             return "same", ""
-        model = create_model()
+        model = create_model(get_variant(DEFAULT_ARCH))
         load_checkpoint(model, path)
         with torch.no_grad():
             eager = model.eval()(torch.from_numpy(x)).numpy()

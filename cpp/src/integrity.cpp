@@ -157,6 +157,40 @@ double probe_tolerance(const std::string& path, const std::string& manifest_json
   return tolerance.get<double>();
 }
 
+void check_manifest_agrees(const std::string& path, const std::string& manifest_json,
+                           const std::vector<int64_t>& input_shape,
+                           const std::vector<std::string>& labels,
+                           const std::string& compute_dtype) {
+  json manifest;
+  try {
+    manifest = json::parse(manifest_json);
+  } catch (const json::exception& e) {
+    fail(path, std::string("manifest.json is not valid JSON: ") + e.what());
+  }
+  if (!manifest.is_object()) fail(path, "manifest.json is not a JSON object");
+  auto text = [](const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); };
+  const json shape = input_shape, names = labels;
+  const json* input = manifest.contains("input") ? &manifest["input"] : nullptr;
+  const json* output = manifest.contains("output") ? &manifest["output"] : nullptr;
+  if (input && input->is_object()) {
+    if (input->contains("shape") && (*input)["shape"] != shape)
+      fail(path, "manifest.json says input shape " + text((*input)["shape"]) +
+                     ", the graph's input_shape() is " + text(shape));
+    if (input->contains("compute_dtype") && (*input)["compute_dtype"] != compute_dtype)
+      fail(path, "manifest.json says compute dtype " +
+                     ((*input)["compute_dtype"].is_string() ? (*input)["compute_dtype"].get<std::string>()
+                                                             : text((*input)["compute_dtype"])) +
+                     ", the graph's compute_dtype() is " + compute_dtype);
+  }
+  if (output && output->is_object()) {
+    if (output->contains("num_classes") && (*output)["num_classes"] != json(labels.size()))
+      fail(path, "manifest.json says " + text((*output)["num_classes"]) +
+                     " classes, the graph's labels() has " + std::to_string(labels.size()));
+    if (output->contains("labels") && (*output)["labels"] != names)
+      fail(path, "manifest.json's labels differ from the graph's labels()");
+  }
+}
+
 double relative_error(const at::Tensor& out, const at::Tensor& ref) {
   constexpr double kInf = std::numeric_limits<double>::infinity();
   if (!out.defined() || !ref.defined() || out.sizes() != ref.sizes() || ref.numel() == 0) return kInf;

@@ -38,6 +38,13 @@ std::vector<ProbeCase> read_probe(const std::string& path, const std::string& pr
 double probe_tolerance(const std::string& path, const std::string& manifest_json,
                        const std::string& device_type);
 
+// What manifest.json says about the input shape, the classes and the compute dtype must be what
+// the graph's own methods say (each is checked where the manifest has it). Throws ArtifactError.
+void check_manifest_agrees(const std::string& path, const std::string& manifest_json,
+                           const std::vector<int64_t>& input_shape,
+                           const std::vector<std::string>& labels,
+                           const std::string& compute_dtype);
+
 // max |out - ref| / max |ref| (the manifest's metric); +inf for NaN, a shape mismatch, etc.
 double relative_error(const at::Tensor& out, const at::Tensor& ref);
 

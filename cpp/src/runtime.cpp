@@ -258,6 +258,8 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
                         "' (expected float32, float16 or bfloat16)");
   s.compute_dtype = *compute;
 
+  integrity::check_manifest_agrees(path, s.manifest, s.input_shape, s.labels, s.compute_dtype_name);
+
   for (const char* name : {"forward", "forward_images"})
     if (!s.module.find_method(name))
       throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no method '" +

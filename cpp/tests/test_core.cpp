@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <thread>
 #include <vector>
 
@@ -72,27 +73,52 @@ TEST(Runtime, ValidatesInputs) {
     EXPECT_THROW(repmlp_rt::Runtime(test_artifact(), {.device = "cuda"}), repmlp_rt::DeviceError);
 }
 
-TEST(Runtime, ConcurrentCallsMatchSerial) {
+TEST(Runtime, EightThreadsMatchSerialBitwise) {
   if (test_artifact().empty()) GTEST_SKIP() << "REPMLP_TEST_ARTIFACT is not set";
+  constexpr int kThreads = 8;
   const repmlp_rt::Runtime runtime(test_artifact());
   const auto& s = runtime.input_shape();
   at::manual_seed(0);
   std::vector<at::Tensor> inputs, expected;
-  for (int i = 0; i < 6; ++i) {
-    inputs.push_back(at::randn({1 + i % 3, s[0], s[1], s[2]}));
-    expected.push_back(runtime.infer(inputs.back()));
+  for (int i = 0; i < kThreads; ++i) {
+    if (i % 2)
+      inputs.push_back(at::randint(0, 256, {1 + i % 3, s[1] + i, s[2] + 3, 3}, at::kByte));
+    else
+      inputs.push_back(at::randn({1 + i % 3, s[0], s[1], s[2]}));
+    expected.push_back(i % 2 ? runtime.infer_images(inputs.back()) : runtime.infer(inputs.back()));
   }
-  std::vector<int> mismatches(4, 0);
+  std::vector<int> mismatches(kThreads, 0);
   std::vector<std::thread> threads;
-  for (int t = 0; t < 4; ++t)
+  for (int t = 0; t < kThreads; ++t)
     threads.emplace_back([&, t] {
       for (int rep = 0; rep < 10; ++rep) {
         const size_t i = (t + rep) % inputs.size();
-        if (!at::equal(runtime.infer(inputs[i]), expected[i])) ++mismatches[t];
+        const at::Tensor out = i % 2 ? runtime.infer_images(inputs[i]) : runtime.infer(inputs[i]);
+        if (!at::equal(out, expected[i])) ++mismatches[t];
       }
     });
   for (auto& thread : threads) thread.join();
   for (int m : mismatches) EXPECT_EQ(m, 0);
+}
+
+TEST(Runtime, SelfCheckRefusesAFlippedByte) {
+  if (test_artifact().empty()) GTEST_SKIP() << "REPMLP_TEST_ARTIFACT is not set";
+  std::ifstream in(test_artifact(), std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  // The file is mostly weights: its middle byte lies inside a weight record.
+  bytes[bytes.size() / 2] ^= 0x01;
+  const auto path = temp_path("flipped.pt").string();
+  std::ofstream(path, std::ios::binary) << bytes;
+  try {
+    repmlp_rt::Runtime runtime(path);
+    ADD_FAILURE() << "a flipped byte loaded";
+  } catch (const repmlp_rt::ArtifactError& e) {
+    EXPECT_NE(std::string(e.what()).find("self-check failed"), std::string::npos) << e.what();
+  }
+  repmlp_rt::RuntimeOptions unverified;
+  unverified.verify = false;
+  EXPECT_FALSE(repmlp_rt::Runtime(path, unverified).verified());
+  std::filesystem::remove(path);
 }
 
 }  // namespace

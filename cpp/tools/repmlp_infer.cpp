@@ -149,6 +149,12 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
                                     std::to_string(expected[0]) + ", " + std::to_string(expected[1]) +
                                     ", " + std::to_string(expected[2]) + ") with N >= 1, got " +
                                     shape_string(array.shape));
+      // NaN or inf in a batch would only come out as NaN logits and a meaningless top-k.
+      const auto bad = std::count_if(array.data.begin(), array.data.end(),
+                                     [](float v) { return !std::isfinite(v); });
+      if (bad)
+        throw repmlp_rt::InputError("'" + input + "': expected finite float32 values, got " +
+                                    std::to_string(bad) + " NaN or infinite value(s)");
       at::Tensor all = at::from_blob(array.data.data(), array.shape, at::kFloat);
       for (int64_t start = 0; start < array.shape[0]; start += opt.batch) {
         const int64_t stop = std::min(start + opt.batch, array.shape[0]);

@@ -1,0 +1,86 @@
+"""Load-time cost of the self-check (record digest + probe) and the memory a load takes.
+
+For each artifact, each configuration loads it in a fresh process (so that page-cache state
+and allocator history are alike; the file is read once beforehand so it is in the page cache)
+and reports the load time (median of --repeats), the peak resident memory added by the load
+(ru_maxrss after minus before) and the file size. The configurations are interleaved round by
+round so that a shared host's load drifts over all of them alike.
+
+    python benchmarks/load_cost.py [--b224] [--repeats 5]
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+CONFIGS = {
+    # name: Runtime keyword arguments
+    "bare load (verify off, no warm-up)": {"verify": False, "warmup": 0},
+    "default warm-up, verify off": {"verify": False},
+    "default warm-up, verify on (default)": {"verify": True},
+    "one-shot (no warm-up), verify on": {"verify": True, "warmup": 0},
+}
+
+CHILD = r"""
+import json, resource, sys, time
+import repmlp_rt
+kwargs = json.loads(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+start = time.perf_counter()
+runtime = repmlp_rt.Runtime(sys.argv[1], threads=int(sys.argv[3]), **kwargs)
+seconds = time.perf_counter() - start
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"seconds": seconds, "peak_rss_added_mib": (after - before) / 1024}))
+"""
+
+
+def measure(path: str, kwargs: dict, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD, path, json.dumps(kwargs), str(threads)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--b224", action="store_true", help="also build and measure the 273 MB B224 artifact")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+    import warnings
+
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from repmlp.artifact import build_artifact
+
+    work = tempfile.mkdtemp(prefix="repmlp-load-cost-")
+    artifacts = {"digits": os.path.join(work, "digits.pt")}
+    build_artifact(out=artifacts["digits"])
+    if args.b224:
+        artifacts["B224"] = os.path.join(work, "b224.pt")
+        build_artifact("B224", out=artifacts["B224"], seed=5)
+    for name, path in artifacts.items():
+        with open(path, "rb") as fh:  # into the page cache
+            while fh.read(1 << 24):
+                pass
+        times = {config: [] for config in CONFIGS}
+        rss = {config: [] for config in CONFIGS}
+        for _ in range(args.repeats):
+            for config, kwargs in CONFIGS.items():
+                result = measure(path, kwargs, args.threads)
+                times[config].append(result["seconds"])
+                rss[config].append(result["peak_rss_added_mib"])
+        size_mib = os.path.getsize(path) / 2**20
+        print(f"\n{name}: {size_mib:.1f} MiB, threads {args.threads}, median of {args.repeats}")
+        print(f"| configuration | load (ms) | peak RSS added by the load (MiB) |")
+        print("|---|---:|---:|")
+        for config in CONFIGS:
+            print(f"| {config} | {1000 * statistics.median(times[config]):.1f} | {statistics.median(rss[config]):.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

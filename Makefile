@@ -14,7 +14,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install demo test test-fast bench ctest clean
+.PHONY: all setup install demo test test-fast bench ctest clean fuzz
 
 all: demo
 
@@ -51,6 +51,12 @@ test: install
 
 test-fast: install
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
+
+# Seeded fuzzing of artifacts, checkpoints, .npy, PNG and JPEG through repmlp_infer, repmlp_rt
+# and the builder: 1,000 cases, counts by outcome; exit 1 on any crash, hang, unclean error or
+# wrong answer (FUZZ_ARGS="--cases 5000 --seed 7" for more).
+fuzz: install
+	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) tests/fuzz.py $(FUZZ_ARGS)
 
 bench: install
 	$(PY) benchmarks/bench.py

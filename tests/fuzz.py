@@ -206,16 +206,20 @@ def _cli(corpus_infer: Path, args: list[str], timeout: float) -> subprocess.Comp
                           timeout=timeout, check=False)
 
 
-def make_corpus(work: Path) -> Corpus:
+def make_corpus(work: Path, artifact_source: Path | None = None) -> Corpus:
+    """The intact files; ``artifact_source``: an already built digits artifact to reuse."""
     _quiet_torch()
     from PIL import Image
 
-    from repmlp.artifact import build_artifact, default_checkpoint
+    from repmlp.artifact import build_artifact, default_checkpoint, read_manifest
 
     work.mkdir(parents=True, exist_ok=True)
     artifact = work / "digits.pt"
-    report = build_artifact(out=str(artifact), force=True)
-    c, h, w = report.manifest["input"]["shape"]
+    if artifact_source is None:
+        build_artifact(out=str(artifact), force=True)
+    else:
+        shutil.copyfile(artifact_source, artifact)
+    c, h, w = read_manifest(str(artifact))["input"]["shape"]
     rng = np.random.default_rng(0)
     x_npy = work / "x.npy"
     np.save(x_npy, rng.standard_normal((2, c, h, w)).astype(np.float32))
@@ -476,9 +480,10 @@ def plan(total: int) -> list[str]:
     return order
 
 
-def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str], None] = print) -> dict:
+def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str], None] = print,
+         artifact: Path | None = None) -> dict:
     started = time.perf_counter()
-    corpus = make_corpus(work)
+    corpus = make_corpus(work, artifact)
     (work / "corpus.json").write_text(json.dumps({k: str(v) for k, v in vars(corpus).items() if isinstance(v, Path)}))
     reference = Reference(corpus)
     sources = {"artifact": corpus.artifact, "checkpoint": corpus.checkpoint, "npy": corpus.x_npy,

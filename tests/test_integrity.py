@@ -56,7 +56,7 @@ def flipped(small_artifact, tmp_path):
     shutil.copyfile(small_artifact, path)
     name, offset, size = _record_span(path, "constants/")
     data = bytearray(path.read_bytes())
-    data[offset + size // 2] ^= 0xFF
+    data[offset + (size // 8) * 4 + 3] ^= 0xFF  # the sign and exponent byte of a float32 weight
     path.write_bytes(bytes(data))
     return path, name.split("/", 1)[1]
 
@@ -71,6 +71,12 @@ def test_a_flipped_weight_byte_fails_the_self_check_everywhere(flipped, tmp_path
         repmlp_rt.Runtime(path)
     with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
         repmlp_rt.infer(path, x)
+
+    # Without the digest, the probe sees this one (not every flip: a low mantissa bit may stay
+    # under the tolerance, which is what the digest is for).
+    with pytest.raises(repmlp_rt.ArtifactError, match="self-check failed: worst relative error"):
+        repmlp_rt.Runtime(path, verify_digest=False)
+    assert_error(run_cli(path, npy, "--no-verify-digest"), 1, "self-check failed: worst relative error")
 
     # The opt-out is the user's choice: the same file loads and answers without a word.
     result = run_cli(path, npy, "--no-verify")

@@ -122,7 +122,8 @@ void PybindRuntime(py::module_& m) {
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& path, const std::string& device, int threads,
-                       std::optional<int> warmup, int warmup_batch, bool optimize, bool verify) {
+                       std::optional<int> warmup, int warmup_batch, bool optimize, bool verify,
+                       bool verify_digest) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
@@ -130,11 +131,13 @@ void PybindRuntime(py::module_& m) {
              options.warmup_batch = warmup_batch;
              options.optimize = optimize;
              options.verify = verify;
+             options.verify_digest = verify_digest;
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
            "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = py::none(), "warmup_batch"_a = 1,
-           "optimize"_a = false, "verify"_a = true)
+           "optimize"_a = false, "verify"_a = true,
+           "verify_digest"_a = true)
       .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
            "Normalized float32 NCHW array -> float32 logits (N, num_classes).")
       .def("infer_images", &call_without_gil<&Runtime::infer_images>, "images"_a,

@@ -168,7 +168,13 @@ void check_manifest_agrees(const std::string& path, const std::string& manifest_
     fail(path, std::string("manifest.json is not valid JSON: ") + e.what());
   }
   if (!manifest.is_object()) fail(path, "manifest.json is not a JSON object");
-  auto text = [](const json& value) { return value.dump(-1, ' ', false, json::error_handler_t::replace); };
+  auto text = [](const json& value) {
+    if (!value.is_array()) return value.dump(-1, ' ', false, json::error_handler_t::replace);
+    std::string out = "[";
+    for (size_t i = 0; i < value.size(); ++i)
+      out += (i ? ", " : "") + value[i].dump(-1, ' ', false, json::error_handler_t::replace);
+    return out + "]";
+  };
   const json shape = input_shape, names = labels;
   const json* input = manifest.contains("input") ? &manifest["input"] : nullptr;
   const json* output = manifest.contains("output") ? &manifest["output"] : nullptr;

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <future>
 #include <limits>
 #include <optional>
 #include <regex>
@@ -193,19 +194,29 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
 
   if (options.threads > 0) at::set_num_threads(options.threads);
 
-  // Self-verification, first half: every record against the digest, before the loader
-  // parses any of them. A file without a digest is refused below, after the loader has said
-  // whether it is an artifact at all.
+  // Self-verification, first half: every record against the digest. It runs on a second
+  // thread while the loader reads the file (hashing B224's 273 MB takes about a third of a
+  // load on one core, benchmarks/RESULTS.md) and is awaited before any of the graph runs. A
+  // file without a digest is refused below, after the loader has said whether it is an
+  // artifact at all.
   std::string digest;
-  if (options.verify) {
+  std::future<void> digest_check;
+  if (options.verify && options.verify_digest) {
     digest = integrity::read_digest_record(path);
-    if (!digest.empty()) integrity::check_digest(path, digest);
+    if (!digest.empty())
+      digest_check = std::async(std::launch::async,
+                                [path, digest] { integrity::check_digest(path, digest); });
   }
+  // A digest failure names the corrupt record: it is the better explanation of a load error.
+  auto await_digest = [&digest_check] {
+    if (digest_check.valid()) digest_check.get();
+  };
 
   torch::jit::ExtraFilesMap extra_files{{"manifest.json", ""}, {integrity::kProbeRecord, ""}};
   try {
     s.module = torch::jit::load(path, s.device, extra_files);
   } catch (const c10::Error& e) {
+    await_digest();
     std::string why = clean_message(e);
     // A torch.save() zip (a checkpoint) has data.pkl but none of TorchScript's constants.pkl.
     if (why.find("constants.pkl") != std::string::npos)
@@ -213,8 +224,10 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
             "with repmlp-build --checkpoint";
     throw ArtifactError("cannot load artifact '" + path + "': " + why);
   } catch (const std::exception& e) {
+    await_digest();
     throw ArtifactError("cannot load artifact '" + path + "': " + clean_message(e.what()));
   }
+  await_digest();
   s.manifest = extra_files["manifest.json"];
   if (s.manifest.empty())
     throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no manifest.json");
@@ -274,7 +287,7 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   }
   std::vector<integrity::ProbeCase> probe;
   if (options.verify) {
-    if (digest.empty())
+    if (options.verify_digest && digest.empty())
       throw ArtifactError("'" + path + "' has no " + integrity::kDigestRecord +
                           " record, so it cannot be verified (built before self-verifying "
                           "artifacts?): rebuild it, or load it with verification off "

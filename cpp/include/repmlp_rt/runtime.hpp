@@ -39,6 +39,11 @@ struct RuntimeOptions {
   // ArtifactError ("self-check failed"). Turning it off loads corrupt files without a word:
   // only for those who must load fastest and trust their storage and hardware.
   bool verify = true;
+  // With verify: the digest half of the check. Hashing every record costs about 30% of a
+  // B224 load on one core (it runs alongside the loader; benchmarks/RESULTS.md), so it can be
+  // turned off alone; the probe still runs. Without it, bytes the probe cannot see (labels,
+  // the manifest, a weight bit below the tolerance) may change unnoticed.
+  bool verify_digest = true;
 };
 
 class Runtime {

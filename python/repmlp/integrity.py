@@ -33,6 +33,7 @@ __all__ = [
     "probe_bytes",
     "load_probe",
     "probe_section",
+    "digest_section",
     "probe_errors",
     "record_digests",
     "seal",
@@ -141,6 +142,15 @@ def probe_errors(module, probe: Mapping[str, torch.Tensor], device: torch.device
             diff = (out.double() - ref.double()).abs().max().item()
             errors[method] = diff / max(ref.double().abs().max().item(), 1e-12)
     return errors
+
+
+def digest_section() -> Dict[str, str]:
+    """The manifest's ``digest`` section."""
+    return {
+        "record": DIGEST_RECORD,
+        "algorithm": DIGEST_ALGORITHM,
+        "covers": "every other record of the archive, by name",
+    }
 
 
 def _records(archive: zipfile.ZipFile) -> Dict[str, zipfile.ZipInfo]:

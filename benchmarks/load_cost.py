@@ -3,10 +3,10 @@
 For each artifact, each configuration loads it in a fresh process (so that page-cache state
 and allocator history are alike; the file is read once beforehand so it is in the page cache)
 and reports the load time (median of --repeats), the peak resident memory added by the load
-(ru_maxrss after minus before) and the file size. The configurations are interleaved round by
+(the high-water mark ru_maxrss minus the resident memory before the load) and the file size. The configurations are interleaved round by
 round so that a shared host's load drifts over all of them alike.
 
-    python benchmarks/load_cost.py [--b224] [--repeats 5]
+    python benchmarks/load_cost.py [--b224] [--repeats 5] [--artifact NAME=PATH ...]
 """
 
 import argparse
@@ -22,19 +22,24 @@ CONFIGS = {
     "bare load (verify off, no warm-up)": {"verify": False, "warmup": 0},
     "default warm-up, verify off": {"verify": False},
     "default warm-up, verify on (default)": {"verify": True},
+    "default warm-up, verify on, digest off": {"verify": True, "verify_digest": False},
     "one-shot (no warm-up), verify on": {"verify": True, "warmup": 0},
 }
 
 CHILD = r"""
-import json, resource, sys, time
+import json, os, resource, sys, time
 import repmlp_rt
 kwargs = json.loads(sys.argv[2])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def resident_kib():
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+before = resident_kib()
 start = time.perf_counter()
 runtime = repmlp_rt.Runtime(sys.argv[1], threads=int(sys.argv[3]), **kwargs)
 seconds = time.perf_counter() - start
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"seconds": seconds, "peak_rss_added_mib": (after - before) / 1024}))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB, the process's high-water mark
+print(json.dumps({"seconds": seconds, "peak_rss_added_mib": (max(peak, before) - before) / 1024,
+                  "rss_added_mib": (resident_kib() - before) / 1024}))
 """
 
 
@@ -49,6 +54,8 @@ def main() -> int:
     parser.add_argument("--b224", action="store_true", help="also build and measure the 273 MB B224 artifact")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
+                        help="measure this already built artifact instead of building digits (and B224)")
     args = parser.parse_args()
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
     import warnings
@@ -57,8 +64,10 @@ def main() -> int:
     from repmlp.artifact import build_artifact
 
     work = tempfile.mkdtemp(prefix="repmlp-load-cost-")
-    artifacts = {"digits": os.path.join(work, "digits.pt")}
-    build_artifact(out=artifacts["digits"])
+    artifacts = dict(item.split("=", 1) for item in args.artifact)
+    if not artifacts:
+        artifacts["digits"] = os.path.join(work, "digits.pt")
+        build_artifact(out=artifacts["digits"])
     if args.b224:
         artifacts["B224"] = os.path.join(work, "b224.pt")
         build_artifact("B224", out=artifacts["B224"], seed=5)
@@ -68,17 +77,20 @@ def main() -> int:
                 pass
         times = {config: [] for config in CONFIGS}
         rss = {config: [] for config in CONFIGS}
+        kept = {config: [] for config in CONFIGS}
         for _ in range(args.repeats):
             for config, kwargs in CONFIGS.items():
                 result = measure(path, kwargs, args.threads)
                 times[config].append(result["seconds"])
                 rss[config].append(result["peak_rss_added_mib"])
+                kept[config].append(result["rss_added_mib"])
         size_mib = os.path.getsize(path) / 2**20
         print(f"\n{name}: {size_mib:.1f} MiB, threads {args.threads}, median of {args.repeats}")
-        print(f"| configuration | load (ms) | peak RSS added by the load (MiB) |")
-        print("|---|---:|---:|")
+        print("| configuration | load (ms) | peak RSS added by the load (MiB) | RSS added after it (MiB) |")
+        print("|---|---:|---:|---:|")
         for config in CONFIGS:
-            print(f"| {config} | {1000 * statistics.median(times[config]):.1f} | {statistics.median(rss[config]):.1f} |")
+            print(f"| {config} | {1000 * statistics.median(times[config]):.1f} | "
+                  f"{statistics.median(rss[config]):.1f} | {statistics.median(kept[config]):.1f} |")
     return 0
 
 

@@ -5,6 +5,8 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <tuple>
+#include <utility>
 
 #if defined(REPMLP_RT_WITH_STB)
 #if defined(REPMLP_RT_STB_HEADER_ONLY)
@@ -32,9 +34,12 @@ uint32_t big_endian_u32(const std::string& bytes, size_t at) {
 // Every PNG chunk carries a CRC-32, which stb_image does not check: a flipped bit in the pixel
 // data would decode to a silently different image. libpng and Pillow refuse such a file, and
 // so does this: each chunk's CRC must hold, and the file must reach its IEND chunk.
-void check_png_chunks(const std::string& bytes, const std::string& path) {
+// Returns the size its IHDR chunk claims (stb_image's own header check refuses sizes over 1 GiB
+// of pixels with a misleading "unknown image type").
+std::pair<int64_t, int64_t> check_png_chunks(const std::string& bytes, const std::string& path) {
   static const char kSignature[] = "\x89PNG\r\n\x1a\n";
-  if (bytes.size() < 8 || bytes.compare(0, 8, kSignature, 8) != 0) return;  // not a PNG
+  if (bytes.size() < 8 || bytes.compare(0, 8, kSignature, 8) != 0) return {-1, -1};  // not a PNG
+  int64_t width = -1, height = -1;
   auto fail = [&path](const std::string& why) {
     return InputError("cannot decode image '" + path + "': " + why);
   };
@@ -47,7 +52,11 @@ void check_png_chunks(const std::string& bytes, const std::string& path) {
     if (crc != big_endian_u32(bytes, at + 8 + length))
       throw fail("PNG chunk '" + type + "' at byte " + std::to_string(at) +
                  " fails its CRC check (corrupt file)");
-    if (type == "IEND") return;
+    if (type == "IHDR" && length >= 8) {
+      width = big_endian_u32(bytes, at + 8);
+      height = big_endian_u32(bytes, at + 12);
+    }
+    if (type == "IEND") return {width, height};
     at += 12 + size_t{length};
   }
   throw fail("truncated PNG (no IEND chunk)");
@@ -78,29 +87,35 @@ Image decode_image(const std::string& path, int64_t max_pixels) {
   if (bytes.size() > static_cast<size_t>(INT_MAX))
     throw InputError("cannot decode image '" + path + "': file of " + std::to_string(bytes.size()) +
                      " bytes is over stb_image's 2 GiB limit");
-#if defined(REPMLP_RT_WITH_ZLIB)
-  check_png_chunks(bytes, path);
-#endif
   const auto* data = reinterpret_cast<const stbi_uc*>(bytes.data());
   const int size = static_cast<int>(bytes.size());
   auto failure = [&path]() -> InputError {
     const char* reason = stbi_failure_reason();
     return InputError("cannot decode image '" + path + "': " + (reason ? reason : "unknown error"));
   };
-  int width = 0, height = 0, channels = 0;
-  if (!stbi_info_from_memory(data, size, &width, &height, &channels)) throw failure();
-  const int64_t pixels = int64_t{width} * height;
+  int64_t width = -1, height = -1;
+#if defined(REPMLP_RT_WITH_ZLIB)
+  std::tie(width, height) = check_png_chunks(bytes, path);
+#endif
+  if (width < 0) {
+    int w = 0, h = 0, channels = 0;
+    if (!stbi_info_from_memory(data, size, &w, &h, &channels)) throw failure();
+    width = w;
+    height = h;
+  }
+  const int64_t pixels = width * height;
   if (max_pixels > 0 && pixels > max_pixels)
     throw InputError("image '" + path + "' claims " + std::to_string(width) + " x " +
                      std::to_string(height) + " = " + std::to_string(pixels) +
                      " pixels, over the limit of " + std::to_string(max_pixels) +
                      " (raise it with --max-image-pixels / max_pixels if the file is trusted)");
-  stbi_uc* decoded = stbi_load_from_memory(data, size, &width, &height, &channels, 3);
+  int w = 0, h = 0, channels = 0;
+  stbi_uc* decoded = stbi_load_from_memory(data, size, &w, &h, &channels, 3);
   if (!decoded) throw failure();
   Image image;
-  image.height = height;
-  image.width = width;
-  image.rgb.assign(decoded, decoded + static_cast<size_t>(width) * height * 3);
+  image.height = h;
+  image.width = w;
+  image.rgb.assign(decoded, decoded + static_cast<size_t>(w) * h * 3);
   stbi_image_free(decoded);
   return image;
 #else

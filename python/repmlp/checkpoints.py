@@ -37,6 +37,9 @@ class CheckpointInfo:
     num_tensors: int
     path: Optional[str] = None
     sha256: Optional[str] = None
+    # The classifier: "loaded"; "absent" (a backbone-only checkpoint into a model without
+    # one); "ignored" (the checkpoint's head.* left out of a model without a classifier).
+    head: str = "loaded"
 
 
 # (official prefix, mmcls prefix): whole-prefix renames, first match wins.
@@ -198,6 +201,7 @@ def load_checkpoint(
     for key, value in state.items():
         official = _rename(key, to_mmcls=False) if layout == "mmcls" else key
         mapped[_official_to_native(official, kernels)] = value
+    head = _match_head(model, mapped, layout)
     expected = model.state_dict()
     # Old checkpoints may lack BN's num_batches_tracked; BN fills it in, as torch does.
     missing = [k for k in expected if k not in mapped and not k.endswith("num_batches_tracked")]
@@ -219,6 +223,7 @@ def load_checkpoint(
             )
             problems.append(f"{len(mismatched)} with the wrong shape ({shown})")
             problems += _shape_hints(mismatched, mapped, expected)
+        problems += _final_norm_hints(missing, unexpected)
         arch = _describe(model)
         raise CheckpointError(
             f"checkpoint ({layout} layout, {form} form) does not match {arch}: " + "; ".join(problems)
@@ -231,7 +236,28 @@ def load_checkpoint(
         num_tensors=len(state),
         path=path,
         sha256=sha256_file(path) if path else None,
+        head=head,
     )
+
+
+def _match_head(model: RepMLPNet, mapped: Dict[str, torch.Tensor], layout: str) -> str:
+    """Reconcile the checkpoint's classifier with the model's (drops head.* from ``mapped``
+    when the model has none); raises when a classifier is needed and the checkpoint has none."""
+    head_keys = [k for k in mapped if k.startswith("head.")]
+    if model.config.num_classes == 0:
+        # Features and embeddings need only the backbone: a classifier's weights are unused.
+        for key in head_keys:
+            del mapped[key]
+        return "ignored" if head_keys else "absent"
+    if not head_keys:
+        named = "head.fc.*" if layout == "mmcls" else "head.*"
+        raise CheckpointError(
+            f"the checkpoint ({layout} layout) has no classifier ({named} keys): a backbone-only "
+            f"checkpoint gives features or embeddings, not the model's {model.config.num_classes} "
+            "class logits; create the model with num_classes=0 (repmlp-build --output features "
+            "or --output embedding)"
+        )
+    return "loaded"
 
 
 def _shape_hints(
@@ -253,6 +279,15 @@ def _shape_hints(
             "pass num_classes (--num-classes)"
         )
     return hints
+
+
+def _final_norm_hints(missing: List[str], unexpected: List[str]) -> List[str]:
+    """A checkpoint with or without the final norm (mmcls's final_norm) the model lacks or has."""
+    if any(k.startswith("head_norm.") for k in missing):
+        return ["the checkpoint has no final norm: create the model with final_norm=False"]
+    if any(k.startswith("head_norm.") for k in unexpected):
+        return ["the checkpoint has a final norm: create the model with final_norm=True"]
+    return []
 
 
 def _key_in_file_namer(layout: str, kernels: List[int]):

@@ -12,7 +12,7 @@ import torch
 
 from repmlp import CheckpointError, create_model, export_state_dict, fuse_model, load_checkpoint, reparameterize_model
 
-from conftest import SMALL_ARCH, make_model, relative_close
+from helpers import SMALL_ARCH, make_model, relative_close
 
 OUT_INDICES = [(0, 1, 2, 3), (1, 3), (3,)]
 SIZES = [(32, 32), (64, 32)]  # square and non-square

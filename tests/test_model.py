@@ -10,7 +10,7 @@ import repmlp
 from repmlp import create_model, fuse_model, reparameterize_model
 from repmlp.model import RepMLPBlock
 
-from conftest import SMALL_ARCH, make_model, relative_close
+from helpers import SMALL_ARCH, make_model, relative_close
 
 # Exact training-time parameter counts of the official models (1000-class head), from the
 # official repository's models (REPMLPNET.md).

@@ -12,7 +12,7 @@ them ``repconv{k}``.
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from .model import RepMLPNet
 from .utils import sha256_file
 
-__all__ = ["CheckpointError", "CheckpointInfo", "load_checkpoint", "export_state_dict", "read_state_dict"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "load_checkpoint", "export_state_dict", "read_checkpoint"]
 
 LAYOUTS = ("official", "mmcls")
 
@@ -40,6 +40,20 @@ class CheckpointInfo:
     # The classifier: "loaded"; "absent" (a backbone-only checkpoint into a model without
     # one); "ignored" (the checkpoint's head.* left out of a model without a classifier).
     head: str = "loaded"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read once: its flat state dict and what its keys say about it."""
+
+    state: Dict[str, torch.Tensor]
+    layout: str  # "official" | "mmcls"
+    form: str  # "training" | "deploy"
+    path: Optional[str] = None  # None for an in-memory state dict
+    sha256: Optional[str] = None
+
+    def info(self) -> CheckpointInfo:
+        return CheckpointInfo(self.layout, self.form, len(self.state), self.path, self.sha256)
 
 
 # (official prefix, mmcls prefix): whole-prefix renames, first match wins.
@@ -127,11 +141,15 @@ def _load_failure(exc: Exception) -> str:
     return f"not a PyTorch checkpoint ({type(exc).__name__}{': ' + first if first else ''})"
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    """Read a checkpoint file (``weights_only=True``) or take a dict; unwrap and strip ``module.``.
+def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any], Checkpoint]) -> Checkpoint:
+    """Read a checkpoint file (``weights_only=True``) or take a state dict, unwrap it
+    (``state_dict``/``model``), strip ``module.`` prefixes and detect layout and form.
 
-    Returns the flat state dict and the file path (None for a dict).
+    A :class:`Checkpoint` passes through unchanged, so callers can read a file once and load it
+    later. Raises :class:`CheckpointError` (a ``ValueError``) naming the problem.
     """
+    if isinstance(source, Checkpoint):
+        return source
     path: Optional[str] = None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -158,7 +176,14 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, expected a tensor")
         state[key[len("module.") :] if key.startswith("module.") else key] = value
-    return state, path
+    keys = list(state)
+    return Checkpoint(
+        state=state,
+        layout=detect_layout(keys),
+        form=detect_form(keys),
+        path=os.path.abspath(path) if path else None,
+        sha256=sha256_file(path) if path else None,
+    )
 
 
 def _model_kernels(model: RepMLPNet) -> List[int]:
@@ -167,20 +192,19 @@ def _model_kernels(model: RepMLPNet) -> List[int]:
 
 
 def load_checkpoint(
-    model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any]]
+    model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any], Checkpoint]
 ) -> CheckpointInfo:
     """Load official or mmcls/mmpretrain weights into ``model``, strictly.
 
-    ``source`` is a file path (read with ``torch.load(weights_only=True)``) or a state dict,
-    possibly wrapped in ``state_dict``/``model`` and with ``module.`` prefixes.
+    ``source`` is a file path (read with ``torch.load(weights_only=True)``), a state dict
+    (possibly wrapped in ``state_dict``/``model``, with ``module.`` prefixes) or a
+    :class:`Checkpoint` from :func:`read_checkpoint`.
     Raises :class:`CheckpointError` (a ``ValueError``) naming the problem.
     """
     if not isinstance(model, RepMLPNet):
         raise CheckpointError(f"load_checkpoint needs a RepMLPNet, got {type(model).__name__}")
-    state, path = read_state_dict(source)
-    keys = list(state)
-    layout = detect_layout(keys)
-    form = detect_form(keys)
+    checkpoint = read_checkpoint(source)
+    state, layout, form = checkpoint.state, checkpoint.layout, checkpoint.form
     model_form = model.form
     if model_form == "fused":
         raise CheckpointError(
@@ -230,14 +254,7 @@ def load_checkpoint(
         )
     with torch.no_grad():
         model.load_state_dict(mapped, strict=True)
-    return CheckpointInfo(
-        layout=layout,
-        form=form,
-        num_tensors=len(state),
-        path=path,
-        sha256=sha256_file(path) if path else None,
-        head=head,
-    )
+    return replace(checkpoint.info(), head=head)
 
 
 def _match_head(model: RepMLPNet, mapped: Dict[str, torch.Tensor], layout: str) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from .variants import ArchConfig, get_variant
 
 __all__ = [
+    "resolve_config",
     "ConvBN",
     "GlobalPerceptron",
     "RepMLPBlock",
@@ -544,6 +545,28 @@ class RepMLPNet(nn.Module):
         return "deploy"
 
 
+def resolve_config(
+    arch: Any = "B224", *, img_size: Any = None, num_classes: Optional[int] = None, **overrides: Any
+) -> ArchConfig:
+    """The validated :class:`ArchConfig` that :func:`create_model` builds (same arguments)."""
+    changes = dict(overrides)
+    if "sharesets_nums" in changes:  # mmcls's name
+        changes["sharesets"] = changes.pop("sharesets_nums")
+    if arch is None:  # a custom arch given entirely as keyword arguments
+        structure = ("channels", "depths", "sharesets")
+        arch = {k: changes.pop(k) for k in structure if k in changes}
+    cfg = get_variant(arch)
+    if img_size is not None:
+        cfg = cfg.with_img_size(img_size)
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+        if cfg.labels is not None and len(cfg.labels) != num_classes and "labels" not in changes:
+            changes["labels"] = None
+    if changes:
+        cfg = cfg.with_changes(changes)
+    return cfg
+
+
 def create_model(
     arch: Any = "B224",
     *,
@@ -574,21 +597,7 @@ def create_model(
         **overrides: any other :class:`ArchConfig` field (``reparam_conv_kernels``,
             ``gp_ratio``, ``labels``, ...).
     """
-    changes = dict(overrides)
-    if "sharesets_nums" in changes:  # mmcls's name
-        changes["sharesets"] = changes.pop("sharesets_nums")
-    if arch is None:  # a custom arch given entirely as keyword arguments
-        structure = ("channels", "depths", "sharesets")
-        arch = {k: changes.pop(k) for k in structure if k in changes}
-    cfg = get_variant(arch)
-    if img_size is not None:
-        cfg = cfg.with_img_size(img_size)
-    if num_classes is not None:
-        changes["num_classes"] = num_classes
-        if cfg.labels is not None and len(cfg.labels) != num_classes and "labels" not in changes:
-            changes["labels"] = None
-    if changes:
-        cfg = cfg.with_changes(changes)
+    cfg = resolve_config(arch, img_size=img_size, num_classes=num_classes, **overrides)
     return RepMLPNet(
         cfg, deploy=deploy, out_indices=out_indices, final_norm=final_norm, pre_downsample=pre_downsample
     )

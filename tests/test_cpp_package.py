@@ -13,14 +13,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import repmlp_infer_binary
+from helpers import repmlp_infer_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_TREE = ROOT / "build" / "cmake"
 DIGITS = sorted((ROOT / "examples" / "digits" / "images").glob("*.png"))
 HEADERS = ["errors.hpp", "image.hpp", "npy.hpp", "runtime.hpp"]
-
-pytestmark = pytest.mark.slow
 
 
 def _tool(name: str) -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import repmlp_rt
 import runtime_helpers as helpers
-from conftest import repmlp_infer_binary
+from helpers import repmlp_infer_binary
 import torch
 
 RTOL, ATOL = 1e-5, 1e-5

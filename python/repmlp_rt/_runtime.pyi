@@ -1,8 +1,15 @@
-"""Type stub for the compiled extension repmlp_rt._runtime (see cpp/python/bindings.cpp)."""
+"""Type stub for the compiled extension repmlp_rt._runtime (see cpp/python/bindings.cpp).
 
+Array arguments are numpy arrays or DLPack capsules (a torch tensor's ``__dlpack__()``); the
+result is of the same kind.
+"""
+
+from typing import Any, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
+
+_Array: TypeAlias = npt.NDArray[Any] | Any  # a numpy array or a DLPack capsule
 
 FORMAT_VERSION: int
 
@@ -16,13 +23,13 @@ DEFAULT_MAX_IMAGE_PIXELS: int
 def decode_image(path: str, max_pixels: int = ...) -> npt.NDArray[np.uint8]: ...
 
 class Runtime:
-    def __init__(self, path: str, device: str = "cpu", threads: int = 0, warmup: int | None = None,
-                 warmup_batch: int = 1, optimize: bool = False, verify: bool = True,
-                 verify_digest: bool = True) -> None: ...
-    def infer(self, x: npt.NDArray[np.generic]) -> npt.NDArray[np.float32]: ...
-    def infer_images(self, images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]: ...
-    def classify(self, x: npt.NDArray[np.generic], topk: int | None = None
-                 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]: ...
+    def __init__(self, path: str, device: str = "cpu", threads: int | None = None,
+                 warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False,
+                 verify: bool = True, verify_digest: bool = True) -> None: ...
+    def infer(self, x: _Array) -> _Array: ...
+    def infer_normalized(self, x: _Array) -> _Array: ...
+    def infer_images(self, images: _Array) -> _Array: ...
+    def classify(self, x: _Array, topk: int | None = None) -> tuple[_Array, _Array]: ...
     @property
     def path(self) -> str: ...
     @property

@@ -32,6 +32,7 @@ from ._runtime import (
     InputError,
     built_with_cuda,
     decode_image,
+    decode_image_bytes,
     has_image_decoding,
 )
 from ._runtime import Runtime as _CoreRuntime
@@ -47,6 +48,7 @@ __all__ = [
     "built_with_cuda",
     "clear_cache",
     "decode_image",
+    "decode_image_bytes",
     "has_image_decoding",
     "infer",
 ]

@@ -45,6 +45,7 @@ from ._cli import init_ray, positive_int
 try:
     import ray
     from ray import serve
+    from ray.serve.api import RunTarget
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
 except ImportError as error:  # pragma: no cover - depends on the environment
@@ -55,6 +56,7 @@ API_PREFIX = "/v1/models"
 INDEX_APP = "repmlp-index"
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NPY_MEDIA_TYPE = "application/octet-stream"
+SINGLE_INPUT = "body"  # the "input" of a one-image request; images[i] for a JSON list
 
 
 @dataclass(frozen=True)
@@ -171,7 +173,7 @@ def decode_images(body: bytes, content_type: str) -> list[tuple[str, np.ndarray]
             except (binascii.Error, ValueError):
                 raise RequestError(400, f"images[{i}] is not valid base64") from None
     else:
-        named = [("image", body)]
+        named = [(SINGLE_INPUT, body)]
     images = []
     for name, data in named:
         try:
@@ -183,6 +185,9 @@ def decode_images(body: bytes, content_type: str) -> list[tuple[str, np.ndarray]
 
 def parse_npy(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
     """A float32 (N, C, H, W) batch from a ``.npy`` body, checked against the model input."""
+    if not body.startswith(b"\x93NUMPY"):
+        raise RequestError(400, "body is not a .npy file (no NumPy header): expected a float32 NCHW batch "
+                                "written by numpy.save")
     try:
         array = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -271,7 +276,7 @@ class ModelDeployment:
         answers = await asyncio.gather(*(self.classify_batch((image, topk)) for _, image in images))
         results = [topk_json(name, scores, indices, self.labels)
                    for (name, _), (scores, indices, _) in zip(images, answers)]
-        is_list = len(images) > 1 or images[0][0] != "image"
+        is_list = images[0][0] != SINGLE_INPUT
         headers = {"X-Batch-Size": ",".join(str(size) for *_, size in answers)}
         return JSONResponse(results if is_list else results[0], headers=headers)
 
@@ -326,8 +331,8 @@ def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.
     """Starts Serve's HTTP proxy on host:port (on an already connected Ray) and deploys every
     application; waits until they are running. Returns the base URL."""
     serve.start(http_options={"host": host, "port": port})
-    for name, prefix, app in build_applications(specs, options):
-        serve.run(app, name=name, route_prefix=prefix)
+    serve.run_many([RunTarget(app, name=name, route_prefix=prefix)
+                    for name, prefix, app in build_applications(specs, options)])
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
 

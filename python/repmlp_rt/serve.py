@@ -71,6 +71,7 @@ class ServeOptions:
     threads: int = 1  # intra-op threads per replica, also the CPUs each replica reserves
     device: str = "cpu"
     max_body_bytes: int = 16 << 20
+    access_log: bool = False  # Serve's per-request log lines (they cost throughput under load)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "replicas", "max_ongoing_requests", "threads", "max_body_bytes"):
@@ -331,7 +332,8 @@ def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.
     """Starts Serve's HTTP proxy on host:port (on an already connected Ray) and deploys every
     application; waits until they are running. Returns the base URL."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run_many([RunTarget(app, name=name, route_prefix=prefix)
+    logging = {"enable_access_log": options.access_log}
+    serve.run_many([RunTarget(app, name=name, route_prefix=prefix, logging_config=logging)
                     for name, prefix, app in build_applications(specs, options)])
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
@@ -377,6 +379,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / (1 << 20),
                    help="largest request body accepted, MiB (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (each replica then reserves one GPU)")
+    p.add_argument("--access-log", action="store_true", help="log every request (Serve's access log)")
     return p
 
 
@@ -386,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         options = ServeOptions(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                                replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-                               threads=args.threads, device=args.device,
+                               threads=args.threads, device=args.device, access_log=args.access_log,
                                max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))))
     except ValueError as error:
         parser.error(str(error))
@@ -397,14 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     init_ray(args.address, args.num_cpus)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background shell job ignores it by default
+        signal.signal(signum, lambda *_: stop.set())
     try:
         url = deploy(specs, options, host=args.host, port=args.port)
         print(f"{PROG}: serving {', '.join(spec.name for spec in specs)} at {url}{API_PREFIX} (Ctrl-C stops)",
               file=sys.stderr, flush=True)
         stop.wait()
-    except KeyboardInterrupt:
-        pass
     except Exception as error:  # a replica that cannot start: Serve reports it as a deploy failure
         print(f"{PROG}: error: deployment failed: {error}", file=sys.stderr)
         return 1

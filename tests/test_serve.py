@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import repmlp_rt
-from conftest import repmlp_infer_binary
+from helpers import ROOT, repmlp_infer_binary
 
 try:
     import ray
@@ -31,7 +31,6 @@ try:
 except ImportError as error:  # a failure, not a skip: `make test` installs the extra
     raise ImportError(f"{error}: the serve extra is missing, run `make serve-deps`") from None
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGIT_PNGS = sorted(glob.glob(os.path.join(ROOT, "examples", "digits", "images", "*.png")))
 MAX_BODY = 1 << 20  # small, so the oversized-body case stays cheap
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}

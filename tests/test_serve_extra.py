@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 import repmlp_rt
+from helpers import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGIT_PNGS = sorted(glob.glob(os.path.join(ROOT, "examples", "digits", "images", "*.png")))
 
 # Runs `code` in a fresh interpreter in which the serve extra's packages cannot be imported.

@@ -127,3 +127,23 @@ def test_command(small_artifact, tmp_path):
     zero = run_command(small_artifact, tmp_path, "--max-batch-size", "0")
     assert zero.returncode == 2 and "expected an integer >= 1, got 0" in zero.stderr
 
+
+
+def test_build_command_writes_the_repository(tmp_path, capsys):
+    """repmlp-build --triton-repo: the artifact and its repository entry from one command."""
+    from repmlp.cli import main
+
+    out = tmp_path / "digits.pt"
+    repo = tmp_path / "repo"
+    with pytest.raises(SystemExit) as usage:  # a missing repository folder: usage, before the build
+        main(["--out", str(out), "--triton-repo", str(repo)])
+    assert usage.value.code == 2 and "is not an existing folder" in capsys.readouterr().err
+    assert not out.exists()
+    repo.mkdir()
+    assert main(["--out", str(out), "--triton-repo", str(repo), "--triton-max-batch-size", "4"]) == 0
+    config = parse_config(repo / "digits")
+    assert config.max_batch_size == 4 and list(config.input[0].dims) == list(repmlp_rt.Runtime(out).input_shape)
+    assert (repo / "digits" / "1" / "model.pt").read_bytes() == out.read_bytes()
+    with pytest.raises(SystemExit) as exists:
+        main(["--out", str(tmp_path / "other.pt"), "--triton-repo", str(repo), "--triton-name", "digits"])
+    assert exists.value.code == 2 and "pass --force" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from typing import List, Optional, Tuple, Union
@@ -118,7 +119,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (no checkpoint)")
     p.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out (and --triton-repo's model)")
+    triton = p.add_argument_group("Triton model repository (also for an existing artifact: repmlp-triton-repo)")
+    triton.add_argument("--triton-repo", metavar="DIR", help="also write DIR/<name>/{config.pbtxt,labels.txt,1/model.pt}")
+    from repmlp_rt.triton import add_arguments  # the writer lives with the runtime, for serving hosts
+
+    add_arguments(triton, prefix="triton-")
     return p
 
 
@@ -131,6 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         check_out_path(args.out or default_out_path(args.arch), args.force)
     except BuildError as exc:
         parser.error(str(exc))
+    if args.triton_repo is not None:
+        _check_triton_repo(parser, args)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -177,9 +185,30 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"  {report.size_bytes / 1e6:.2f} MB, sha256 {report.sha256}",
         file=sys.stderr,
     )
+    if args.triton_repo is not None:
+        from repmlp_rt.triton import write_triton_repository
+
+        try:
+            model = write_triton_repository(report.path, args.triton_repo, name=args.triton_name,
+                                            max_batch_size=args.triton_max_batch_size, kind=args.triton_kind,
+                                            instances=args.triton_instances, force=args.force)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"{PROG}: error: the artifact was written, the Triton repository was not: {exc}", file=sys.stderr)
+            return 1
+        print(f"{PROG}: wrote Triton model {model.path}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     return 0
+
+
+def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of --triton-repo, found before the build: a missing folder, an existing
+    model folder without --force."""
+    if not os.path.isdir(args.triton_repo):
+        parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
+    name = args.triton_name or os.path.splitext(os.path.basename(args.out or default_out_path(args.arch)))[0]
+    if os.path.exists(os.path.join(args.triton_repo, name)) and not args.force:
+        parser.error(f"{os.path.join(args.triton_repo, name)!r} exists; pass --force to replace it")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, help="requests per artifact (default by input size)")
     p.add_argument("--concurrency", type=int, help="concurrent clients (default by input size)")
     p.add_argument("--max-batch-size", type=int, help="Serve's max batch = the direct batch (default by input size)")
+    p.add_argument("--max-ongoing-requests", type=int,
+                   help="per replica (default: the concurrency; Serve's own default of 5 caps batches at 5)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -158,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
                 base = direct(artifact, image, batch, args.threads, calls=max(3, (args.requests or d["requests"]) // batch))
                 specs = rt_serve.load_specs([artifact])
                 options = rt_serve.ServeOptions(max_batch_size=batch, batch_wait_ms=args.batch_wait_ms,
-                                                max_ongoing_requests=max(batch, args.concurrency or d["concurrency"]),
+                                                max_ongoing_requests=args.max_ongoing_requests
+                                                or max(batch, args.concurrency or d["concurrency"]),
                                                 threads=args.threads)
                 url = rt_serve.deploy(specs, options, port=free_port())
                 endpoint = f"{url}/v1/models/{specs[0].name}/classify"
@@ -167,19 +170,21 @@ def main(argv: list[str] | None = None) -> int:
                                           args.concurrency or d["concurrency"]))
                 rt_serve.undeploy(specs)
                 row = {"artifact": os.path.basename(artifact), "input": list(probe.input_shape),
-                       "threads": args.threads, "direct": base, "serve": served}
+                       "threads": args.threads, "max_ongoing_requests": options.max_ongoing_requests,
+                       "direct": base, "serve": served}
                 results.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
     print("| artifact | max batch | path | rate | p50 ms | p99 ms | mean batch |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")  # Serve rows: max ongoing requests per replica in brackets
     for r in results:
         b, s = r["direct"], r["serve"]
         print(f"| {r['artifact']} | {b['batch']} | direct `classify` ({b['calls']} calls) | {b['images_per_s']:.0f} img/s "
               f"| {b['p50_ms']:.1f} (per call) | {b['p99_ms']:.1f} | {b['batch']} |")
-        print(f"| {r['artifact']} | {b['batch']} | Serve, {s['concurrency']} clients ({s['requests']} req, "
+        print(f"| {r['artifact']} | {b['batch']} | Serve [{r['max_ongoing_requests']}], {s['concurrency']} clients "
+              f"({s['requests']} req, "
               f"{s['errors']} errors) | {s['requests_per_s']:.0f} req/s | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} "
               f"| {s['mean_batch']:.1f} |")
     if args.json:

@@ -8,6 +8,11 @@ import re
 import sys
 from typing import List, Optional, Tuple, Union
 
+# The Triton writer lives with the runtime, so a serving host has it too (repmlp-triton-repo).
+from repmlp_rt._cli import positive_int
+from repmlp_rt.triton import add_arguments as add_triton_arguments
+from repmlp_rt.triton import write_triton_repository
+
 from .artifact import DEFAULT_TOLERANCE, DTYPES, BuildError, build_artifact, check_out_path, default_out_path
 from .checkpoints import CheckpointError
 from .variants import DEFAULT_ARCH, get_variant, list_variants
@@ -71,16 +76,6 @@ def _arch(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -98,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoint for the default arch, seeded random weights for any other",
     )
     p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
-    p.add_argument("--num-classes", type=_positive_int, help="classifier width (default: the variant's)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier width (default: the variant's)")
     p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
     pre = p.add_argument_group("preprocessing overrides (default: the variant's, see the README)")
     pre.add_argument("--resize-mode", choices=["short_side", "exact"], help="short_side keeps the aspect ratio")
@@ -122,9 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite an existing --out (and --triton-repo's model)")
     triton = p.add_argument_group("Triton model repository (also for an existing artifact: repmlp-triton-repo)")
     triton.add_argument("--triton-repo", metavar="DIR", help="also write DIR/<name>/{config.pbtxt,labels.txt,1/model.pt}")
-    from repmlp_rt.triton import add_arguments  # the writer lives with the runtime, for serving hosts
-
-    add_arguments(triton, prefix="triton-")
+    add_triton_arguments(triton, prefix="triton-")
     return p
 
 
@@ -186,8 +179,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         file=sys.stderr,
     )
     if args.triton_repo is not None:
-        from repmlp_rt.triton import write_triton_repository
-
         try:
             model = write_triton_repository(report.path, args.triton_repo, name=args.triton_name,
                                             max_batch_size=args.triton_max_batch_size, kind=args.triton_kind,

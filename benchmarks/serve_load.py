@@ -5,8 +5,9 @@ For each artifact: a local Ray starts (once), the artifact is deployed with dyna
 one encoded image each. Reported: requests/s, p50/p99 request latency, the mean batch size the
 replica ran (X-Batch-Size). The direct baseline, in the benchmark process with the same thread
 count: decode B images from the same bytes and call Runtime.classify on the batch, repeated;
-reported as images/s and p50/p99 per batch call. Everything is bounded: N requests per
-artifact, a per-request timeout, and a wall-clock cap per phase.
+reported as images/s and p50/p99 per batch call. The two alternate in --rounds rounds (3), so
+both see the same host load. Everything is bounded: N requests per artifact, a per-request
+timeout, and a wall-clock cap per phase.
 
     .venv/bin/repmlp-build --out /tmp/digits.pt
     .venv/bin/repmlp-build --arch B224 --out /tmp/b224.pt
@@ -59,22 +60,33 @@ def sample_image(runtime: repmlp_rt.Runtime) -> bytes:
     return buffer.getvalue()
 
 
-def direct(artifact: str, image: bytes, batch: int, threads: int, calls: int) -> dict[str, Any]:
-    """Decode `batch` images and classify them in one call, `calls` times (after one warm-up)."""
-    runtime = repmlp_rt.Runtime(artifact, threads=threads, warmup_batch=batch)
+def direct_times(runtime: repmlp_rt.Runtime, image: bytes, batch: int, calls: int) -> list[float]:
+    """Seconds per call of: decode `batch` images from the request bytes, classify them at once."""
     times = []
     deadline = time.perf_counter() + PHASE_CAP_S
-    for i in range(calls + 1):
+    for _ in range(calls):
         start = time.perf_counter()
         images = np.stack([repmlp_rt.decode_image_bytes(image) for _ in range(batch)])
         runtime.classify(images)
-        if i:
-            times.append(time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         if time.perf_counter() > deadline:
             break
+    return times
+
+
+def direct_summary(times: list[float], batch: int) -> dict[str, Any]:
     p50, p99 = percentiles(times)
     return {"batch": batch, "calls": len(times), "images_per_s": batch * len(times) / sum(times),
             "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3}
+
+
+def serve_summary(rounds: list[dict[str, Any]], concurrency: int) -> dict[str, Any]:
+    latencies = [x for r in rounds for x in r["latencies"]]
+    sizes = [x for r in rounds for x in r["sizes"]]
+    p50, p99 = percentiles(latencies)
+    return {"requests": len(latencies), "errors": sum(r["errors"] for r in rounds), "concurrency": concurrency,
+            "requests_per_s": len(latencies) / sum(r["wall"] for r in rounds),
+            "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "mean_batch": float(np.mean(sizes))}
 
 
 async def load(url: str, image: bytes, requests: int, concurrency: int) -> dict[str, Any]:
@@ -92,12 +104,18 @@ async def load(url: str, image: bytes, requests: int, concurrency: int) -> dict[
         while issued < requests and time.perf_counter() < deadline:
             issued += 1
             start = time.perf_counter()
-            async with session.post(url, data=image, headers={"Content-Type": "image/png"}) as response:
-                await response.read()
-                if response.status != 200:
-                    errors += 1
-                    continue
-                sizes.append(int(response.headers["X-Batch-Size"]))
+            try:
+                async with session.post(url, data=image, headers={"Content-Type": "image/png"}) as response:
+                    await response.read()
+                    if response.status != 200:
+                        errors += 1
+                        continue
+                    sizes.append(int(response.headers["X-Batch-Size"]))
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                errors += 1
+                if errors > requests // 10:  # the server is gone, not slow: stop early
+                    raise
+                continue
             latencies.append(time.perf_counter() - start)
 
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)
@@ -106,9 +124,7 @@ async def load(url: str, image: bytes, requests: int, concurrency: int) -> dict[
         start = time.perf_counter()
         await asyncio.gather(*(client(session) for _ in range(concurrency)))
         wall = time.perf_counter() - start
-    p50, p99 = percentiles(latencies)
-    return {"requests": len(latencies), "errors": errors, "concurrency": concurrency, "requests_per_s": len(latencies) / wall,
-            "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "mean_batch": float(np.mean(sizes))}
+    return {"latencies": latencies, "sizes": sizes, "errors": errors, "wall": wall}
 
 
 def free_port() -> int:
@@ -132,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-size", type=int, help="Serve's max batch = the direct batch (default by input size)")
     p.add_argument("--max-ongoing-requests", type=int,
                    help="per replica (default: the concurrency; Serve's own default of 5 caps batches at 5)")
+    p.add_argument("--rounds", type=int, default=3, help="alternations of the direct and the Serve phase")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
 
@@ -148,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), file=sys.stderr)
     results = []
+    port = free_port()  # one for the run: Serve's proxy keeps the port it started with
     with tempfile.TemporaryDirectory(prefix="ray-", dir="/tmp") as temp_dir:
         ray.init(num_cpus=max(2, args.threads), include_dashboard=False, logging_level="ERROR",
                  _temp_dir=temp_dir, log_to_driver=False)
@@ -157,17 +175,22 @@ def main(argv: list[str] | None = None) -> int:
                 d = defaults_for(probe)
                 batch = args.max_batch_size or d["max_batch_size"]
                 image = sample_image(probe)
-                base = direct(artifact, image, batch, args.threads, calls=max(3, (args.requests or d["requests"]) // batch))
+                requests = args.requests or d["requests"]
+                concurrency = args.concurrency or d["concurrency"]
+                runtime = repmlp_rt.Runtime(artifact, threads=args.threads, warmup_batch=batch)
                 specs = rt_serve.load_specs([artifact])
                 options = rt_serve.ServeOptions(max_batch_size=batch, batch_wait_ms=args.batch_wait_ms,
                                                 max_ongoing_requests=args.max_ongoing_requests
-                                                or max(batch, args.concurrency or d["concurrency"]),
-                                                threads=args.threads)
-                url = rt_serve.deploy(specs, options, port=free_port())
+                                                or max(batch, concurrency), threads=args.threads)
+                url = rt_serve.deploy(specs, options, port=port)
                 endpoint = f"{url}/v1/models/{specs[0].name}/classify"
                 asyncio.run(load(endpoint, image, 2 * batch, batch))  # warm the proxy and the replica
-                served = asyncio.run(load(endpoint, image, args.requests or d["requests"],
-                                          args.concurrency or d["concurrency"]))
+                # Interleaved rounds, so both paths see the same (shared, noisy) host.
+                times, rounds = [], []
+                for _ in range(args.rounds):
+                    times += direct_times(runtime, image, batch, max(1, requests // batch // args.rounds))
+                    rounds.append(asyncio.run(load(endpoint, image, max(1, requests // args.rounds), concurrency)))
+                base, served = direct_summary(times, batch), serve_summary(rounds, concurrency)
                 rt_serve.undeploy(specs)
                 row = {"artifact": os.path.basename(artifact), "input": list(probe.input_shape),
                        "threads": args.threads, "max_ongoing_requests": options.max_ongoing_requests,

@@ -330,7 +330,8 @@ def build_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tu
 
 def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Starts Serve's HTTP proxy on host:port (on an already connected Ray) and deploys every
-    application; waits until they are running. Returns the base URL."""
+    application; waits until they are running. Returns the base URL. Where Serve already runs
+    on this cluster, its proxy keeps the address it was started with (Serve logs that)."""
     serve.start(http_options={"host": host, "port": port})
     logging = {"enable_access_log": options.access_log}
     serve.run_many([RunTarget(app, name=name, route_prefix=prefix, logging_config=logging)

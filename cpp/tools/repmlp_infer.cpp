@@ -244,12 +244,7 @@ std::string self_check_text(const repmlp_rt::Runtime& runtime, const Options& op
 }
 
 void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
-  json manifest;
-  try {
-    manifest = json::parse(runtime.manifest_json());
-  } catch (const json::exception&) {
-    manifest = runtime.manifest_json();  // keep it verbatim if it is not JSON
-  }
+  const json manifest = json::parse(runtime.manifest_json());  // the runtime checked it
   json facts = {{"artifact", runtime.path()},
                 {"device", runtime.device()},
                 {"format_version", runtime.format_version()},

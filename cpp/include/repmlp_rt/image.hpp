@@ -1,6 +1,7 @@
 // Image file decoding (stb_image, optional at build time) into RGB uint8 HWC pixels.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -28,5 +29,10 @@ bool has_image_decoding() noexcept;
 // decoded, when its header claims more than max_pixels pixels (0: no limit of ours; stb_image
 // still refuses sides above 2^24), or when this build has no image decoding.
 Image decode_image(const std::string& path, int64_t max_pixels = kDefaultMaxImagePixels);
+
+// Decodes an encoded image held in memory (e.g. an HTTP request body); `name` only labels
+// the error message. Throws InputError as decode_image does, with the same pixel limit.
+Image decode_image_data(const uint8_t* data, size_t size, const std::string& name = "<memory>",
+                        int64_t max_pixels = kDefaultMaxImagePixels);
 
 }  // namespace repmlp_rt

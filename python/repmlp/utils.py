@@ -7,7 +7,16 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file"]
+__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "is_exporting"]
+
+
+def is_exporting() -> bool:
+    """True while torch.export traces the caller, False in eager mode and in TorchScript
+    (which compiles only the first branch of an ``if torch.jit.is_scripting()``)."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_exporting()
 
 
 @torch.no_grad()

@@ -2,6 +2,7 @@
 
 - :mod:`.module`: the scripted wrapper (the artifact's methods),
 - :mod:`.manifest`: the manifest's schema, writing and reading it back,
+- :mod:`.aoti`: the AOTInductor package format (``.pt2``),
 - :mod:`.build`: the pipeline (options -> weights -> deploy -> verified steps -> publish).
 
 docs/ARTIFACT.md is the contract.
@@ -9,6 +10,7 @@ docs/ARTIFACT.md is the contract.
 
 from .build import (
     DEFAULT_TOLERANCE,
+    FORMATS,
     BuildOptions,
     BuildReport,
     StageResult,
@@ -26,6 +28,7 @@ __all__ = [
     "ARTIFACT_FORMAT_VERSION",
     "DEFAULT_TOLERANCE",
     "DTYPES",
+    "FORMATS",
     "EXPORTED_METHODS",
     "MANIFEST_NAME",
     "ArtifactModule",

@@ -8,38 +8,17 @@
 docs/ARTIFACT.md is the contract.
 """
 
-from .build import (
-    DEFAULT_TOLERANCE,
-    FORMATS,
-    BuildOptions,
-    BuildReport,
-    StageResult,
-    build_artifact,
-    check_out_path,
-    default_checkpoint,
-    default_out_path,
-    resolve_options,
-)
-from .errors import BuildError
+from . import build, errors, module
+from .build import *  # noqa: F403
+from .errors import *  # noqa: F403
 from .manifest import ARTIFACT_FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from .module import DTYPES, EXPORTED_METHODS, ArtifactModule
+from .module import *  # noqa: F403
 
 __all__ = [
+    *build.__all__,
+    *errors.__all__,
     "ARTIFACT_FORMAT_VERSION",
-    "DEFAULT_TOLERANCE",
-    "DTYPES",
-    "FORMATS",
-    "EXPORTED_METHODS",
     "MANIFEST_NAME",
-    "ArtifactModule",
-    "BuildError",
-    "BuildOptions",
-    "BuildReport",
-    "StageResult",
-    "build_artifact",
-    "check_out_path",
-    "default_checkpoint",
-    "default_out_path",
     "read_manifest",
-    "resolve_options",
+    *module.__all__,
 ]

@@ -541,13 +541,8 @@ def _manifest(
     opts: BuildOptions, model_stats: Dict[str, Any], stages: List[StageResult], built_at: str
 ) -> Dict[str, Any]:
     manifest = make_manifest(
-        config=opts.config,
-        arch_name=opts.arch_name,
-        dtype=opts.dtype,
-        checkpoint=opts.checkpoint,
-        seed=opts.seed,
+        opts,
         model_stats=model_stats,
-        device=opts.device,
         built_at=built_at,
         verification={
             "input": f"seeded N(0, 1) batch of {VERIFY_BATCH} and uint8 images of another size (seed {VERIFY_SEED})",

@@ -8,15 +8,16 @@ every key. Each fact is stored once: labels under ``output``, preprocessing unde
 import datetime
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict
 
 import torch
 
 from .. import __version__
-from ..checkpoints import Checkpoint
 from ..utils import quiet_jit
-from ..variants import ArchConfig
 from .errors import BuildError
+
+if TYPE_CHECKING:  # build.py imports this module
+    from .build import BuildOptions
 
 __all__ = ["ARTIFACT_FORMAT_VERSION", "MANIFEST_NAME", "make_manifest", "read_manifest"]
 
@@ -27,18 +28,10 @@ MANIFEST_NAME = "manifest.json"
 
 
 def make_manifest(
-    *,
-    config: ArchConfig,
-    arch_name: str,
-    dtype: str,
-    checkpoint: Optional[Checkpoint],
-    seed: int,
-    model_stats: Dict[str, Any],
-    verification: Dict[str, Any],
-    device: torch.device,
-    built_at: str,
+    options: "BuildOptions", *, model_stats: Dict[str, Any], verification: Dict[str, Any], built_at: str
 ) -> Dict[str, Any]:
     """The manifest as JSON-ready data (tuples already turned into lists)."""
+    config, checkpoint, dtype = options.config, options.checkpoint, options.dtype
     if checkpoint is not None:
         weights: Dict[str, Any] = {
             "source": "checkpoint",
@@ -48,11 +41,11 @@ def make_manifest(
             "form": checkpoint.form,
         }
     else:
-        weights = {"source": "random", "seed": seed}
+        weights = {"source": "random", "seed": options.seed}
     manifest = {
         "format": "repmlp-artifact",
         "format_version": ARTIFACT_FORMAT_VERSION,
-        "arch": {"name": arch_name, "config": config.architecture_dict()},
+        "arch": {"name": options.arch_name, "config": config.architecture_dict()},
         "input": {
             "method": "forward",
             "layout": "NCHW",
@@ -80,7 +73,7 @@ def make_manifest(
             "repmlp_version": __version__,
             "torch_version": torch.__version__,
             "built_at": built_at,
-            "verify_device": str(device),
+            "verify_device": str(options.device),
         },
         "verification": verification,
     }

@@ -269,3 +269,8 @@ def test_a_failed_aoti_build_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(BuildError, match="build failed: compiler exploded"):
         build_artifact(out=str(tmp_path / "d.pt2"), format="aoti")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_optimize_is_for_torchscript_only(digits_pt2):
+    with pytest.raises(repmlp_rt.InputError, match="optimize applies to TorchScript artifacts"):
+        repmlp_rt.Runtime(str(digits_pt2), optimize=True)

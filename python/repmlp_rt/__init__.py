@@ -38,6 +38,7 @@ from ._runtime import (
     InputError,
     built_with_cuda,
     decode_image,
+    decode_image_bytes,
     has_image_decoding,
 )
 from ._runtime import Runtime as _CoreRuntime
@@ -53,6 +54,7 @@ __all__ = [
     "built_with_cuda",
     "clear_cache",
     "decode_image",
+    "decode_image_bytes",
     "has_image_decoding",
     "infer",
 ]

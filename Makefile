@@ -14,7 +14,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install serve-deps demo test test-fast bench ctest clean fuzz
+.PHONY: all setup install serve-deps demo test test-fast test-torch-latest bench ctest clean fuzz
 
 all: demo
 
@@ -66,6 +66,21 @@ test-fast: install serve-deps
 # wrong answer (FUZZ_ARGS="--cases 5000 --seed 7" for more).
 fuzz: install
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) tests/fuzz.py $(FUZZ_ARGS)
+
+# The newest torch release in a second environment (.venv-torch-latest, CMake build folder
+# build/cmake-torch-latest): builds everything against it and runs the whole suite. PyPI's
+# torch wheel pulls in ~2.8 GB of CUDA libraries, so this is not part of .ci/run. Where pip's
+# configuration caps torch below it (/etc/xdg/pip/constraints.txt), PIP_CONSTRAINT=/dev/null
+# lifts the cap for these two commands only.
+TORCH_LATEST ?= 2.15.0
+LATEST_VENV  := .venv-torch-latest
+LATEST_PY    := $(LATEST_VENV)/bin/python
+
+test-torch-latest: $(STAMP)/system
+	@[ -x $(LATEST_PY) ] || $(PYTHON) -m venv $(LATEST_VENV)
+	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q torch==$(TORCH_LATEST) $(filter-out torch==%,$(PY_DEPS))
+	REPMLP_CMAKE_BUILD_DIR=build/cmake-torch-latest PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q --no-build-isolation .
+	PATH=$(abspath $(LATEST_VENV)/bin):$$PATH $(LATEST_PY) -m pytest
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -204,11 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|")  # Serve rows: max ongoing requests per replica in brackets
     for r in results:
         b, s = r["direct"], r["serve"]
-        print(f"| {r['artifact']} | {b['batch']} | direct `classify` ({b['calls']} calls) | {b['images_per_s']:.0f} img/s "
+        print(f"| {r['artifact']} | {b['batch']} | direct `classify` ({b['calls']} calls) | {b['images_per_s']:.3g} img/s "
               f"| {b['p50_ms']:.1f} (per call) | {b['p99_ms']:.1f} | {b['batch']} |")
         print(f"| {r['artifact']} | {b['batch']} | Serve [{r['max_ongoing_requests']}], {s['concurrency']} clients "
               f"({s['requests']} req, "
-              f"{s['errors']} errors) | {s['requests_per_s']:.0f} req/s | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} "
+              f"{s['errors']} errors) | {s['requests_per_s']:.3g} req/s | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} "
               f"| {s['mean_batch']:.1f} |")
     if args.json:
         with open(args.json, "w") as f:

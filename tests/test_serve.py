@@ -63,9 +63,10 @@ def ray_cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, digits_artifact):
-    """The digits artifact on Serve (batches of up to 16, 10 ms wait); yields the base URL."""
+    """The digits artifact on Serve (batches of up to 16, 10 ms wait, room for all 200 concurrent
+    requests in the replica); yields the base URL."""
     specs = rt_serve.load_specs([digits_artifact])
-    options = rt_serve.ServeOptions(max_batch_size=16, batch_wait_ms=10, max_ongoing_requests=64,
+    options = rt_serve.ServeOptions(max_batch_size=16, batch_wait_ms=10, max_ongoing_requests=256,
                                     max_body_bytes=MAX_BODY)
     url = rt_serve.deploy(specs, options, port=_free_port())
     yield url

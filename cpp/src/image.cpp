@@ -1,4 +1,4 @@
-// Image decoding with stb_image. Built without it (no libstb-dev found), decoding throws.
+// Image decoding with stb_image. Built with -DREPMLP_WITH_IMAGES=OFF, the decoders throw.
 #include "repmlp_rt/image.hpp"
 
 #include <filesystem>
@@ -104,7 +104,7 @@ Image decode(const uint8_t* data, size_t size, const std::string& name, int64_t 
 #else
   (void)data;
   throw InputError("cannot decode image " + name +
-                   ": this build has no image decoding (libstb-dev was not found at build time)");
+                   ": this build has no image decoding (built with -DREPMLP_WITH_IMAGES=OFF)");
 #endif
 }
 

@@ -148,6 +148,7 @@ struct Runtime::Impl {
   std::unique_ptr<detail::Model> model;
   at::ScalarType compute_dtype = at::kFloat;
   bool digest_checked = false;
+  bool aoti = false;  // an AOTInductor package: it carries no probe or digest yet
   bool verified = false;
   double self_check_error = std::numeric_limits<double>::quiet_NaN();
   double self_check_tolerance = std::numeric_limits<double>::quiet_NaN();
@@ -210,7 +211,16 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
       });
   }
   try {
-    model = detail::load_torchscript_model(path, device, options.optimize);
+    // The format is told from the content: a .pt2 renamed .pt is still an AOTInductor package.
+    if (detail::is_aoti_package(path)) {
+      if (options.optimize)
+        throw InputError("optimize applies to TorchScript artifacts; '" + path +
+                         "' is an AOTInductor package, compiled already");
+      aoti = true;
+      model = detail::load_aoti_model(path, device);
+    } else {
+      model = detail::load_torchscript_model(path, device, options.optimize);
+    }
   } catch (...) {
     if (digest_check.valid()) digest_check.get();
     throw;
@@ -255,7 +265,9 @@ void Runtime::Impl::check_metadata() {
 // device type. Returns the warm-up calls still to make.
 int64_t Runtime::Impl::self_check(const RuntimeOptions& options, const Runtime& runtime) {
   int64_t warmup = options.warmup.value_or(device.is_cpu() ? 1 : 2);
-  if (!options.verify) return warmup;
+  // .pt2 packages do not carry the self-check records yet (docs/ARTIFACT.md): only
+  // TorchScript artifacts are verified.
+  if (!options.verify || aoti) return warmup;
   if (options.verify_digest && !digest_checked)
     throw ArtifactError("'" + path + "' has no " + integrity::kDigestRecord +
                         " record, so it cannot be verified (built before self-verifying "

@@ -35,6 +35,7 @@ __all__ = [
     "probe_section",
     "digest_section",
     "probe_errors",
+    "read_record",
     "record_digests",
     "seal",
     "check_digest",
@@ -162,6 +163,15 @@ def _records(archive: zipfile.ZipFile) -> Dict[str, zipfile.ZipInfo]:
             raise IntegrityError(f"the archive has two records named {name}")
         records[name] = info
     return records
+
+
+def read_record(path: str, name: str) -> bytes:
+    """The bytes of one record (named without the archive's top folder)."""
+    with zipfile.ZipFile(path) as archive:
+        info = _records(archive).get(name)
+        if info is None:
+            raise IntegrityError(f"{path} has no record {name}")
+        return archive.read(info)
 
 
 def record_digests(path: str, skip: Optional[str] = "extra/" + DIGEST_RECORD) -> Dict[str, str]:

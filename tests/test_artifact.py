@@ -13,7 +13,7 @@ from repmlp.artifact import ARTIFACT_FORMAT_VERSION, EXPORTED_METHODS, MANIFEST_
 from repmlp.preprocess import ImageTransform
 from repmlp.variants import Preprocessing
 
-from conftest import ROOT, SMALL_ARCH, make_model, relative_close
+from helpers import ROOT, SMALL_ARCH, make_model, relative_close
 
 BUILD = [sys.executable, os.path.join(ROOT, "build_artifact.py")]
 
@@ -337,11 +337,12 @@ def test_num_classes_0_is_refused_before_building(tmp_path):
 def test_a_model_too_large_to_allocate_is_a_build_error(tmp_path, monkeypatch):
     # (Allocating for real is not safe to test: with memory overcommit it may succeed.)
     import repmlp.artifact as artifact
+    import repmlp.artifact.build
 
     def no_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4398046511104 bytes")
 
-    monkeypatch.setattr(artifact, "create_model", no_memory)
+    monkeypatch.setattr(repmlp.artifact.build, "RepMLPNet", no_memory)
     with pytest.raises(artifact.BuildError, match="cannot create the model: DefaultCPUAllocator"):
         build_artifact("T224", img_size=4096, out=str(tmp_path / "a.pt"))
     assert os.listdir(tmp_path) == []
@@ -353,7 +354,7 @@ def test_failure_after_save_removes_the_temporary_file(tmp_path, monkeypatch):
     def broken_load(*args, **kwargs):
         raise RuntimeError("disk went away")
 
-    monkeypatch.setattr(artifact.torch.jit, "load", broken_load)
+    monkeypatch.setattr(torch.jit, "load", broken_load)
     with pytest.raises(artifact.BuildError, match="disk went away"):
         build_artifact(SMALL_ARCH, img_size=32, num_classes=10, out=str(tmp_path / "a.pt"))
     assert os.listdir(tmp_path) == []

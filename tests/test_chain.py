@@ -13,7 +13,7 @@ from repmlp import fuse_model, load_checkpoint, create_model, reparameterize_mod
 from repmlp.artifact import ArtifactModule, build_artifact, default_checkpoint
 
 import repmlp_rt
-from conftest import SMALL_ARCH, make_model, relative_close, repmlp_infer_binary
+from helpers import SMALL_ARCH, make_model, relative_close, repmlp_infer_binary
 
 
 def _chain(training_model, artifact_path, x, tmp_path):

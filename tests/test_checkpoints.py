@@ -5,7 +5,7 @@ import torch
 
 from repmlp import CheckpointError, create_model, export_state_dict, load_checkpoint, reparameterize_model
 
-from conftest import SMALL_ARCH, make_model
+from helpers import SMALL_ARCH, make_model
 
 class Payload:
     """A picklable class that weights_only loading must refuse."""

@@ -18,16 +18,13 @@ import numpy as np
 import pytest
 import repmlp
 import torch
-from conftest import relative_close, repmlp_infer_binary
+from data import load_digits_rgb, split  # examples/digits/data.py (pytest.ini pythonpath)
+from helpers import ROOT, relative_close, repmlp_infer_binary
 from repmlp.artifact import default_checkpoint
 from repmlp.preprocess import ImageTransform
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGITS_DIR = os.path.join(ROOT, "examples", "digits")
 IMAGES_DIR = os.path.join(DIGITS_DIR, "images")
-sys.path.insert(0, DIGITS_DIR)
-
-from data import load_digits_rgb, split  # noqa: E402  (examples/digits is not a package)
 
 MIN_ACCURACY = 0.97
 RTOL = 1e-5

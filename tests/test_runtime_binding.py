@@ -441,7 +441,7 @@ CUDA_RTOL = {"float32": 2e-3, "float16": 2e-2}
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype_name", ["float32", "float16"])
 def test_cuda_matches_cpu(tmp_path, dtype_name):
-    from conftest import relative_close
+    from helpers import relative_close
 
     if not repmlp_rt.built_with_cuda():
         pytest.skip("repmlp_rt was built against a CPU-only torch")
@@ -465,7 +465,7 @@ def test_cuda_matches_cpu(tmp_path, dtype_name):
 
 @pytest.mark.cuda
 def test_cuda_threads_get_their_own_results(tmp_path):
-    from conftest import relative_close
+    from helpers import relative_close
 
     if not repmlp_rt.built_with_cuda():
         pytest.skip("repmlp_rt was built against a CPU-only torch")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import runtime_helpers as helpers
-from conftest import repmlp_infer_binary
+from helpers import repmlp_infer_binary
 import torch
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -172,7 +172,7 @@ def test_info(fake_artifact):
 
 
 def test_info_text_shortens_a_long_label_list(tmp_path):
-    from conftest import SMALL_ARCH
+    from helpers import SMALL_ARCH
     from repmlp.artifact import build_artifact
 
     labels = [f"kind {i}" for i in range(40)]

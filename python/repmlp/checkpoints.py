@@ -12,7 +12,7 @@ them ``repconv{k}``.
 import os
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from .model import RepMLPNet
 from .utils import sha256_file
 
-__all__ = ["CheckpointError", "CheckpointInfo", "load_checkpoint", "export_state_dict", "read_state_dict"]
+__all__ = ["Checkpoint", "CheckpointError", "CheckpointInfo", "load_checkpoint", "export_state_dict", "read_checkpoint"]
 
 LAYOUTS = ("official", "mmcls")
 
@@ -37,6 +37,23 @@ class CheckpointInfo:
     num_tensors: int
     path: Optional[str] = None
     sha256: Optional[str] = None
+    # The classifier: "loaded"; "absent" (a backbone-only checkpoint into a model without
+    # one); "ignored" (the checkpoint's head.* left out of a model without a classifier).
+    head: str = "loaded"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint read once: its flat state dict and what its keys say about it."""
+
+    state: Dict[str, torch.Tensor]
+    layout: str  # "official" | "mmcls"
+    form: str  # "training" | "deploy"
+    path: Optional[str] = None  # None for an in-memory state dict
+    sha256: Optional[str] = None
+
+    def info(self) -> CheckpointInfo:
+        return CheckpointInfo(self.layout, self.form, len(self.state), self.path, self.sha256)
 
 
 # (official prefix, mmcls prefix): whole-prefix renames, first match wins.
@@ -124,11 +141,15 @@ def _load_failure(exc: Exception) -> str:
     return f"not a PyTorch checkpoint ({type(exc).__name__}{': ' + first if first else ''})"
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
-    """Read a checkpoint file (``weights_only=True``) or take a dict; unwrap and strip ``module.``.
+def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any], Checkpoint]) -> Checkpoint:
+    """Read a checkpoint file (``weights_only=True``) or take a state dict, unwrap it
+    (``state_dict``/``model``), strip ``module.`` prefixes and detect layout and form.
 
-    Returns the flat state dict and the file path (None for a dict).
+    A :class:`Checkpoint` passes through unchanged, so callers can read a file once and load it
+    later. Raises :class:`CheckpointError` (a ``ValueError``) naming the problem.
     """
+    if isinstance(source, Checkpoint):
+        return source
     path: Optional[str] = None
     if isinstance(source, (str, os.PathLike)):
         path = os.fspath(source)
@@ -155,7 +176,14 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Any]]) -> Tuple
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"checkpoint entry {key!r} is a {type(value).__name__}, expected a tensor")
         state[key[len("module.") :] if key.startswith("module.") else key] = value
-    return state, path
+    keys = list(state)
+    return Checkpoint(
+        state=state,
+        layout=detect_layout(keys),
+        form=detect_form(keys),
+        path=os.path.abspath(path) if path else None,
+        sha256=sha256_file(path) if path else None,
+    )
 
 
 def _model_kernels(model: RepMLPNet) -> List[int]:
@@ -164,20 +192,19 @@ def _model_kernels(model: RepMLPNet) -> List[int]:
 
 
 def load_checkpoint(
-    model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any]]
+    model: nn.Module, source: Union[str, os.PathLike, Mapping[str, Any], Checkpoint]
 ) -> CheckpointInfo:
     """Load official or mmcls/mmpretrain weights into ``model``, strictly.
 
-    ``source`` is a file path (read with ``torch.load(weights_only=True)``) or a state dict,
-    possibly wrapped in ``state_dict``/``model`` and with ``module.`` prefixes.
+    ``source`` is a file path (read with ``torch.load(weights_only=True)``), a state dict
+    (possibly wrapped in ``state_dict``/``model``, with ``module.`` prefixes) or a
+    :class:`Checkpoint` from :func:`read_checkpoint`.
     Raises :class:`CheckpointError` (a ``ValueError``) naming the problem.
     """
     if not isinstance(model, RepMLPNet):
         raise CheckpointError(f"load_checkpoint needs a RepMLPNet, got {type(model).__name__}")
-    state, path = read_state_dict(source)
-    keys = list(state)
-    layout = detect_layout(keys)
-    form = detect_form(keys)
+    checkpoint = read_checkpoint(source)
+    state, layout, form = checkpoint.state, checkpoint.layout, checkpoint.form
     model_form = model.form
     if model_form == "fused":
         raise CheckpointError(
@@ -198,6 +225,7 @@ def load_checkpoint(
     for key, value in state.items():
         official = _rename(key, to_mmcls=False) if layout == "mmcls" else key
         mapped[_official_to_native(official, kernels)] = value
+    head = _match_head(model, mapped, layout)
     expected = model.state_dict()
     # Old checkpoints may lack BN's num_batches_tracked; BN fills it in, as torch does.
     missing = [k for k in expected if k not in mapped and not k.endswith("num_batches_tracked")]
@@ -219,19 +247,34 @@ def load_checkpoint(
             )
             problems.append(f"{len(mismatched)} with the wrong shape ({shown})")
             problems += _shape_hints(mismatched, mapped, expected)
+        problems += _final_norm_hints(missing, unexpected)
         arch = _describe(model)
         raise CheckpointError(
             f"checkpoint ({layout} layout, {form} form) does not match {arch}: " + "; ".join(problems)
         )
     with torch.no_grad():
         model.load_state_dict(mapped, strict=True)
-    return CheckpointInfo(
-        layout=layout,
-        form=form,
-        num_tensors=len(state),
-        path=path,
-        sha256=sha256_file(path) if path else None,
-    )
+    return replace(checkpoint.info(), head=head)
+
+
+def _match_head(model: RepMLPNet, mapped: Dict[str, torch.Tensor], layout: str) -> str:
+    """Reconcile the checkpoint's classifier with the model's (drops head.* from ``mapped``
+    when the model has none); raises when a classifier is needed and the checkpoint has none."""
+    head_keys = [k for k in mapped if k.startswith("head.")]
+    if model.config.num_classes == 0:
+        # Features and embeddings need only the backbone: a classifier's weights are unused.
+        for key in head_keys:
+            del mapped[key]
+        return "ignored" if head_keys else "absent"
+    if not head_keys:
+        named = "head.fc.*" if layout == "mmcls" else "head.*"
+        raise CheckpointError(
+            f"the checkpoint ({layout} layout) has no classifier ({named} keys): a backbone-only "
+            f"checkpoint gives features or embeddings, not the model's {model.config.num_classes} "
+            "class logits; create the model with num_classes=0 (repmlp-build --output features "
+            "or --output embedding)"
+        )
+    return "loaded"
 
 
 def _shape_hints(
@@ -253,6 +296,15 @@ def _shape_hints(
             "pass num_classes (--num-classes)"
         )
     return hints
+
+
+def _final_norm_hints(missing: List[str], unexpected: List[str]) -> List[str]:
+    """A checkpoint with or without the final norm (mmcls's final_norm) the model lacks or has."""
+    if any(k.startswith("head_norm.") for k in missing):
+        return ["the checkpoint has no final norm: create the model with final_norm=False"]
+    if any(k.startswith("head_norm.") for k in unexpected):
+        return ["the checkpoint has a final norm: create the model with final_norm=True"]
+    return []
 
 
 def _key_in_file_namer(layout: str, kernels: List[int]):

@@ -12,7 +12,6 @@ from .checkpoints import CheckpointError
 from .variants import DEFAULT_ARCH, get_variant, list_variants
 
 PROG = "repmlp-build"
-INPUT_STRIDE = 32  # every variant: patch size 4, then three 2x downsamplings
 
 
 def _size(text: str) -> Union[int, Tuple[int, int]]:
@@ -23,14 +22,17 @@ def _size(text: str) -> Union[int, Tuple[int, int]]:
     return h if match.group(2) is None else (h, int(match.group(2)))
 
 
-def _img_size(text: str) -> Union[int, Tuple[int, int]]:
-    size = _size(text)
+def _check_img_size(parser: argparse.ArgumentParser, arch: str, size: Union[int, Tuple[int, int]]) -> None:
+    """Each side a positive multiple of the variant's stride (the variant table says which)."""
+    cfg = get_variant(arch)
+    stride = cfg.input_stride
     dims = (size, size) if isinstance(size, int) else size
-    if any(d < INPUT_STRIDE or d % INPUT_STRIDE for d in dims):
-        raise argparse.ArgumentTypeError(
-            f"each side must be a positive multiple of {INPUT_STRIDE} (patch 4 x 3 downsamplings), got {text!r}"
+    if any(d < stride or d % stride for d in dims):
+        text = "x".join(str(d) for d in dims)
+        parser.error(
+            f"argument --img-size: each side must be a positive multiple of {stride} (patch "
+            f"{cfg.patch_size} x {stride // cfg.patch_size} from the downsamplings), got {text!r}"
         )
-    return size
 
 
 def _triple(text: str) -> Tuple[float, float, float]:
@@ -94,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
         help="official or mmcls/mmpretrain .pth (training or deploy form). Default: the shipped "
         "checkpoint for the default arch, seeded random weights for any other",
     )
-    p.add_argument("--img-size", type=_img_size, help="input size H or HxW, each divisible by 32")
+    p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
     p.add_argument("--num-classes", type=_positive_int, help="classifier width (default: the variant's)")
     p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
     pre = p.add_argument_group("preprocessing overrides (default: the variant's, see the README)")
@@ -123,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)  # usage errors exit 2
+    if args.img_size is not None:
+        _check_img_size(parser, args.arch, args.img_size)
     try:  # an unusable --out is a usage error too, found before the (long) build
         check_out_path(args.out or default_out_path(args.arch), args.force)
     except BuildError as exc:

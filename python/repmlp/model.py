@@ -27,6 +27,7 @@ from torch import nn
 from .variants import ArchConfig, get_variant
 
 __all__ = [
+    "resolve_config",
     "ConvBN",
     "GlobalPerceptron",
     "RepMLPBlock",
@@ -397,14 +398,17 @@ class RepMLPNet(nn.Module):
     """RepMLPNet backbone + classifier (final BN -> global average pool -> linear).
 
     ``forward(x)`` returns logits, or pooled features when ``num_classes == 0``.
-    ``forward_backbone(x)`` returns the outputs of the stages listed in ``out_indices``, each
-    taken before the downsampling that follows it (the last stage through the final norm when
-    ``final_norm``). For the default ``(3,)`` this is mmcls's output; for earlier stages mmcls
-    returns the map after the downsampling layer instead (the next stage's input).
+    ``forward_backbone(x)`` returns one map per entry of ``out_indices``, as mmcls's
+    ``RepMLPNet.forward`` does: stage ``i`` before the last is taken after the downsampling
+    layer that follows it (so it has the next stage's width and half the stage's resolution),
+    the last stage is taken through the final norm (an identity when ``final_norm`` is off).
+    ``pre_downsample=True`` takes every stage at its own resolution and width instead, before
+    its downsampling (the maps a timm-style feature pyramid uses); it is never the default.
     """
 
     __jit_unused_properties__ = ["form"]
     out_indices: torch.jit.Final[List[int]]
+    pre_downsample: torch.jit.Final[bool]
     img_h: torch.jit.Final[int]
     img_w: torch.jit.Final[int]
     in_chans: torch.jit.Final[int]
@@ -416,6 +420,7 @@ class RepMLPNet(nn.Module):
         deploy: bool = False,
         out_indices: Sequence[int] = (3,),
         final_norm: bool = True,
+        pre_downsample: bool = False,
     ) -> None:
         super().__init__()
         config.validate()
@@ -424,7 +429,11 @@ class RepMLPNet(nn.Module):
         bad = [i for i in out_indices if not 0 <= i < num_stages]
         if bad:
             raise ValueError(f"out_indices {list(out_indices)} must lie in [0, {num_stages})")
+        if len(set(out_indices)) != len(out_indices):
+            raise ValueError(f"out_indices {list(out_indices)} repeat a stage")
         self.out_indices = list(out_indices)
+        self.pre_downsample = pre_downsample
+        self.final_norm = final_norm
         self.img_h, self.img_w = config.img_size
         self.in_chans = config.in_channels
         self.num_classes = config.num_classes
@@ -464,20 +473,39 @@ class RepMLPNet(nn.Module):
                 )
             )
 
+    @torch.jit.export
     def forward_backbone(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """The maps of the stages in ``out_indices``, in the order of stages (see the class)."""
         self._check_input(x)
         x = self.conv_embedding(x)
         outs: List[torch.Tensor] = []
         last = len(self.stages) - 1
         for i, stage in enumerate(self.stages):
             x = stage(x)
-            if i in self.out_indices:
+            if self.pre_downsample and i < last and i in self.out_indices:
+                outs.append(x)
+            # TorchScript cannot index a ModuleList with a loop variable: find embeds[i].
+            for j, embed in enumerate(self.embeds):
+                if j == i:
+                    x = embed(x)
+            if i in self.out_indices and (i == last or not self.pre_downsample):
                 outs.append(self.head_norm(x) if i == last else x)
-            if i < last:
-                for j, embed in enumerate(self.embeds):
-                    if j == i:
-                        x = embed(x)
         return outs
+
+    def backbone_outputs(self) -> List[Tuple[str, Tuple[int, int, int], int]]:
+        """(name, (C, H, W), stride) of each ``forward_backbone`` map, in its order.
+
+        Names are ``stage{i}`` for out index ``i``; the stride is the input size over the map's.
+        """
+        cfg = self.config
+        last = len(cfg.channels) - 1
+        h, w = cfg.img_size
+        specs = []
+        for i in sorted(self.out_indices):
+            level = i if i == last or self.pre_downsample else i + 1
+            stride = cfg.patch_size * 2**level
+            specs.append((f"stage{i}", (cfg.channels[level], h // stride, w // stride), stride))
+        return specs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features after the final norm, (N, C_last)."""
@@ -522,32 +550,10 @@ class RepMLPNet(nn.Module):
         return "deploy"
 
 
-def create_model(
-    arch: Any = "B224",
-    *,
-    img_size: Any = None,
-    num_classes: Optional[int] = None,
-    deploy: bool = False,
-    out_indices: Sequence[int] = (3,),
-    final_norm: bool = True,
-    **overrides: Any,
-) -> RepMLPNet:
-    """Build a RepMLPNet.
-
-    Args:
-        arch: a variant name (``T224``, ``T256``, ``B224``, ``B256``, ``D256``, ``L256``,
-            ``digits``, or mmcls's ``b``/``base``; case-insensitive), an :class:`ArchConfig`,
-            or a dict with ``channels``, ``depths`` and ``sharesets_nums`` (or ``sharesets``);
-            ``None`` takes those three from the keyword arguments.
-        img_size: input size, int or (H, W), each divisible by 32; defaults to the variant's.
-        num_classes: classifier width (0: the model returns pooled features); defaults to the
-            variant's (1000 for ImageNet variants).
-        deploy: build the locality-injected structure directly (to load deploy checkpoints).
-        out_indices: stages returned by ``forward_backbone``.
-        final_norm: keep the BN before pooling.
-        **overrides: any other :class:`ArchConfig` field (``reparam_conv_kernels``,
-            ``gp_ratio``, ``labels``, ...).
-    """
+def resolve_config(
+    arch: Any = "B224", *, img_size: Any = None, num_classes: Optional[int] = None, **overrides: Any
+) -> ArchConfig:
+    """The validated :class:`ArchConfig` that :func:`create_model` builds (same arguments)."""
     changes = dict(overrides)
     if "sharesets_nums" in changes:  # mmcls's name
         changes["sharesets"] = changes.pop("sharesets_nums")
@@ -563,7 +569,43 @@ def create_model(
             changes["labels"] = None
     if changes:
         cfg = cfg.with_changes(changes)
-    return RepMLPNet(cfg, deploy=deploy, out_indices=out_indices, final_norm=final_norm)
+    return cfg
+
+
+def create_model(
+    arch: Any = "B224",
+    *,
+    img_size: Any = None,
+    num_classes: Optional[int] = None,
+    deploy: bool = False,
+    out_indices: Sequence[int] = (3,),
+    final_norm: bool = True,
+    pre_downsample: bool = False,
+    **overrides: Any,
+) -> RepMLPNet:
+    """Build a RepMLPNet.
+
+    Args:
+        arch: a variant name (``T224``, ``T256``, ``B224``, ``B256``, ``D256``, ``L256``,
+            ``digits``, or mmcls's ``b``/``base``; case-insensitive), an :class:`ArchConfig`,
+            or a dict with ``channels``, ``depths`` and ``sharesets_nums`` (or ``sharesets``);
+            ``None`` takes those three from the keyword arguments.
+        img_size: input size, int or (H, W), each divisible by 32; defaults to the variant's.
+        num_classes: classifier width (0: the model returns pooled features); defaults to the
+            variant's (1000 for ImageNet variants).
+        deploy: build the locality-injected structure directly (to load deploy checkpoints).
+        out_indices: stages returned by ``forward_backbone`` (mmcls's meaning: a stage before
+            the last is taken after its downsampling layer).
+        final_norm: keep the BN before pooling (mmcls's ``final_norm``).
+        pre_downsample: ``forward_backbone`` takes each stage before its downsampling instead
+            (each stage's own width and resolution); off by default, as in mmcls.
+        **overrides: any other :class:`ArchConfig` field (``reparam_conv_kernels``,
+            ``gp_ratio``, ``labels``, ...).
+    """
+    cfg = resolve_config(arch, img_size=img_size, num_classes=num_classes, **overrides)
+    return RepMLPNet(
+        cfg, deploy=deploy, out_indices=out_indices, final_norm=final_norm, pre_downsample=pre_downsample
+    )
 
 
 def reparameterize_model(model: nn.Module, inplace: bool = False) -> nn.Module:

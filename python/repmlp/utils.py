@@ -1,13 +1,28 @@
 """Helpers shared by the builder, the tests and the benchmarks."""
 
+import contextlib
 import hashlib
-from typing import Optional
+import warnings
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file"]
+__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "quiet_jit"]
+
+# torch 2.13+ warns on every torch.jit.script/freeze/save/load call; only those are silenced.
+JIT_DEPRECATION_MESSAGE = r"`torch\.jit\.\w+` is deprecated"
+
+
+@contextlib.contextmanager
+def quiet_jit() -> Iterator[None]:
+    """TorchScript is deprecated from torch 2.13 on: silence exactly that warning (a
+    DeprecationWarning in 2.13, a FutureWarning later) around our own jit calls."""
+    with warnings.catch_warnings():
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, message=JIT_DEPRECATION_MESSAGE)
+        yield
 
 
 @torch.no_grad()

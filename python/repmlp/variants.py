@@ -160,7 +160,7 @@ class ArchConfig:
         if self.labels is not None and len(self.labels) != self.num_classes:
             raise ValueError(f"{len(self.labels)} labels given for {self.num_classes} classes")
         h, w = self.img_size
-        stride = self.patch_size * 2 ** (n - 1)
+        stride = self.input_stride
         if h < stride or w < stride or h % stride or w % stride:
             raise ValueError(
                 f"input size must be divisible by {stride} (patch {self.patch_size} x "
@@ -171,6 +171,15 @@ class ArchConfig:
             raise ValueError(
                 f"preprocessing crop {self.preprocessing.crop} must equal the input size {self.img_size}"
             )
+
+    @property
+    def input_stride(self) -> int:
+        """What H and W must be multiples of: the patch, then a 2x downsampling per later stage."""
+        return self.patch_size * 2 ** (len(self.channels) - 1)
+
+    def class_labels(self) -> Tuple[str, ...]:
+        """The labels, or the class indices as text when the variant names none."""
+        return self.labels if self.labels is not None else tuple(str(i) for i in range(self.num_classes))
 
     def partition_sizes(self) -> Tuple[Tuple[int, int], ...]:
         """Every stage's partition is its whole feature map."""
@@ -205,6 +214,12 @@ class ArchConfig:
     def to_dict(self) -> Dict[str, Any]:
         d = asdict(self)
         d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+    def architecture_dict(self) -> Dict[str, Any]:
+        """The network's structure only: labels and preprocessing have their own places."""
+        d = asdict(self)
+        del d["labels"], d["preprocessing"]
         return d
 
 

@@ -22,4 +22,16 @@ NpyArray read_npy_f32(const std::string& path);
 // folder, then rename. Throws std::runtime_error on I/O failure.
 void write_npy_f32(const std::string& path, const std::vector<int64_t>& shape, const float* data);
 
+// One named array of an .npz file; `data` (C order, float32) must outlive the write.
+struct NpzEntry {
+  std::string name;  // the key numpy.load gives it (stored as "<name>.npy")
+  std::vector<int64_t> shape;
+  const float* data = nullptr;
+};
+
+// Writes arrays as numpy.savez does (a zip of .npy members, stored uncompressed), atomically
+// as write_npy_f32. Names must be unique, non-empty and free of '/'; a member over 4 GiB (no
+// ZIP64 here) throws InputError. Throws std::runtime_error on I/O failure.
+void write_npz_f32(const std::string& path, const std::vector<NpzEntry>& entries);
+
 }  // namespace repmlp_rt

@@ -1,0 +1,494 @@
+"""Checkpoint -> one verified, frozen TorchScript artifact, as a pipeline of steps:
+
+    resolve_options -> load_weights -> deploy -> STEPS (script, freeze, save, reload) -> publish
+
+Every form the artifact takes is compared with the loaded model on the same seeded inputs,
+through every entry point in ``CHECKS``; any error over the tolerance stops the build. The
+file is written under a temporary name in the target folder and renamed into place only after
+the bytes being renamed were reloaded and checked: on any failure nothing is left behind.
+"""
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+
+from ..checkpoints import Checkpoint, load_checkpoint, read_checkpoint
+from ..model import RepMLPNet, fuse_model, resolve_config
+from ..preprocess import ImageTransform
+from ..utils import count_flops, quiet_jit, randomize_model_, sha256_file
+from ..variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, get_variant
+from .errors import BuildError
+from .manifest import MANIFEST_NAME, first_line, make_manifest, manifest_text, utc_now
+from .module import DTYPES, EXPORTED_METHODS, ArtifactModule
+
+__all__ = [
+    "DEFAULT_TOLERANCE",
+    "BuildOptions",
+    "BuildReport",
+    "StageResult",
+    "build_artifact",
+    "check_out_path",
+    "default_checkpoint",
+    "default_out_path",
+    "resolve_options",
+]
+
+# Default verification tolerance: max |error| / max |reference logit|.
+DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
+VERIFY_BATCH = 2
+VERIFY_SEED = 1234
+PREPROCESSING_FIELDS = ("mean", "std", "resize_mode", "resize", "interpolation", "antialias")
+
+
+def default_checkpoint() -> str:
+    """The trained digits checkpoint shipped inside the package (examples/digits)."""
+    return os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "digits.pth")
+
+
+def _arch_name(arch: Any) -> str:
+    # The variant's own spelling ("b", "t224" -> "B224", "T224") names the file and the manifest.
+    return (canonical_name(arch) or arch) if isinstance(arch, str) else "custom"
+
+
+def default_out_path(arch: Any) -> str:
+    """Where an artifact goes without ``out``: ``repmlp-<arch>.pt`` in the current folder."""
+    return f"repmlp-{_arch_name(arch)}.pt"
+
+
+def check_out_path(out: str, force: bool) -> None:
+    """Raise BuildError unless ``out`` can be written (folder exists and is writable; no
+    existing file unless ``force``)."""
+    folder = os.path.dirname(os.path.abspath(out)) or "."
+    if os.path.isdir(out):
+        raise BuildError(f"--out {out} is a directory; give a file path")
+    if os.path.exists(out) and not force:
+        raise BuildError(f"{out} exists; pass --force to overwrite it")
+    if not os.path.isdir(folder):
+        raise BuildError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BuildError(f"output folder {folder} is not writable")
+
+
+# --- 1. options ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything a build needs, checked: the final architecture and where the weights come from."""
+
+    arch_name: str
+    config: ArchConfig  # input size, classes, labels and preprocessing already applied
+    checkpoint: Optional[Checkpoint]  # None: seeded random weights
+    out: str
+    dtype: str
+    device: torch.device
+    tolerance: float
+    seed: int = 0
+    randomize_bn: bool = True
+
+
+def resolve_options(
+    arch: Any = DEFAULT_ARCH,
+    *,
+    checkpoint: Optional[str] = None,
+    out: Optional[str] = None,
+    img_size: Any = None,
+    num_classes: Optional[int] = None,
+    labels: Optional[Sequence[str]] = None,
+    labels_file: Optional[str] = None,
+    preprocessing: Optional[Mapping[str, Any]] = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    tolerance: Optional[float] = None,
+    force: bool = False,
+    seed: int = 0,
+    randomize_bn: bool = True,
+    **overrides: Any,
+) -> BuildOptions:
+    """Check every option and read the checkpoint (once); see :func:`build_artifact`."""
+    if dtype not in DTYPES:
+        raise BuildError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    if not tol > 0:
+        raise BuildError(f"tolerance must be > 0, got {tolerance}")
+    dev = _resolve_device(device)
+    if checkpoint is None and isinstance(arch, str) and get_variant(DEFAULT_ARCH) == get_variant(arch):
+        checkpoint = default_checkpoint()
+    out = default_out_path(arch) if out is None else out
+    check_out_path(out, force)
+
+    config = resolve_config(arch, img_size=img_size, num_classes=num_classes, **overrides)
+    if config.num_classes < 1:
+        raise BuildError(
+            "an artifact serves class logits and needs num_classes >= 1 (docs/ARTIFACT.md); "
+            "num_classes 0 (pooled features) is for the Python model only"
+        )
+    if labels_file is not None:
+        labels = _read_labels(labels_file)
+    if labels is not None:
+        if len(labels) != config.num_classes:
+            given = f"labels file {labels_file}" if labels_file is not None else "labels"
+            raise BuildError(f"{given} has {len(labels)} labels, the model has {config.num_classes} classes")
+        config = replace(config, labels=tuple(labels))
+    if preprocessing:
+        config = replace(config, preprocessing=_override_preprocessing(config.preprocessing, preprocessing))
+    return BuildOptions(
+        arch_name=_arch_name(arch),
+        config=config,
+        checkpoint=read_checkpoint(checkpoint) if checkpoint is not None else None,
+        out=out,
+        dtype=dtype,
+        device=dev,
+        tolerance=tol,
+        seed=seed,
+        randomize_bn=randomize_bn,
+    )
+
+
+def _resolve_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise BuildError(f"unknown device {device!r}; expected cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise BuildError(f"device {device} asked for, but this torch has no usable CUDA")
+    if dev.type not in ("cpu", "cuda"):
+        raise BuildError(f"unsupported device {device!r}; expected cpu, cuda or cuda:N")
+    return dev
+
+
+def _read_labels(path: str) -> Tuple[str, ...]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return tuple(line.rstrip("\r\n") for line in fh if line.strip())
+    except OSError as exc:
+        raise BuildError(f"cannot read labels file {path}: {exc.strerror}") from None
+
+
+def _override_preprocessing(base: Preprocessing, changes: Mapping[str, Any]) -> Preprocessing:
+    unknown = set(changes) - set(PREPROCESSING_FIELDS)
+    if unknown:
+        raise BuildError(f"unknown preprocessing option(s) {sorted(unknown)}; valid: {sorted(PREPROCESSING_FIELDS)}")
+    values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in changes.items() if v is not None}
+    if isinstance(values.get("resize"), int):
+        values["resize"] = (values["resize"], values["resize"])
+    pre = replace(base, **values)
+    try:
+        pre.validate()
+    except ValueError as exc:
+        raise BuildError(f"preprocessing: {exc}") from None
+    return pre
+
+
+# --- 2. weights and the reference ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VerifyInputs:
+    """Seeded inputs every form of the artifact is checked on, one per entry point."""
+
+    batch: torch.Tensor  # normalized float (N, C, H, W)
+    images: torch.Tensor  # uint8 (N, H', W', 3), deliberately not the input size
+
+    @staticmethod
+    def make(config: ArchConfig, device: torch.device) -> "VerifyInputs":
+        gen = torch.Generator().manual_seed(VERIFY_SEED)
+        c, (h, w) = config.in_channels, config.img_size
+        batch = torch.randn(VERIFY_BATCH, c, h, w, generator=gen)
+        images = torch.randint(0, 256, (VERIFY_BATCH, h + 7, w + 3, 3), generator=gen, dtype=torch.uint8)
+        return VerifyInputs(batch.to(device), images.to(device))
+
+
+# The entry points every form is checked through, and how each is called.
+CHECKS: Dict[str, Callable[[Any, VerifyInputs], torch.Tensor]] = {
+    "forward": lambda module, inputs: module(inputs.batch),
+    "forward_images": lambda module, inputs: module.forward_images(inputs.images),
+}
+
+
+def load_weights(options: BuildOptions) -> Tuple[RepMLPNet, str]:
+    """The model in eval mode on the build device, with its weights; and a line saying whence."""
+    ckpt = options.checkpoint
+    try:
+        model = RepMLPNet(options.config, deploy=ckpt is not None and ckpt.form == "deploy")
+    except RuntimeError as exc:  # allocation: fc3's weights grow with the square of the map's area
+        raise BuildError(f"cannot create the model: {first_line(exc)}") from None
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
+        note = f"{os.path.basename(ckpt.path or 'state dict')}: {ckpt.layout} layout, {ckpt.form} form"
+    else:
+        randomize_model_(model, seed=options.seed, randomize_bn=options.randomize_bn)
+        note = f"random weights (seed {options.seed})"
+    return model.to(options.device).eval(), note
+
+
+@torch.no_grad()
+def reference_outputs(model: RepMLPNet, config: ArchConfig, inputs: VerifyInputs) -> Dict[str, torch.Tensor]:
+    """What the loaded model gives through each entry point (eager preprocessing, float32)."""
+    transform = ImageTransform(config.preprocessing).to(inputs.images.device)
+    return {
+        "forward": model(inputs.batch).float(),
+        "forward_images": model(transform(inputs.images)).float(),
+    }
+
+
+def deploy(model: RepMLPNet, options: BuildOptions) -> ArtifactModule:
+    """The fused deploy form, cast to the compute dtype, wrapped with its contract."""
+    fused = fuse_model(model).to(DTYPES[options.dtype])
+    return ArtifactModule(fused, options.dtype).to(options.device).eval()
+
+
+# --- 3. the verified steps -------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    stage: str
+    seconds: float
+    max_abs_err: Optional[float] = None
+    max_rel_err: Optional[float] = None
+    note: str = ""
+
+
+@dataclass
+class BuildReport:
+    path: str
+    manifest: Dict[str, Any]
+    stages: List[StageResult] = field(default_factory=list)
+    sha256: str = ""  # of the published file, which was reloaded and checked before the rename
+    size_bytes: int = 0
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "path": self.path,
+            "sha256": self.sha256,
+            "size_bytes": self.size_bytes,
+            "stages": [vars(s) for s in self.stages],
+            "manifest": self.manifest,
+        }
+
+
+@dataclass
+class _Build:
+    """What the steps share: the options, the seeded inputs, the reference, the stage log."""
+
+    options: BuildOptions
+    inputs: VerifyInputs
+    reference: Dict[str, torch.Tensor]
+    model_stats: Dict[str, Any]
+    tmp_path: str = ""
+    written: Dict[str, Any] = field(default_factory=dict)  # the manifest in tmp_path
+    stages: List[StageResult] = field(default_factory=list)
+    built_at: str = field(default_factory=utc_now)
+
+    def manifest(self) -> Dict[str, Any]:
+        """The manifest as of now: its verification lists the stages run so far."""
+        return _manifest(self.options, self.model_stats, self.stages, self.built_at)
+
+
+def _script(build: _Build, module: Any) -> Any:
+    return torch.jit.script(module)
+
+
+def _freeze(build: _Build, module: Any) -> Any:
+    return torch.jit.freeze(module.eval(), preserved_attrs=list(EXPORTED_METHODS))
+
+
+def _save(build: _Build, module: Any) -> Any:
+    build.written = build.manifest()
+    _write(module, build.tmp_path, build.written)
+    return module
+
+
+def _reload(build: _Build, module: Any) -> Any:
+    return _load_checked(build.tmp_path, build.written, build.options.device)
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[_Build, Any], Any]  # (build, previous form) -> next form
+    verify: bool = True  # compare the new form's outputs with the reference
+
+
+# After "deploy" (the eager fused wrapper), in order.
+STEPS: Tuple[Step, ...] = (
+    Step("script", _script),
+    Step("freeze", _freeze),
+    Step("save", _save, verify=False),
+    Step("reload", _reload),
+)
+STAGE_COUNT = 2 + len(STEPS)  # load and deploy, then the steps
+
+
+def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
+    diff = (out.double() - ref.double()).abs().max().item()
+    scale = ref.double().abs().max().item()
+    return diff, diff / max(scale, 1e-12)
+
+
+@torch.no_grad()
+def _record(
+    build: _Build, name: str, started: float, module: Any = None, note: str = "", say: Callable[[str], None] = print
+) -> None:
+    """Log one stage; with a module, check every entry point against the reference."""
+    result = StageResult(name, 0.0, note=note)
+    worst_check = ""
+    if module is not None:
+        per_check = {}
+        for check, call in CHECKS.items():
+            per_check[check] = _errors(call(module, build.inputs), build.reference[check])
+        worst_check = max(per_check, key=lambda c: per_check[c][1])
+        result.max_abs_err, result.max_rel_err = per_check[worst_check]
+        images_rel = per_check["forward_images"][1]
+        result.note = (note + "  " if note else "") + f"forward_images rel err {images_rel:.2e}"
+    result.seconds = time.perf_counter() - started
+    line = f"[{len(build.stages) + 1}/{STAGE_COUNT}] {name:<8} {result.seconds:7.2f} s"
+    if result.max_rel_err is not None:
+        line += f"  max abs err {result.max_abs_err:.2e}, rel {result.max_rel_err:.2e}"
+    if result.note:
+        line += f"  {result.note}"
+    build.stages.append(result)
+    say(line)
+    if result.max_rel_err is not None and not result.max_rel_err <= build.options.tolerance:
+        raise BuildError(
+            f"stage {name}: {worst_check} relative error {result.max_rel_err:.3e} exceeds the "
+            f"tolerance {build.options.tolerance:.1e}"
+        )
+
+
+# --- 4. writing -----------------------------------------------------------------------------
+
+
+def _write(module: Any, path: str, manifest: Dict[str, Any]) -> None:
+    torch.jit.save(module, path, _extra_files={MANIFEST_NAME: manifest_text(manifest)})
+
+
+def _load_checked(path: str, manifest: Dict[str, Any], device: torch.device) -> Any:
+    """Reload a written file; its manifest and methods must be the ones written."""
+    extra = {MANIFEST_NAME: ""}
+    reloaded = torch.jit.load(path, map_location=device, _extra_files=extra)
+    if json.loads(extra[MANIFEST_NAME]) != manifest:
+        raise BuildError("the manifest read back differs from the one written")
+    missing = [m for m in EXPORTED_METHODS if not hasattr(reloaded, m)]
+    if missing:
+        raise BuildError(f"the saved artifact lost its methods {missing}")
+    return reloaded
+
+
+def _umask_file_mode() -> int:
+    """0o666 less the process umask: the mode open() would give a new file (mkstemp gives 0o600)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@torch.no_grad()
+def _publish(build: _Build, verified: Any, out: str) -> str:
+    """Write the final file (its manifest now lists every stage), reload that file and check
+    it like the reload stage, then rename those same bytes into place. Returns their sha256."""
+    final = build.manifest()
+    _write(verified, build.tmp_path, final)
+    digest = sha256_file(build.tmp_path)
+    reloaded = _load_checked(build.tmp_path, final, build.options.device)
+    for check, call in CHECKS.items():
+        _, rel = _errors(call(reloaded, build.inputs), build.reference[check])
+        if not rel <= build.options.tolerance:
+            raise BuildError(f"the final file's {check}: relative error {rel:.3e} exceeds the tolerance")
+    if sha256_file(build.tmp_path) != digest:
+        raise BuildError("the artifact changed on disk while it was being verified")
+    os.chmod(build.tmp_path, _umask_file_mode())  # readable by a server running as another user
+    os.replace(build.tmp_path, out)
+    return digest
+
+
+# --- the pipeline ---------------------------------------------------------------------------
+
+
+def build_artifact(
+    arch: Any = DEFAULT_ARCH,
+    *,
+    progress: Optional[Callable[[str], None]] = None,
+    **options: Any,
+) -> BuildReport:
+    """Build, verify and atomically write an artifact; returns the report.
+
+    Options (keyword-only, see :func:`resolve_options`): ``checkpoint``, ``out``,
+    ``img_size``, ``num_classes``, ``labels`` or ``labels_file``, ``preprocessing`` (fields of
+    :class:`~repmlp.variants.Preprocessing`: ``mean``, ``std``, ``resize_mode``, ``resize``,
+    ``interpolation``, ``antialias``; the crop is always the input size), ``dtype``,
+    ``device`` (verification), ``tolerance``, ``force``, ``seed``, ``randomize_bn`` and any
+    other :class:`~repmlp.variants.ArchConfig` field.
+    Without ``checkpoint``, the default arch uses the shipped digits checkpoint and any other
+    arch gets seeded random weights (with randomized BN statistics), recorded as such.
+    Raises :class:`BuildError` (a ``ValueError``) on bad input or failed verification.
+    """
+    say = progress or (lambda line: None)
+    opts = resolve_options(arch, **options)
+
+    t0 = time.perf_counter()
+    model, weights_note = load_weights(opts)
+    inputs = VerifyInputs.make(opts.config, opts.device)
+    build = _Build(
+        options=opts,
+        inputs=inputs,
+        reference=reference_outputs(model, opts.config, inputs),
+        model_stats={"params_loaded": sum(p.numel() for p in model.parameters())},
+    )
+    _record(build, "load", t0, note=weights_note, say=say)
+
+    t0 = time.perf_counter()
+    module: Any = deploy(model, opts)
+    build.model_stats["params_deploy"] = sum(p.numel() for p in module.model.parameters())
+    build.model_stats["gflop_per_image"] = round(count_flops(module.model) / 1e9, 4)
+    _record(build, "deploy", t0, module, note=f"from {model.form} form", say=say)
+
+    folder = os.path.dirname(os.path.abspath(opts.out))
+    try:
+        fd, build.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(opts.out)}.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        with quiet_jit():
+            for step in STEPS:
+                t0 = time.perf_counter()
+                module = step.run(build, module)
+                note = f"{os.path.getsize(build.tmp_path) / 1e6:.1f} MB" if step.name == "save" else ""
+                _record(build, step.name, t0, module if step.verify else None, note=note, say=say)
+            digest = _publish(build, module, opts.out)
+    except BuildError:
+        raise
+    except Exception as exc:
+        raise BuildError(f"build failed: {first_line(exc)}") from exc
+    finally:
+        if os.path.exists(build.tmp_path):
+            os.unlink(build.tmp_path)
+
+    return BuildReport(
+        path=os.path.abspath(opts.out),
+        manifest=build.manifest(),
+        stages=build.stages,
+        sha256=digest,
+        size_bytes=os.path.getsize(opts.out),
+    )
+
+
+def _manifest(
+    opts: BuildOptions, model_stats: Dict[str, Any], stages: List[StageResult], built_at: str
+) -> Dict[str, Any]:
+    return make_manifest(
+        opts,
+        model_stats=model_stats,
+        built_at=built_at,
+        verification={
+            "input": f"seeded N(0, 1) batch of {VERIFY_BATCH} and uint8 images of another size (seed {VERIFY_SEED})",
+            "reference": "the loaded model in eval mode, float32 (eager preprocessing for images)",
+            "entry_points": list(CHECKS),
+            "metric": "max |out - ref| / max |ref| over the logits, worst entry point",
+            "tolerance": opts.tolerance,
+            "stages": [vars(s) for s in stages],
+        },
+    )

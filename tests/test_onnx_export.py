@@ -7,7 +7,7 @@ element-wise. About 15 s (one export of the small model).
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, relative_close
+from helpers import make_model, relative_close
 from repmlp import fuse_model
 from repmlp.onnx_export import export_onnx
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_model, relative_close, repmlp_infer_binary
+from helpers import make_model, relative_close, repmlp_infer_binary
 from repmlp import fuse_model
 from repmlp.artifact import build_artifact
 from repmlp.preprocess import ImageTransform
@@ -83,9 +83,13 @@ def test_int8_manifest_states_quantization_and_tolerance(digits_builds):
     assert manifest["input"]["dtype"] == "float32" and manifest["input"]["compute_dtype"] == "int8"
     quant = manifest["quantization"]
     assert quant["activations"] == ACTIVATION_SCHEME
-    assert quant["int8_layers"] > 0 and "float32" in quant["kept_float"]
+    assert "float32" in quant["kept_float"]
+    # digits: depths (1, 1, 2, 1), sharesets (1, 2, 4, 8): 2 FFN GEMMs per unit, fc3 only in
+    # stage 0 -> 3 + 2 + 4 + 2 GEMMs in sequence, each allowed 1/127 of the logit scale.
+    assert quant["int8_gemms_per_image"] == 11
     verification = manifest["verification"]
-    assert verification["reference"].endswith("float32")
+    assert verification["tolerance"] == pytest.approx(11 / 127)
+    assert "float32" in verification["reference"]
     worst = max(s["max_rel_err"] for s in verification["stages"] if s["max_rel_err"] is not None)
     assert 0 < worst <= verification["tolerance"]
 

@@ -14,15 +14,25 @@ Plain int8 tensors and an ATen op, rather than ``torch.ao.quantization`` or quan
 ordinary int8 constants, and the C++ runtime runs it like any float32 artifact.
 """
 
-from typing import List, Tuple
+from typing import Any, Dict, List
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from .model import ConvFFN, RepMLPBlock, RepMLPNet, RepMLPNetUnit
+from .variants import ArchConfig
 
-__all__ = ["Int8Linear", "quantize_int8", "INT8_LEVELS", "ACTIVATION_SCHEME", "int8_layer_count"]
+__all__ = [
+    "ACTIVATION_SCHEME",
+    "INT8_LEVELS",
+    "Int8Linear",
+    "int8_gemm_count",
+    "int8_weight_count",
+    "int8_tolerance",
+    "quantization_record",
+    "quantize_int8",
+]
 
 # Symmetric int8: values in [-127, 127] (the -128 code is left out so that scales are symmetric).
 INT8_LEVELS = 127
@@ -115,5 +125,46 @@ def quantize_int8(fused: RepMLPNet) -> RepMLPNet:
     return fused
 
 
-def int8_layer_count(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if isinstance(m, Int8Linear))
+def int8_weight_count(model: nn.Module) -> int:
+    """Weights held as int8 codes (buffers, so ``parameters()`` does not count them)."""
+    return sum(m.weight_t.numel() + m.bias.numel() for m in model.modules() if isinstance(m, Int8Linear))
+
+
+def int8_gemm_count(config: ArchConfig) -> int:
+    """How many int8 GEMMs an image passes through, one after the other (they are all in
+    sequence): two per FFN, one per fc3 of a single-shareset stage."""
+    return sum(depth * (2 + (sets == 1)) for depth, sets in zip(config.depths, config.sharesets))
+
+
+def int8_tolerance(config: ArchConfig) -> float:
+    """The builder's verification tolerance for an int8 artifact (max |err| / max |logit|).
+
+    Derived, not fitted: rounding to int8 moves each operand of a GEMM by at most half a step,
+    1 / (2 * 127) of its row's largest magnitude, so one GEMM with both operands rounded is off
+    by about 2 / 254 = 1 / 127 of its output's scale; to first order these relative errors add
+    up over the GEMMs in sequence (no gain or loss assumed through the layers in between). A
+    kernel or scale mistake gives errors of order 1, far above this; the accuracy cost itself
+    is bounded by the digits tests (tests/test_reduced_precision.py).
+    """
+    return int8_gemm_count(config) / INT8_LEVELS
+
+
+def quantization_record(config: ArchConfig) -> Dict[str, Any]:
+    """The manifest's ``quantization`` entry of an int8 artifact."""
+    return {
+        "weights": "int8, symmetric, one scale per output channel (max |w| / 127)",
+        "activations": ACTIVATION_SCHEME,
+        "calibration": "none (scales are computed from each input at call time)",
+        "int8_layers": "both FFN GEMMs of every unit; fc3 of single-shareset stages",
+        "int8_gemms_per_image": int8_gemm_count(config),
+        "kept_float": "float32: patch embedding and downsampling convs, global perceptron, fc3 of "
+        "multi-shareset stages, BNs, GELU, head",
+        "kernel": "torch._int_mm (int8 x int8 -> int32, ATen); no torch.ao.quantization, no quantized tensors",
+    }
+
+
+@register_flop_formula(torch.ops.aten._int_mm)
+def _int_mm_flop(a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    # So that count_flops (the manifest's gflop_per_image) counts the int8 GEMMs as the float ones.
+    m, k = a_shape
+    return 2 * m * k * b_shape[1]

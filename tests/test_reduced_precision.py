@@ -143,3 +143,28 @@ def test_int8_artifact_through_the_cpp_runtime_and_cli(digits_builds, digits_inp
     assert info.returncode == 0, info.stderr
     assert "compute dtype:  int8" in info.stdout
 
+
+
+# /proc/cpuinfo flag -> the name torch's cpuinfo gives the same feature
+CPUINFO_NAMES = {"avx2": "avx2", "fma": "fma3", "avx512f": "avx512_f", "avx512_vnni": "avx512_vnni",
+                 "avx_vnni": "avx_vnni", "avx512_bf16": "avx512_bf16", "avx512_fp16": "avx512_fp16",
+                 "amx_tile": "amx_tile", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the kernel's CPU flags (Linux)")
+def test_info_prints_the_cpu_features_the_kernel_reports(digits_builds):
+    with open("/proc/cpuinfo") as fh:
+        flags = next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split()
+    expected = [CPUINFO_NAMES[f] for f in CPUINFO_NAMES if f in flags]
+    repmlp_rt = pytest.importorskip("repmlp_rt")
+    cpu = repmlp_rt.cpu_features()
+    assert sorted(cpu["isa"]) == sorted(expected) and cpu["kernel_level"]
+    info = subprocess.run([repmlp_infer_binary(), "--info", "--json", digits_builds["float32"]],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    import json
+
+    assert json.loads(info.stdout)["runtime"]["cpu"] == cpu
+    text = subprocess.run([repmlp_infer_binary(), "--info", digits_builds["float32"]], capture_output=True, text=True, timeout=120)
+    line = next(x for x in text.stdout.splitlines() if x.startswith("cpu:"))
+    assert line.split("isa:")[1].split() == cpu["isa"] or not cpu["isa"]

@@ -31,6 +31,7 @@ from ._runtime import (
     DeviceError,
     InputError,
     built_with_cuda,
+    cpu_features,
     decode_image,
     has_image_decoding,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "Runtime",
     "__version__",
     "built_with_cuda",
+    "cpu_features",
     "clear_cache",
     "decode_image",
     "has_image_decoding",

@@ -20,6 +20,16 @@ inline constexpr int64_t kFormatVersion = 1;
 // True when this build was compiled against a CUDA-enabled torch.
 bool built_with_cuda() noexcept;
 
+// The CPU as torch's kernels see it (cpuinfo): which artifact dtype runs fastest depends on
+// these (docs/PERFORMANCE.md).
+struct CpuFeatures {
+  std::string name;              // e.g. "Intel Xeon"
+  std::string kernel_level;      // torch's CPU dispatch level: "AVX512", "AVX2", "DEFAULT", ...
+  std::vector<std::string> isa;  // present among avx2, fma3, avx512_f, avx512_vnni, avx_vnni,
+                                 // avx512_bf16, avx512_fp16, amx_tile, amx_bf16, amx_int8
+};
+CpuFeatures cpu_features();
+
 struct RuntimeOptions {
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
   int threads = 0;             // intra-op threads; 0 leaves torch's default (process-wide)

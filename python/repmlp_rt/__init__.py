@@ -34,6 +34,7 @@ from ._runtime import (
     built_with_cuda,
     cpu_features,
     decode_image,
+    decode_image_bytes,
     has_image_decoding,
 )
 from ._runtime import Runtime as _CoreRuntime
@@ -50,6 +51,7 @@ __all__ = [
     "cpu_features",
     "clear_cache",
     "decode_image",
+    "decode_image_bytes",
     "has_image_decoding",
     "infer",
 ]

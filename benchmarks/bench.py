@@ -801,7 +801,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 {fc_table}
 
-### Targets (issue 8)
+### Targets (issues 8 and 18)
 
 {targets_md}
 

@@ -10,10 +10,12 @@ Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN stat
   (d) rt        the C++ runtime via repmlp_rt.Runtime(...).infer
   (d+) rt-opt   (d) with optimize=True                                   [runtime choice]
   (e) cli       `repmlp_infer --bench --json` (a subprocess; its p50, its peak RSS)
+  (h) rt-pt2    the C++ runtime on the AOTInductor package (repmlp-build --format aoti, .pt2);
+                its cold compile time and file size are reported next to the .pt's
   (f) ort-up    ONNX Runtime on the ONNX export of (a)
   (g) ort       ONNX Runtime on the ONNX export of (b) (one file, dynamic batch: repmlp.onnx_export)
-  (h) ov        OpenVINO on the same file as (g), f32 inference precision
-  (h16) ov-bf16 OpenVINO on the same file, bf16 inference precision hint
+  (o) ov        OpenVINO on the same file as (g), f32 inference precision
+  (o16) ov-bf16 OpenVINO on the same file, bf16 inference precision hint
   (d16) rt-bf16 the C++ runtime on a `--dtype bfloat16` artifact of the same weights
   (d8) rt-int8  the C++ runtime on a `--dtype int8` artifact of the same weights
   gemm          the host's GEMM rates at each thread count, measured in the same rounds: MKL's
@@ -73,15 +75,16 @@ LABELS = {
     "d": "(d) repmlp_rt",
     "d+": "(d+) repmlp_rt optimize=True",
     "e": "(e) repmlp_infer --bench",
+    "h": "(h) repmlp_rt on the .pt2 (AOTInductor)",
     "f": "(f) ORT on ONNX(a)",
     "g": "(g) ORT on ONNX(b)",
-    "h": "(h) OpenVINO f32 on ONNX(b)",
-    "h16": "(h16) OpenVINO bf16 on ONNX(b)",
+    "o": "(o) OpenVINO f32 on ONNX(b)",
+    "o16": "(o16) OpenVINO bf16 on ONNX(b)",
     "d16": "(d16) repmlp_rt bfloat16 artifact",
     "d8": "(d8) repmlp_rt int8 artifact",
 }
 # Which GEMM ceiling a configuration's "% of best GEMM" is taken against.
-PRECISION = {"h16": "bf16", "d16": "bf16", "d8": "int8"}
+PRECISION = {"o16": "bf16", "d16": "bf16", "d8": "int8"}
 # CPU features that decide which dtype runs fast (cpuinfo flag names).
 ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 ALL = list(LABELS)
@@ -166,20 +169,43 @@ def source_files(folder: str) -> List[str]:
     return sorted(found)
 
 
-def build_or_reuse_artifact(arch: str, seed: int, cache: str, dtype: str = "float32") -> str:
+def build_or_reuse_artifact(arch: str, seed: int, cache: str, format: str = "torchscript",
+                            dtype: str = "float32") -> Tuple[str, Dict[str, Any]]:
+    """The artifact's path and its build record (seconds per stage, size), built once per
+    source state. An aoti build compiles with an empty Inductor cache: its time is a cold
+    compile, as on a fresh machine."""
+    import tempfile
+
     from repmlp.artifact import build_artifact
 
-    key = sha_files(source_files(os.path.join(ROOT, "python", "repmlp")), f"{arch}-{seed}-{dtype}-{torch.__version__}")
+    key = sha_files(source_files(os.path.join(ROOT, "python", "repmlp")), f"{arch}-{seed}-{format}-{dtype}-{torch.__version__}")
     suffix = "" if dtype == "float32" else f"-{dtype}"
-    path = os.path.join(cache, f"{arch}{suffix}-{key}.pt")
-    if os.path.exists(path):
+    path = os.path.join(cache, f"{arch}{suffix}-{key}.{'pt2' if format == 'aoti' else 'pt'}")
+    record_path = path + ".build.json"
+    if os.path.exists(path) and os.path.exists(record_path):
         log(f"  artifact: cached {path}")
-        return path
-    log(f"  artifact: building {path} (random weights, seed {seed}, {dtype}) ...")
-    t0 = time.perf_counter()
-    build_artifact(arch, out=path, seed=seed, dtype=dtype, force=True, progress=lambda line: log("    " + line))
-    log(f"  artifact built in {time.perf_counter() - t0:.0f} s")
-    return path
+        with open(record_path) as fh:
+            return path, json.load(fh)
+    log(f"  artifact: building {path} ({format}, {dtype}, random weights, seed {seed}) ...")
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as inductor_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+        try:
+            t0 = time.perf_counter()
+            report = build_artifact(arch, out=path, seed=seed, force=True, format=format, dtype=dtype,
+                                    progress=lambda line: log("    " + line))
+            total = time.perf_counter() - t0
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+    record = {"build_s": total, "size_bytes": report.size_bytes, "load avg": loadavg(),
+              "stages_s": {s.stage: s.seconds for s in report.stages}}
+    with open(record_path, "w") as fh:
+        json.dump(record, fh)
+    log(f"  artifact built in {total:.0f} s")
+    return path, record
 
 
 def export_onnx_static(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
@@ -414,13 +440,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     runners["b"] = lambda t: fused
     inputs["a"] = inputs["b"] = "torch"
 
-    artifact = None
+    artifact = pt2 = None
+    builds: Dict[str, Dict[str, Any]] = {}  # format -> build record
     if any(c in configs for c in ("c", "c+", "d", "d+", "e")):
         try:
-            artifact = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir)
+            artifact, builds["torchscript"] = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir)
         except Exception as e:
             for c in ("c", "c+", "d", "d+", "e"):
                 skipped[c] = f"artifact build failed: {e}"
+    if "h" in configs:
+        try:
+            pt2, builds["aoti"] = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir, "aoti")
+        except Exception as e:
+            skipped["h"] = f".pt2 build failed: {e}"
 
     loaded: Dict[Tuple[str, int], Any] = {}
     first_calls: Dict[str, Dict[str, float]] = {}  # config@threads -> {load_s, first_ms, second_ms, ...}
@@ -470,11 +502,19 @@ def main(argv: Optional[List[str]] = None) -> int:
             for c in ("d", "d+", "d16", "d8"):
                 skipped[c] = f"repmlp_rt not importable ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
 
-    def rt_runner(opt: bool) -> Callable[[int], Any]:
+    if "h" in configs and pt2 is not None and rt_mod is None:
+        try:
+            import repmlp_rt as rt_mod  # type: ignore
+        except Exception as e:
+            skipped["h"] = f"repmlp_rt not importable ({type(e).__name__}: {e})"
+
+    def rt_runner(opt: bool, config: str = "", path: str = "") -> Callable[[int], Any]:
+        config, path = config or ("d+" if opt else "d"), path or artifact
+
         def make(t: int) -> Any:
             x1 = np.random.default_rng(0).standard_normal((args.batches[0], *shape), dtype=np.float32)
-            load = lambda: rt_mod.Runtime(artifact, device="cpu", threads=t, optimize=opt).infer  # noqa: E731
-            return load_once("d+" if opt else "d", t, load, x1, note="Runtime() includes its built-in warm-up")
+            load = lambda: rt_mod.Runtime(path, device="cpu", threads=t, optimize=opt).infer  # noqa: E731
+            return load_once(config, t, load, x1, note="Runtime() includes its built-in warm-up")
         return make
 
     if rt_mod is not None:
@@ -487,24 +527,28 @@ def main(argv: Optional[List[str]] = None) -> int:
             inputs["d"] = inputs["d+"] = "numpy"
         except Exception as e:
             skipped["d"] = skipped["d+"] = f"repmlp_rt failed: {type(e).__name__}: {e}"
+    if "h" in configs and pt2 is not None and "h" not in skipped:
+        try:
+            r = rt_mod.Runtime(pt2, device="cpu", threads=max(args.threads), warmup=0)
+            errors["h"] = check_close("(h) vs (b)", torch.from_numpy(np.asarray(r.infer(xcheck.numpy()))), ref, 1e-4)
+            del r
+            runners["h"] = rt_runner(False, "h", pt2)
+            inputs["h"] = "numpy"
+        except Exception as e:
+            skipped["h"] = f"repmlp_rt on the .pt2 failed: {type(e).__name__}: {e}"
 
     # reduced-precision artifacts of the same weights, checked at the tolerance they were built with
     for c, dtype in (("d16", "bfloat16"), ("d8", "int8")):
         if c not in configs or rt_mod is None:
             continue
         try:
-            path = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir, dtype)
+            path, _ = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir, dtype=dtype)
             r = rt_mod.Runtime(path, device="cpu", threads=max(args.threads), warmup=0)
             tol = float(r.manifest["verification"]["tolerance"])
             errors[c] = check_close(f"({c}) vs (b)", torch.from_numpy(np.asarray(r.infer(xcheck.numpy()))), ref, tol)
             del r
 
-            def make_rt(t: int, path: str = path, c: str = c) -> Any:
-                x1 = np.random.default_rng(0).standard_normal((args.batches[0], *shape), dtype=np.float32)
-                return load_once(c, t, lambda: rt_mod.Runtime(path, device="cpu", threads=t).infer, x1,
-                                 note="Runtime() includes its built-in warm-up")
-
-            runners[c] = make_rt
+            runners[c] = rt_runner(False, c, path)
             inputs[c] = "numpy"
         except Exception as e:
             skipped[c] = f"{dtype} artifact failed: {type(e).__name__}: {_first_line(e)}"
@@ -544,9 +588,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             skipped["f"] = f"ONNX export/ORT failed: {type(e).__name__}: {_first_line(e)}"
             log(traceback.format_exc(limit=2))
 
-    # one dynamic-batch file of the fused model for ORT (g) and OpenVINO (h, h16)
-    peers = {"g": (ort_session, "onnxruntime", 1e-4), "h": (lambda p, t: openvino_runner(p, t, "f32"), "openvino", 1e-4),
-             "h16": (lambda p, t: openvino_runner(p, t, "bf16"), "openvino", 6e-2)}
+    # one dynamic-batch file of the fused model for ORT (g) and OpenVINO (o, o16)
+    peers = {"g": (ort_session, "onnxruntime", 1e-4), "o": (lambda p, t: openvino_runner(p, t, "f32"), "openvino", 1e-4),
+             "o16": (lambda p, t: openvino_runner(p, t, "bf16"), "openvino", 6e-2)}
     wanted = [c for c in peers if c in configs]
     fused_onnx = None
     if wanted:
@@ -616,7 +660,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             # whatever runs next: repmlp_rt right after an ORT run measured 160-177 ms instead
             # of 105-128 (2 threads, batch 1). So the round waits for them to go idle.
             # OpenVINO's pool is given the same pause.
-            if c in ("f", "g", "h", "h16"):
+            if c in ("f", "g", "o", "o16"):
                 time.sleep(args.ort_settle)
 
         for b in args.batches:
@@ -661,7 +705,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         " GFLOP/s (mkl/onednn/bf16/int8); " + ", ".join(
                         f"{c} {1000 * statistics.median(lat[(c, t, b)]) / b:.0f}" for c in cell if (c, t, b) in lat) + " ms/img (median so far)")
         for c in list(fns):
-            if c in ("f", "g", "h", "h16"):
+            if c in ("f", "g", "o", "o16"):
                 fns[c] = None
 
     profile_md = ""
@@ -760,9 +804,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     # issue 18: level with OpenVINO in fp32 and bf16; int8 >= 2x fp32 at batch 8 on a VNNI host
     for t in args.threads:
         for b in args.batches:
-            d, h, d16, h16, d8 = (ms_img(c, t, b) for c in ("d", "h", "d16", "h16", "d8"))
-            target(f"{t} thr batch {b}: fp32 repmlp_rt vs OpenVINO f32 (time ratio h/d)", None if d is None or h is None else h / d, 1.0, "{:.2f}")
-            target(f"{t} thr batch {b}: bf16 repmlp_rt vs OpenVINO bf16 (time ratio h16/d16)", None if d16 is None or h16 is None else h16 / d16, 1.0, "{:.2f}")
+            d, o, d16, o16, d8 = (ms_img(c, t, b) for c in ("d", "o", "d16", "o16", "d8"))
+            target(f"{t} thr batch {b}: fp32 repmlp_rt vs OpenVINO f32 (time ratio o/d)", None if d is None or o is None else o / d, 1.0, "{:.2f}")
+            target(f"{t} thr batch {b}: bf16 repmlp_rt vs OpenVINO bf16 (time ratio o16/d16)", None if d16 is None or o16 is None else o16 / d16, 1.0, "{:.2f}")
             if b == 8:
                 vnni = any(f in info.get("isa", "").split() for f in ("avx512_vnni", "avx_vnni"))
                 target(f"{t} thr batch 8: int8 repmlp_rt speed-up over fp32 (d/d8)", None if d is None or d8 is None else d / d8,
@@ -778,6 +822,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             if steady:
                 target(f"{key} first call after load / steady", v["calls_ms"][0] / (1000 * statistics.median(steady)), 2.0, "{:.2f}", higher=False)
     targets_md = "\n".join(x for x in tgt if x)
+
+    format_rows = ["| format | file size MB | build s (cold) | of which export + compile s | load s (1 thread, incl. warm-up) |",
+                   "|---|---|---|---|---|"]
+    for fmt, config in (("torchscript", "d"), ("aoti", "h")):
+        if fmt in builds:
+            rec = builds[fmt]
+            stages = rec["stages_s"]
+            compile_s = sum(stages.get(k, 0.0) for k in ("export", "compile")) if fmt == "aoti" else sum(
+                stages.get(k, 0.0) for k in ("script", "freeze"))
+            load = first_calls.get(f"{config}@{min(args.threads)}", {}).get("load_s")
+            format_rows.append(f"| {fmt} | {rec['size_bytes'] / 1e6:.1f} | {rec['build_s']:.0f} | {compile_s:.0f}"
+                               f"{' (script + freeze)' if fmt == 'torchscript' else ''} | "
+                               f"{'' if load is None else f'{load:.1f}'} |")
+    formats_md = "\n".join(format_rows) if len(format_rows) > 2 else ""
 
     skipped_md = "\n".join(f"- {LABELS[c]}: skipped -- {why}" for c, why in skipped.items() if c in configs) or "- none"
     err_md = ", ".join(f"{LABELS[c.split('@')[0]]}{' batch ' + c.split('@')[1] if '@' in c else ''} {v:.1e}" for c, v in errors.items())
@@ -797,6 +855,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 {table}
 
+{"### TorchScript vs AOTInductor: build and file" + chr(10) + chr(10) + formats_md + chr(10) if formats_md else ""}
 ### First call after load vs steady state
 
 {fc_table}

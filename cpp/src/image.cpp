@@ -1,4 +1,4 @@
-// Image decoding with stb_image. Built without it (no libstb-dev found), decode_image throws.
+// Image decoding with stb_image. Built with -DREPMLP_WITH_IMAGES=OFF, the decoders throw.
 #include "repmlp_rt/image.hpp"
 
 #include <filesystem>
@@ -59,7 +59,7 @@ Image decode_image(const std::string& path) {
   return take_pixels(pixels, width, height, "'" + path + "'");
 #else
   throw InputError("cannot decode image '" + path +
-                   "': this build has no image decoding (libstb-dev was not found at build time)");
+                   "': this build has no image decoding (built with -DREPMLP_WITH_IMAGES=OFF)");
 #endif
 }
 
@@ -74,7 +74,7 @@ Image decode_image_data(const uint8_t* data, size_t size, const std::string& nam
 #else
   (void)data;
   throw InputError("cannot decode image " + name +
-                   ": this build has no image decoding (libstb-dev was not found at build time)");
+                   ": this build has no image decoding (built with -DREPMLP_WITH_IMAGES=OFF)");
 #endif
 }
 

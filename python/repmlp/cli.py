@@ -1,4 +1,4 @@
-"""``repmlp-build`` / ``build_artifact.py``: checkpoint -> verified TorchScript artifact."""
+"""``repmlp-build`` / ``build_artifact.py``: checkpoint -> verified artifact (TorchScript or AOTInductor)."""
 
 import argparse
 import json
@@ -13,7 +13,7 @@ from repmlp_rt._cli import positive_int
 from repmlp_rt.triton import add_arguments as add_triton_arguments
 from repmlp_rt.triton import write_triton_repository
 
-from .artifact import DEFAULT_TOLERANCE, DTYPES, BuildError, build_artifact, check_out_path, default_out_path
+from .artifact import DEFAULT_TOLERANCE, DTYPES, FORMATS, BuildError, build_artifact, check_out_path, default_out_path
 from .checkpoints import CheckpointError
 from .variants import DEFAULT_ARCH, get_variant, list_variants
 
@@ -79,7 +79,8 @@ def _arch(text: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Build a verified, frozen TorchScript RepMLPNet artifact from a checkpoint.",
+        description="Build a verified RepMLPNet artifact (frozen TorchScript, or an AOTInductor "
+        "package with --format aoti) from a checkpoint.",
     )
     p.add_argument(
         "--arch",
@@ -104,8 +105,20 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--std", type=_triple, help="R,G,B on the 0..255 scale")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="weights and compute dtype (int8: int8 weights, activations quantized per row at run time; docs/PERFORMANCE.md)")
-    p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt in the current folder)")
-    p.add_argument("--device", type=_device, default="cpu", help="device used for verification (cpu, cuda, cuda:N)")
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="torchscript",
+        help="torchscript (default): one frozen TorchScript file (.pt); aoti: torch.export + "
+        "AOTInductor, one .pt2 package compiled for this torch release, device and CPU (docs/FORMATS.md)",
+    )
+    p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt, or .pt2 for aoti, in the current folder)")
+    p.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="device used for verification (cpu, cuda, cuda:N); with --format aoti, also the device compiled for",
+    )
     p.add_argument(
         "--tolerance",
         type=_tolerance,
@@ -128,7 +141,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.img_size is not None:
         _check_img_size(parser, args.arch, args.img_size)
     try:  # an unusable --out is a usage error too, found before the (long) build
-        check_out_path(args.out or default_out_path(args.arch), args.force)
+        check_out_path(args.out or default_out_path(args.arch, args.format), args.force)
     except BuildError as exc:
         parser.error(str(exc))
     if args.triton_repo is not None:
@@ -158,6 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             tolerance=args.tolerance,
             force=args.force,
             seed=args.seed,
+            format=args.format,
             progress=progress,
         )
     except (BuildError, CheckpointError, ValueError) as exc:
@@ -196,6 +210,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of --triton-repo, found before the build: a missing folder, an existing
     model folder without --force."""
+    if args.format != "torchscript":
+        parser.error("--triton-repo needs --format torchscript: Triton's PyTorch backend loads TorchScript")
     if not os.path.isdir(args.triton_repo):
         parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
     name = args.triton_name or os.path.splitext(os.path.basename(args.out or default_out_path(args.arch)))[0]

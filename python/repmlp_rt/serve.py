@@ -268,6 +268,8 @@ class ModelDeployment:
                                        "[/classify|/infer|/stats]")
         except RequestError as error:
             return error_response(error.status, str(error))
+        except Exception as error:  # the model failed (e.g. out of memory): the replica keeps serving
+            return error_response(500, f"{type(error).__name__}: {error}")
 
     async def _classify(self, request: Request) -> Response:
         default_topk = min(5, len(self.labels))

@@ -1,4 +1,4 @@
-// Image file decoding (stb_image, optional at build time) into RGB uint8 HWC pixels.
+// Image decoding (stb_image; only -DREPMLP_WITH_IMAGES=OFF builds go without) into RGB uint8 HWC pixels.
 #pragma once
 
 #include <cstddef>

@@ -168,3 +168,11 @@ def test_info_prints_the_cpu_features_the_kernel_reports(digits_builds):
     text = subprocess.run([repmlp_infer_binary(), "--info", digits_builds["float32"]], capture_output=True, text=True, timeout=120)
     line = next(x for x in text.stdout.splitlines() if x.startswith("cpu:"))
     assert line.split("isa:")[1].split() == cpu["isa"] or not cpu["isa"]
+
+
+def test_int8_is_refused_for_the_aoti_format(tmp_path):
+    from repmlp.artifact import BuildError
+
+    with pytest.raises(BuildError, match="torchscript format only"):
+        build_artifact(out=str(tmp_path / "x.pt2"), dtype="int8", format="aoti")
+    assert not (tmp_path / "x.pt2").exists()

@@ -16,11 +16,12 @@ from .build import (
     check_out_path,
     default_checkpoint,
     default_out_path,
+    output_spec,
     resolve_options,
 )
 from .errors import BuildError
 from .manifest import ARTIFACT_FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from .module import DTYPES, EXPORTED_METHODS, ArtifactModule
+from .module import DTYPES, EXPORTED_METHODS, OUTPUT_KINDS, ArtifactModule, FeaturesArtifactModule, OutputSpec
 
 __all__ = [
     "ARTIFACT_FORMAT_VERSION",
@@ -28,7 +29,10 @@ __all__ = [
     "DTYPES",
     "EXPORTED_METHODS",
     "MANIFEST_NAME",
+    "OUTPUT_KINDS",
     "ArtifactModule",
+    "FeaturesArtifactModule",
+    "OutputSpec",
     "BuildError",
     "BuildOptions",
     "BuildReport",
@@ -37,6 +41,7 @@ __all__ = [
     "check_out_path",
     "default_checkpoint",
     "default_out_path",
+    "output_spec",
     "read_manifest",
     "resolve_options",
 ]

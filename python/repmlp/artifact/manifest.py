@@ -8,7 +8,7 @@ every key. Each fact is stored once: labels under ``output``, preprocessing unde
 import datetime
 import json
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -29,6 +29,9 @@ MANIFEST_NAME = "manifest.json"
 def make_manifest(
     *,
     config: ArchConfig,
+    output: Any,
+    outputs: List[Dict[str, Any]],
+    head: Optional[str],
     arch_name: str,
     dtype: str,
     checkpoint: Optional[Checkpoint],
@@ -38,7 +41,10 @@ def make_manifest(
     device: torch.device,
     built_at: str,
 ) -> Dict[str, Any]:
-    """The manifest as JSON-ready data (tuples already turned into lists)."""
+    """The manifest as JSON-ready data (tuples already turned into lists).
+
+    ``output`` is the build's OutputSpec (kind, out_indices, final_norm, pre_downsample);
+    ``outputs`` describes every output the artifact's methods return, in order."""
     if checkpoint is not None:
         weights: Dict[str, Any] = {
             "source": "checkpoint",
@@ -46,6 +52,7 @@ def make_manifest(
             "sha256": checkpoint.sha256,
             "layout": checkpoint.layout,
             "form": checkpoint.form,
+            "head": head,
         }
     else:
         weights = {"source": "random", "seed": seed}
@@ -67,12 +74,8 @@ def make_manifest(
             "input": "uint8 (N, H, W, 3) RGB, any H and W",
             **config.preprocessing.to_dict(),
         },
-        "output": {
-            "kind": "logits",
-            "dtype": "float32",
-            "num_classes": config.num_classes,
-            "labels": list(config.class_labels()),
-        },
+        "output": _output_summary(config, output),
+        "outputs": outputs,
         "weights": weights,
         "deploy_form": "fused (locality injection + BN folding), fc3 as batched matmul",
         "model": model_stats,
@@ -86,6 +89,22 @@ def make_manifest(
     }
     # A JSON round trip turns tuples into lists, so later comparisons are like for like.
     return json.loads(json.dumps(manifest))
+
+
+def _output_summary(config: ArchConfig, output: Any) -> Dict[str, Any]:
+    """The ``output`` key: the kind and what defines it (the labels, for logits)."""
+    summary: Dict[str, Any] = {"kind": output.kind, "dtype": "float32"}
+    if output.kind == "logits":
+        summary.update(num_classes=config.num_classes, labels=list(config.class_labels()))
+    elif output.kind == "features":
+        summary.update(
+            out_indices=sorted(output.out_indices),
+            final_norm=output.final_norm,
+            pre_downsample=output.pre_downsample,
+        )
+    else:
+        summary.update(final_norm=output.final_norm, pooling="global average")
+    return summary
 
 
 def utc_now() -> str:

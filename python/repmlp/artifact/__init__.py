@@ -7,41 +7,17 @@
 docs/ARTIFACT.md is the contract.
 """
 
-from .build import (
-    DEFAULT_TOLERANCE,
-    BuildOptions,
-    BuildReport,
-    StageResult,
-    build_artifact,
-    check_out_path,
-    default_checkpoint,
-    default_out_path,
-    output_spec,
-    resolve_options,
-)
-from .errors import BuildError
+from . import build, errors, module
+from .build import *  # noqa: F403
+from .errors import *  # noqa: F403
 from .manifest import ARTIFACT_FORMAT_VERSION, MANIFEST_NAME, read_manifest
-from .module import DTYPES, EXPORTED_METHODS, OUTPUT_KINDS, ArtifactModule, FeaturesArtifactModule, OutputSpec
+from .module import *  # noqa: F403
 
 __all__ = [
+    *build.__all__,
+    *errors.__all__,
     "ARTIFACT_FORMAT_VERSION",
-    "DEFAULT_TOLERANCE",
-    "DTYPES",
-    "EXPORTED_METHODS",
     "MANIFEST_NAME",
-    "OUTPUT_KINDS",
-    "ArtifactModule",
-    "FeaturesArtifactModule",
-    "OutputSpec",
-    "BuildError",
-    "BuildOptions",
-    "BuildReport",
-    "StageResult",
-    "build_artifact",
-    "check_out_path",
-    "default_checkpoint",
-    "default_out_path",
-    "output_spec",
     "read_manifest",
-    "resolve_options",
+    *module.__all__,
 ]

@@ -566,16 +566,10 @@ def _manifest(
     built_at: str,
 ) -> Dict[str, Any]:
     return make_manifest(
-        config=opts.config,
-        output=opts.output,
+        opts,
         outputs=outputs,
         head=head,
-        arch_name=opts.arch_name,
-        dtype=opts.dtype,
-        checkpoint=opts.checkpoint,
-        seed=opts.seed,
         model_stats=model_stats,
-        device=opts.device,
         built_at=built_at,
         verification={
             "input": f"seeded N(0, 1) batch of {VERIFY_BATCH} and uint8 images of another size (seed {VERIFY_SEED})",

@@ -8,15 +8,18 @@ every key. Each fact is stored once: labels under ``output``, preprocessing unde
 import datetime
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
 from .. import __version__
-from ..checkpoints import Checkpoint
 from ..utils import quiet_jit
 from ..variants import ArchConfig
 from .errors import BuildError
+
+if TYPE_CHECKING:  # build.py and module.py import this module
+    from .build import BuildOptions
+    from .module import OutputSpec
 
 __all__ = ["ARTIFACT_FORMAT_VERSION", "MANIFEST_NAME", "make_manifest", "read_manifest"]
 
@@ -27,24 +30,19 @@ MANIFEST_NAME = "manifest.json"
 
 
 def make_manifest(
+    options: "BuildOptions",
     *,
-    config: ArchConfig,
-    output: Any,
     outputs: List[Dict[str, Any]],
     head: Optional[str],
-    arch_name: str,
-    dtype: str,
-    checkpoint: Optional[Checkpoint],
-    seed: int,
     model_stats: Dict[str, Any],
     verification: Dict[str, Any],
-    device: torch.device,
     built_at: str,
 ) -> Dict[str, Any]:
     """The manifest as JSON-ready data (tuples already turned into lists).
 
-    ``output`` is the build's OutputSpec (kind, out_indices, final_norm, pre_downsample);
-    ``outputs`` describes every output the artifact's methods return, in order."""
+    ``outputs`` describes every output the artifact's methods return, in order; ``head`` is
+    what became of the checkpoint's classifier (CheckpointInfo.head)."""
+    config, checkpoint, dtype = options.config, options.checkpoint, options.dtype
     if checkpoint is not None:
         weights: Dict[str, Any] = {
             "source": "checkpoint",
@@ -55,11 +53,11 @@ def make_manifest(
             "head": head,
         }
     else:
-        weights = {"source": "random", "seed": seed}
+        weights = {"source": "random", "seed": options.seed}
     manifest = {
         "format": "repmlp-artifact",
         "format_version": ARTIFACT_FORMAT_VERSION,
-        "arch": {"name": arch_name, "config": config.architecture_dict()},
+        "arch": {"name": options.arch_name, "config": config.architecture_dict()},
         "input": {
             "method": "forward",
             "layout": "NCHW",
@@ -74,7 +72,7 @@ def make_manifest(
             "input": "uint8 (N, H, W, 3) RGB, any H and W",
             **config.preprocessing.to_dict(),
         },
-        "output": _output_summary(config, output),
+        "output": _output_summary(config, options.output),
         "outputs": outputs,
         "weights": weights,
         "deploy_form": "fused (locality injection + BN folding), fc3 as batched matmul",
@@ -83,7 +81,7 @@ def make_manifest(
             "repmlp_version": __version__,
             "torch_version": torch.__version__,
             "built_at": built_at,
-            "verify_device": str(device),
+            "verify_device": str(options.device),
         },
         "verification": verification,
     }
@@ -91,7 +89,7 @@ def make_manifest(
     return json.loads(json.dumps(manifest))
 
 
-def _output_summary(config: ArchConfig, output: Any) -> Dict[str, Any]:
+def _output_summary(config: ArchConfig, output: "OutputSpec") -> Dict[str, Any]:
     """The ``output`` key: the kind and what defines it (the labels, for logits)."""
     summary: Dict[str, Any] = {"kind": output.kind, "dtype": "float32"}
     if output.kind == "logits":

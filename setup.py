@@ -4,7 +4,8 @@
 
 CMake (driven from build_ext) builds the core library, the repmlp_infer binary and the
 extension repmlp_rt._runtime in build/cmake (incremental, reused by later builds). The binary
-is installed into the environment's bin/ (on PATH) through data_files.
+is installed into the environment's bin/ (on PATH) through data_files. The C++ library and its
+CMake package are installed with CMake itself (docs/CPP.md): `cmake --install build/cmake`.
 """
 
 import os
@@ -67,8 +68,7 @@ class CMakeBuild(build_ext):
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", "2")
         subprocess.check_call([cmake, "--build", str(CMAKE_BUILD_DIR), "-j", jobs])
         if not CLI_BINARY.exists():
-            sys.exit(f"repmlp: {CLI_BINARY} was not built (CLI11 / nlohmann-json3 headers missing? "
-                     "see the CMake warnings above)")
+            sys.exit(f"repmlp: {CLI_BINARY} was not built (see CMake's output above)")
 
 
 class EditableWheel(editable_wheel):

@@ -1,15 +1,23 @@
-// pybind11 binding of the repmlp_rt core: repmlp_rt._runtime. Binds only; the logic lives in
-// the core library. Takes numpy arrays (no torch_python dependency): contiguous, aligned,
-// native-order arrays are wrapped with at::from_blob without a copy; anything else is copied
-// to a fresh C-contiguous array first. The GIL is released while the model runs.
+// pybind11 binding of the repmlp_rt core: repmlp_rt._runtime. Binds and converts only; every
+// check and the uint8-vs-float dispatch live in the core, whose InputError becomes ValueError.
+// Inputs without a copy where the memory allows it: numpy arrays (contiguous, aligned, native
+// byte order) are viewed with at::from_blob, anything else is copied to a fresh C-order array
+// first; torch tensors arrive as DLPack capsules (x.__dlpack__()) and are viewed in place on
+// their device, so no torch_python link is needed. numpy in gives numpy out, a DLPack capsule
+// in gives a DLPack capsule out. The GIL is released while the model runs.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <ATen/ATen.h>
+#include <ATen/DLConvertor.h>
 
+#include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/image.hpp"
@@ -20,37 +28,43 @@ using namespace pybind11::literals;
 
 namespace {
 
+// The torch dtype of a numpy dtype of the same kind and size. Any numeric dtype goes
+// through: the core says which ones it takes.
+std::optional<at::ScalarType> scalar_type_of(const py::dtype& dtype) {
+  struct Known {
+    char kind;
+    py::ssize_t size;
+    at::ScalarType type;
+  };
+  static constexpr Known known[] = {
+      {'f', 2, at::kHalf}, {'f', 4, at::kFloat}, {'f', 8, at::kDouble}, {'u', 1, at::kByte},
+      {'i', 1, at::kChar}, {'i', 2, at::kShort}, {'i', 4, at::kInt},    {'i', 8, at::kLong},
+      {'b', 1, at::kBool}};
+  for (const Known& k : known)
+    if (dtype.kind() == k.kind && dtype.itemsize() == k.size) return k.type;
+  return std::nullopt;
+}
+
 // A CPU at::Tensor viewing a numpy array's memory. `holder` keeps the array (or the copy made
 // here) alive for as long as the tensor is used.
 at::Tensor tensor_view(const py::array& input, py::array& holder) {
-  holder = input;
-  const py::dtype dtype = input.dtype();
-  at::ScalarType type;
-  if (dtype.kind() == 'f' && dtype.itemsize() == 4) {
-    type = at::kFloat;
-  } else if (dtype.kind() == 'f' && dtype.itemsize() == 2) {
-    type = at::kHalf;
-  } else if (dtype.kind() == 'u' && dtype.itemsize() == 1) {
-    type = at::kByte;
-  } else {
+  const auto type = scalar_type_of(input.dtype());
+  if (!type)
     throw repmlp_rt::InputError(
         "expected a float32 NCHW array or a uint8 NHWC image array, got dtype " +
-        py::str(dtype).cast<std::string>());
-  }
-  const auto flags = input.flags();
-  const bool native_order = dtype.byteorder() != '>';
-  const bool usable = native_order && (flags & py::array::c_style) &&
-                      (flags & py::detail::npy_api::NPY_ARRAY_ALIGNED_);
-  if (!usable) {
-    // A fresh, aligned, C-contiguous, native-order copy.
-    py::object numpy = py::module_::import("numpy");
-    py::object native = dtype.attr("newbyteorder")("=");
-    holder = numpy.attr("array")(input, "dtype"_a = native, "order"_a = "C", "copy"_a = true);
+        py::str(input.dtype()).cast<std::string>());
+  holder = input;
+  const bool native_order = input.dtype().byteorder() != '>';
+  const bool c_order = (input.flags() & py::array::c_style) != 0;
+  const bool aligned = reinterpret_cast<std::uintptr_t>(input.data()) % input.itemsize() == 0;
+  if (!native_order || !c_order || !aligned) {
+    // numpy makes a fresh, aligned, C-order, native-order copy.
+    holder = input.attr("astype")(input.dtype().attr("newbyteorder")("="), "order"_a = "C");
   }
   std::vector<int64_t> sizes(holder.shape(), holder.shape() + holder.ndim());
   // numpy's data pointer may be read-only; the runtime never writes to its inputs.
   void* data = const_cast<void*>(holder.data());
-  return at::from_blob(data, sizes, at::TensorOptions().dtype(type));
+  return at::from_blob(data, sizes, at::TensorOptions().dtype(*type));
 }
 
 // Wraps a CPU tensor as a numpy array that owns a reference to it (no copy).
@@ -73,17 +87,66 @@ py::array to_numpy(const at::Tensor& result) {
   return py::array(dtype, shape, strides, tensor.data_ptr(), base);
 }
 
-// Runs one of Runtime's array -> logits methods on a numpy array, without the GIL.
+// The tensor a DLPack capsule ("dltensor", from x.__dlpack__()) describes, on its device,
+// without a copy. The capsule is marked used, as the protocol asks: the tensor now owns it.
+at::Tensor from_dlpack(py::capsule capsule) {
+  if (std::string(capsule.name() ? capsule.name() : "") != "dltensor")
+    throw repmlp_rt::InputError("expected an unused DLPack capsule named 'dltensor', got '" +
+                                std::string(capsule.name() ? capsule.name() : "") + "'");
+  auto* managed = capsule.get_pointer<DLManagedTensor>();
+  at::Tensor tensor = at::fromDLPack(managed);
+  capsule.set_name("used_dltensor");
+  return tensor;
+}
+
+// A DLPack capsule owning `tensor` (torch.from_dlpack takes it without a copy).
+py::capsule to_dlpack(const at::Tensor& tensor) {
+  DLManagedTensor* managed = at::toDLPack(tensor);
+  return py::capsule(managed, "dltensor", [](PyObject* object) {
+    // Called when the capsule dies; a consumer that took it renamed it "used_dltensor".
+    if (PyCapsule_IsValid(object, "dltensor")) {
+      auto* unused = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(object, "dltensor"));
+      if (unused->deleter) unused->deleter(unused);
+    }
+  });
+}
+
+// The input as a tensor, whichever way it came.
+struct Input {
+  at::Tensor tensor;
+  py::array holder;  // a numpy input, or numpy's copy of it, kept alive during the call
+  bool dlpack = false;
+};
+
+Input to_input(const py::object& x) {
+  Input input;
+  if (py::isinstance<py::capsule>(x)) {
+    input.tensor = from_dlpack(py::reinterpret_borrow<py::capsule>(x));
+    input.dlpack = true;
+  } else if (py::isinstance<py::array>(x)) {
+    input.tensor = tensor_view(py::reinterpret_borrow<py::array>(x), input.holder);
+  } else {
+    throw py::type_error("expected a numpy.ndarray or a DLPack capsule, got " +
+                         py::str(py::type::of(x).attr("__name__")).cast<std::string>());
+  }
+  return input;
+}
+
+py::object to_output(const at::Tensor& result, const Input& input) {
+  if (input.dlpack) return to_dlpack(result);
+  return to_numpy(result);
+}
+
+// Runs one of Runtime's tensor -> logits methods without the GIL.
 template <at::Tensor (repmlp_rt::Runtime::*Method)(const at::Tensor&) const>
-py::array call_without_gil(const repmlp_rt::Runtime& runtime, const py::array& input) {
-  py::array holder;
-  at::Tensor x = tensor_view(input, holder);
+py::object call_without_gil(const repmlp_rt::Runtime& runtime, const py::object& x) {
+  Input input = to_input(x);
   at::Tensor logits;
   {
     py::gil_scoped_release release;
-    logits = (runtime.*Method)(x);
+    logits = (runtime.*Method)(input.tensor);
   }
-  return to_numpy(logits);
+  return to_output(logits, input);
 }
 
 void PybindErrors(py::module_& m) {
@@ -118,8 +181,9 @@ void PybindRuntime(py::module_& m) {
         "True when this build was compiled against a CUDA-enabled torch.");
 
   py::class_<Runtime>(m, "Runtime")
-      .def(py::init([](const std::string& path, const std::string& device, int threads,
-                       std::optional<int> warmup, int warmup_batch, bool optimize) {
+      .def(py::init([](const std::string& path, const std::string& device,
+                       std::optional<int64_t> threads, std::optional<int64_t> warmup,
+                       int64_t warmup_batch, bool optimize) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
@@ -129,27 +193,28 @@ void PybindRuntime(py::module_& m) {
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
-           "path"_a, "device"_a = "cpu", "threads"_a = 0, "warmup"_a = py::none(), "warmup_batch"_a = 1,
-           "optimize"_a = false)
+           "path"_a, "device"_a = "cpu", "threads"_a = py::none(), "warmup"_a = py::none(),
+           "warmup_batch"_a = 1, "optimize"_a = false)
       .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
-           "Normalized float32 NCHW array -> float32 logits (N, num_classes).")
+           "uint8 NHWC images or a normalized float NCHW batch -> float32 logits.")
+      .def("infer_normalized", &call_without_gil<&Runtime::infer_normalized>, "x"_a,
+           "Normalized float NCHW batch -> float32 logits (N, num_classes).")
       .def("infer_images", &call_without_gil<&Runtime::infer_images>, "images"_a,
            "uint8 NHWC RGB images -> float32 logits, via the artifact's preprocessing.")
       .def(
           "classify",
-          [](const Runtime& runtime, const py::array& input, std::optional<int64_t> topk) {
-            py::array holder;
-            at::Tensor x = tensor_view(input, holder);
+          [](const Runtime& runtime, const py::object& x, std::optional<int64_t> topk) {
+            Input input = to_input(x);
             std::pair<at::Tensor, at::Tensor> result;
             {
               py::gil_scoped_release release;
-              result = runtime.classify(x, topk);
+              result = runtime.classify(input.tensor, topk);
             }
-            return py::make_tuple(to_numpy(result.first), to_numpy(result.second));
+            return py::make_tuple(to_output(result.first, input), to_output(result.second, input));
           },
           "x"_a, "topk"_a = py::none(),
-          "uint8 NHWC images (or float32 NCHW) -> (softmax scores, int64 indices) of the top k\n"
-          "(None: min(5, num_classes)).")
+          "uint8 NHWC images or a float NCHW batch -> (softmax scores, int64 indices) of the\n"
+          "top k (None: min(5, num_classes)).")
       .def_property_readonly("path", &Runtime::path)
       .def_property_readonly("device", &Runtime::device)
       .def_property_readonly("manifest_json", &Runtime::manifest_json)

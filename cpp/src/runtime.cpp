@@ -5,9 +5,6 @@
 #include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
-#include <torch/csrc/jit/api/module.h>
-#include <torch/csrc/jit/runtime/graph_executor.h>
-#include <torch/csrc/jit/serialization/import.h>
 
 #ifdef REPMLP_RT_WITH_CUDA
 // Device-generic c10 stream API: no CUDA toolkit headers are needed to build the CUDA path,
@@ -19,36 +16,22 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #endif
 
+#include <nlohmann/json.hpp>
+
+#include <cmath>
+#include <cstdio>
 #include <filesystem>
 #include <optional>
-#include <regex>
-#include <sstream>
 #include <utility>
 #include <vector>
+
+#include "model.hpp"
 
 namespace repmlp_rt {
 namespace {
 
-// c10::Error messages carry a C++ backtrace; keep the first meaningful line only.
-std::string clean_message(const std::string& message) {
-  std::istringstream lines(message);
-  std::string line;
-  while (std::getline(lines, line)) {
-    const auto begin = line.find_first_not_of(" \t\r");
-    if (begin == std::string::npos) continue;
-    line = line.substr(begin);
-    if (line.rfind("Exception raised from", 0) == 0 || line.rfind("frame #", 0) == 0) continue;
-    // The zip reader appends a long explanation; the first sentence says what happened.
-    const auto noise = line.find(" This is an internal miniz error");
-    if (noise != std::string::npos) line = line.substr(0, noise) + " (corrupt or truncated file?)";
-    return line;
-  }
-  return "unknown error";
-}
-
-std::string clean_message(const c10::Error& error) {
-  return clean_message(error.what_without_backtrace());
-}
+using detail::clean_message;
+using detail::EntryPoint;
 
 std::string shape_string(at::IntArrayRef shape) {
   std::string out = "[";
@@ -116,6 +99,35 @@ c10::Device parse_device(const std::string& text) {
 #endif
 }
 
+// Throws InputError "NAME must be in [LOW, HIGH]NOTE, got VALUE" unless low <= value <= high.
+void check_range(const char* name, int64_t value, int64_t low, int64_t high,
+                 const char* note = "") {
+  if (value < low || value > high)
+    throw InputError(std::string(name) + " must be in [" + std::to_string(low) + ", " +
+                     std::to_string(high) + "]" + note + ", got " + std::to_string(value));
+}
+
+void check_options(const RuntimeOptions& options) {
+  if (options.threads)
+    check_range("threads", *options.threads, 1, kMaxThreads, " (unset: torch's default)");
+  if (options.warmup)
+    check_range("warmup", *options.warmup, 0, kMaxWarmup, " (unset: the device's default)");
+  check_range("warmup_batch", options.warmup_batch, 1, kMaxWarmup);
+}
+
+// A JSON number as its text, for messages: nlohmann reads integers beyond 64 bits as doubles.
+std::string number_text(const nlohmann::json& value) {
+  if (value.is_number_float()) {
+    const double number = value.get<double>();
+    if (std::isfinite(number) && std::floor(number) == number) {
+      char text[400];
+      std::snprintf(text, sizeof text, "%.0f", number);
+      return text;
+    }
+  }
+  return value.dump();
+}
+
 }  // namespace
 
 bool built_with_cuda() noexcept {
@@ -130,50 +142,27 @@ struct Runtime::Impl {
   std::string path;
   std::string device_name;
   c10::Device device{c10::kCPU};
-  torch::jit::Module module;
-  std::optional<torch::jit::Method> forward;
-  std::optional<torch::jit::Method> forward_images;
-  std::string manifest;
-  std::vector<int64_t> input_shape;
-  std::vector<std::string> labels;
-  std::string compute_dtype_name;
+  std::unique_ptr<detail::Model> model;
   at::ScalarType compute_dtype = at::kFloat;
-  int64_t format_version = 0;
 
+  const detail::ModelMetadata& metadata() const { return model->metadata(); }
+  void check_metadata();
+  void warm_up(const RuntimeOptions& options, const Runtime& runtime) const;
   void check_nchw(const at::Tensor& x) const;
   void check_images(const at::Tensor& x) const;
-  at::Tensor run(const torch::jit::Method& method, const at::Tensor& input) const;
+  at::Tensor run(EntryPoint entry_point, const at::Tensor& input) const;
 #ifdef REPMLP_RT_WITH_CUDA
-  at::Tensor run_cuda(const torch::jit::Method& method, const at::Tensor& input) const;
-  at::Tensor run_on_stream(const torch::jit::Method& method, const at::Tensor& input,
+  at::Tensor run_cuda(EntryPoint entry_point, const at::Tensor& input) const;
+  at::Tensor run_on_stream(EntryPoint entry_point, const at::Tensor& input,
                            const c10::Stream& stream) const;
 #endif
-  torch::jit::IValue call_metadata(const std::string& name);
 };
-
-torch::jit::IValue Runtime::Impl::call_metadata(const std::string& name) {
-  auto method = module.find_method(name);
-  if (!method)
-    throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no method '" + name +
-                        "()'");
-  try {
-    return (*method)({});
-  } catch (const c10::Error& e) {
-    throw ArtifactError("'" + path + "': " + name + "() failed: " + clean_message(e));
-  }
-}
 
 Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
     : impl_(std::make_unique<Impl>()) {
   Impl& s = *impl_;
   s.path = path;
-  if (options.threads < 0)
-    throw InputError("threads must be >= 0 (0 = torch default), got " +
-                     std::to_string(options.threads));
-  if (options.warmup && *options.warmup < 0)
-    throw InputError("warmup must be >= 0, got " + std::to_string(*options.warmup));
-  if (options.warmup_batch < 1)
-    throw InputError("warmup_batch must be >= 1, got " + std::to_string(options.warmup_batch));
+  check_options(options);
   s.device = parse_device(options.device);
   s.device_name = s.device.str();
 
@@ -182,97 +171,61 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
     throw ArtifactError("cannot open artifact '" + path + "': no such file");
   if (std::filesystem::is_directory(path, ec))
     throw ArtifactError("cannot open artifact '" + path + "': it is a directory");
+  if (options.threads) at::set_num_threads(static_cast<int>(*options.threads));
 
-  if (options.threads > 0) at::set_num_threads(options.threads);
-
-  torch::jit::ExtraFilesMap extra_files{{"manifest.json", ""}};
-  try {
-    s.module = torch::jit::load(path, s.device, extra_files);
-  } catch (const c10::Error& e) {
-    std::string why = clean_message(e);
-    // A torch.save() zip (a checkpoint) has data.pkl but none of TorchScript's constants.pkl.
-    if (why.find("constants.pkl") != std::string::npos)
-      why = "it is a torch.save() file (a checkpoint?), not a TorchScript artifact; convert it "
-            "with repmlp-build --checkpoint";
-    throw ArtifactError("cannot load artifact '" + path + "': " + why);
-  } catch (const std::exception& e) {
-    throw ArtifactError("cannot load artifact '" + path + "': " + clean_message(e.what()));
-  }
-  s.manifest = extra_files["manifest.json"];
-  if (s.manifest.empty())
-    throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no manifest.json");
-
-  {
-    torch::jit::IValue version = s.call_metadata("format_version");
-    if (!version.isInt())
-      throw ArtifactError("'" + path + "': format_version() did not return an int");
-    s.format_version = version.toInt();
-  }
-  if (s.format_version != kFormatVersion)
-    throw ArtifactError("'" + path + "' has artifact format version " +
-                        std::to_string(s.format_version) + "; this runtime reads version " +
-                        std::to_string(kFormatVersion));
-  // The manifest records the version too; both must agree with what this runtime reads.
-  static const std::regex version_key(R"re("format_version"\s*:\s*(-?\d+))re");
-  std::smatch match;
-  // Compared as text: a number too large for stoll is simply a different version.
-  if (std::regex_search(s.manifest, match, version_key) &&
-      match[1].str() != std::to_string(kFormatVersion))
-    throw ArtifactError("'" + path + "': manifest.json has format_version " + match[1].str() +
-                        "; this runtime reads version " + std::to_string(kFormatVersion));
-
-  try {
-    torch::jit::IValue shape = s.call_metadata("input_shape");
-    s.input_shape = shape.toIntVector();
-    torch::jit::IValue labels = s.call_metadata("labels");
-    for (const auto& label : labels.toListRef()) s.labels.push_back(label.toStringRef());
-    s.compute_dtype_name = s.call_metadata("compute_dtype").toStringRef();
-  } catch (const c10::Error& e) {
-    throw ArtifactError("'" + path + "': unexpected metadata types: " + clean_message(e));
-  }
-  if (s.input_shape.size() != 3 || s.input_shape[0] < 1 || s.input_shape[1] < 1 ||
-      s.input_shape[2] < 1)
-    throw ArtifactError("'" + path + "': input_shape() must be [C, H, W], got " +
-                        shape_string(s.input_shape));
-  if (s.labels.empty()) throw ArtifactError("'" + path + "': labels() is empty");
-  auto compute = dtype_from_name(s.compute_dtype_name);
-  if (!compute)
-    throw ArtifactError("'" + path + "': unknown compute_dtype() '" + s.compute_dtype_name +
-                        "' (expected float32, float16 or bfloat16)");
-  s.compute_dtype = *compute;
-
-  for (const char* name : {"forward", "forward_images"})
-    if (!s.module.find_method(name))
-      throw ArtifactError("'" + path + "' is not a RepMLP artifact: it has no method '" +
-                          std::string(name) + "()'");
-
-  if (options.optimize) {
-    try {
-      s.module = torch::jit::optimize_for_inference(s.module, {"forward_images"});
-    } catch (const c10::Error& e) {
-      throw ArtifactError("'" + path + "': optimize_for_inference failed: " + clean_message(e));
-    }
-  }
-  s.forward.emplace(s.module.get_method("forward"));
-  s.forward_images.emplace(s.module.get_method("forward_images"));
+  s.model = detail::load_torchscript_model(path, s.device, options.optimize);
 #ifdef REPMLP_RT_WITH_CUDA
   // Loading (and optimize_for_inference's folding) wrote the weights on the device's current
   // stream; calls run on other, non-blocking pool streams, so wait for that work once here.
   if (!s.device.is_cpu())
     c10::impl::VirtualGuardImpl(s.device.type()).synchronizeDevice(s.device.index());
 #endif
+  s.check_metadata();
+  s.warm_up(options, *this);
+}
 
-  // Warm-up (see RuntimeOptions::warmup): one call on CPU; on CUDA the profiling executor
-  // records shapes on the first call and builds fused kernels on the second.
-  const int warmup = options.warmup.value_or(s.device.is_cpu() ? 1 : 2);
+// What the artifact says about itself must be what this runtime can serve.
+void Runtime::Impl::check_metadata() {
+  const detail::ModelMetadata& m = metadata();
+  if (m.format_version != kFormatVersion)
+    throw ArtifactError("'" + path + "' has artifact format version " +
+                        std::to_string(m.format_version) + "; this runtime reads version " +
+                        std::to_string(kFormatVersion));
+  // The manifest records the version too; it must agree with the graph's.
+  const nlohmann::json manifest = nlohmann::json::parse(m.manifest_json, nullptr, /*allow_exceptions=*/false);
+  if (manifest.is_discarded() || !manifest.is_object())
+    throw ArtifactError("'" + path + "': manifest.json is not a JSON object");
+  const auto version = manifest.find("format_version");
+  if (version != manifest.end() &&
+      !(version->is_number_integer() && version->get<int64_t>() == m.format_version))
+    throw ArtifactError("'" + path + "': manifest.json has format_version " +
+                        number_text(*version) + "; this runtime reads version " +
+                        std::to_string(kFormatVersion));
+
+  const auto& shape = m.input_shape;
+  if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 || shape[2] < 1)
+    throw ArtifactError("'" + path + "': input_shape() must be [C, H, W], got " +
+                        shape_string(shape));
+  if (m.labels.empty()) throw ArtifactError("'" + path + "': labels() is empty");
+  auto compute = dtype_from_name(m.compute_dtype);
+  if (!compute)
+    throw ArtifactError("'" + path + "': unknown compute_dtype() '" + m.compute_dtype +
+                        "' (expected float32, float16 or bfloat16)");
+  compute_dtype = *compute;
+}
+
+// See RuntimeOptions::warmup: one call on CPU; on CUDA the profiling executor records shapes
+// on the first call and builds fused kernels on the second.
+void Runtime::Impl::warm_up(const RuntimeOptions& options, const Runtime& runtime) const {
+  const int64_t calls = options.warmup.value_or(device.is_cpu() ? 1 : 2);
   try {
-    const auto& shape = s.input_shape;
+    const auto& shape = metadata().input_shape;
     const int64_t batch = options.warmup_batch;
     at::Tensor zeros = at::zeros({batch, shape[0], shape[1], shape[2]}, at::kFloat);
     at::Tensor images = at::zeros({batch, shape[1], shape[2], 3}, at::kByte);
-    for (int i = 0; i < warmup; ++i) {
-      infer(zeros);
-      infer_images(images);
+    for (int64_t i = 0; i < calls; ++i) {
+      runtime.infer_normalized(zeros);
+      runtime.infer_images(images);
     }
   } catch (const InputError& e) {
     throw ArtifactError("'" + path + "': warm-up failed: " + std::string(e.what()));
@@ -286,19 +239,20 @@ Runtime::Runtime(Runtime&&) noexcept = default;
 Runtime& Runtime::operator=(Runtime&&) noexcept = default;
 
 void Runtime::Impl::check_nchw(const at::Tensor& x) const {
+  const auto& input_shape = metadata().input_shape;
   const auto& [c, h, w] = std::tuple{input_shape[0], input_shape[1], input_shape[2]};
-  const std::string expected_shape =
-      "(N, " + std::to_string(c) + ", " + std::to_string(h) + ", " + std::to_string(w) + ")";
-  if (!x.defined()) throw InputError("expected a float tensor " + expected_shape + ", got none");
+  const std::string expected = "a float32 NCHW array of shape (N, " + std::to_string(c) + ", " +
+                               std::to_string(h) + ", " + std::to_string(w) + ")";
+  if (!x.defined()) throw InputError("expected " + expected + ", got none");
   if (x.dim() != 4)
-    throw InputError("expected a 4-D NCHW tensor " + expected_shape + ", got " +
-                     std::to_string(x.dim()) + "-D shape " + shape_string(x.sizes()));
+    throw InputError("expected " + expected + " (4-D), got " + shape_string(x.sizes()) + " (" +
+                     std::to_string(x.dim()) + "-D)");
   const auto type = x.scalar_type();
   if (type != at::kFloat && type != compute_dtype) {
-    std::string expected = "float32";
-    if (compute_dtype != at::kFloat) expected += " or " + compute_dtype_name;
-    std::string hint = type == at::kByte ? " (uint8 NHWC images go through classify/infer_images)" : "";
-    throw InputError("expected dtype " + expected + ", got " + dtype_name(type) + hint);
+    std::string dtypes = "float32";
+    if (compute_dtype != at::kFloat) dtypes += " or " + metadata().compute_dtype;
+    std::string hint = type == at::kByte ? " (uint8 NHWC images go through infer/infer_images)" : "";
+    throw InputError("expected dtype " + dtypes + ", got " + dtype_name(type) + hint);
   }
   if (x.size(0) < 1)
     throw InputError("expected batch size N >= 1, got N = " + std::to_string(x.size(0)) +
@@ -306,7 +260,7 @@ void Runtime::Impl::check_nchw(const at::Tensor& x) const {
   const char* names[] = {"channels", "height", "width"};
   for (int d = 0; d < 3; ++d)
     if (x.size(d + 1) != input_shape[d])
-      throw InputError("expected shape " + expected_shape + ", got " + shape_string(x.sizes()) +
+      throw InputError("expected " + expected + ", got " + shape_string(x.sizes()) +
                        ": " + names[d] + " " + std::to_string(x.size(d + 1)) + " != " +
                        std::to_string(input_shape[d]));
 }
@@ -329,19 +283,14 @@ void Runtime::Impl::check_images(const at::Tensor& x) const {
                      shape_string(x.sizes()));
 }
 
-at::Tensor Runtime::Impl::run(const torch::jit::Method& method, const at::Tensor& input) const {
+at::Tensor Runtime::Impl::run(EntryPoint entry_point, const at::Tensor& input) const {
   c10::InferenceMode inference_mode;
   try {
 #ifdef REPMLP_RT_WITH_CUDA
-    if (device.is_cuda()) return run_cuda(method, input);
+    if (device.is_cuda()) return run_cuda(entry_point, input);
 #endif
-    // The artifact is frozen, and there is no CPU fuser for the profiling executor to feed:
-    // its profiling and re-optimizing calls (2-2.6x a steady call each, measured in
-    // benchmarks/RESULTS.md) buy nothing on CPU. The switch is thread-local and restored on
-    // return, so other TorchScript code in the process is unaffected.
-    torch::jit::GraphOptimizerEnabledGuard plain_interpreter(false);
     at::Tensor x = input.device().is_cpu() ? input : input.to(at::kCPU);
-    at::Tensor out = method({x}).toTensor();
+    at::Tensor out = model->run(entry_point, x).at(0);
     if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
     return out.contiguous();
   } catch (const c10::Error& e) {
@@ -364,8 +313,7 @@ static c10::Stream thread_stream(const c10::impl::VirtualGuardImpl& guard_impl,
   return streams.back().second;
 }
 
-at::Tensor Runtime::Impl::run_cuda(const torch::jit::Method& method,
-                                   const at::Tensor& input) const {
+at::Tensor Runtime::Impl::run_cuda(EntryPoint entry_point, const at::Tensor& input) const {
   c10::DeviceGuard device_guard(device);
   c10::impl::VirtualGuardImpl guard_impl(device.type());
   c10::Stream stream = thread_stream(guard_impl, device);
@@ -378,7 +326,7 @@ at::Tensor Runtime::Impl::run_cuda(const torch::jit::Method& method,
   }
   c10::StreamGuard stream_guard(stream);
   try {
-    return run_on_stream(method, input, stream);
+    return run_on_stream(entry_point, input, stream);
   } catch (...) {
     // Work already queued (e.g. a copy from the caller's pinned buffer) must not outlive the
     // call that failed.
@@ -387,7 +335,7 @@ at::Tensor Runtime::Impl::run_cuda(const torch::jit::Method& method,
   }
 }
 
-at::Tensor Runtime::Impl::run_on_stream(const torch::jit::Method& method, const at::Tensor& input,
+at::Tensor Runtime::Impl::run_on_stream(EntryPoint entry_point, const at::Tensor& input,
                                         const c10::Stream& stream) const {
   at::Tensor on_device;
   if (input.device().is_cpu()) {
@@ -407,7 +355,7 @@ at::Tensor Runtime::Impl::run_on_stream(const torch::jit::Method& method, const 
   if (on_device.is_floating_point() && on_device.scalar_type() != compute_dtype)
     on_device = on_device.to(compute_dtype);
 
-  at::Tensor out = method({on_device}).toTensor();
+  at::Tensor out = model->run(entry_point, on_device).at(0);
   if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
   at::Tensor host =
       at::empty(out.sizes(), out.options().device(c10::kCPU).pinned_memory(true));
@@ -418,27 +366,27 @@ at::Tensor Runtime::Impl::run_on_stream(const torch::jit::Method& method, const 
 #endif
 
 at::Tensor Runtime::infer(const at::Tensor& input) const {
+  const bool images = input.defined() && input.scalar_type() == at::kByte;
+  return images ? infer_images(input) : infer_normalized(input);
+}
+
+at::Tensor Runtime::infer_normalized(const at::Tensor& input) const {
   impl_->check_nchw(input);
-  return impl_->run(*impl_->forward, input);
+  return impl_->run(EntryPoint::kForward, input);
 }
 
 at::Tensor Runtime::infer_images(const at::Tensor& images) const {
   impl_->check_images(images);
-  return impl_->run(*impl_->forward_images, images);
+  return impl_->run(EntryPoint::kForwardImages, images);
 }
 
-static void check_topk(int64_t topk, int64_t num_classes) {
-  if (topk < 1 || topk > num_classes)
-    throw InputError("topk must be in [1, " + std::to_string(num_classes) + "], got " +
-                     std::to_string(topk));
-}
+void Runtime::check_topk(int64_t topk) const { check_range("topk", topk, 1, num_classes()); }
 
 std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& input,
                                                     std::optional<int64_t> topk) const {
   const int64_t k = topk.value_or(default_topk());
-  check_topk(k, num_classes());  // before the model runs, not after
-  const bool images = input.defined() && input.scalar_type() == at::kByte;
-  return softmax_topk(images ? infer_images(input) : infer(input), k);
+  check_topk(k);  // before the model runs, not after
+  return softmax_topk(infer(input), k);
 }
 
 int64_t Runtime::default_topk() const noexcept { return std::min<int64_t>(5, num_classes()); }
@@ -447,7 +395,7 @@ std::pair<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t
   if (!logits.defined() || logits.dim() != 2)
     throw InputError("expected 2-D logits (N, num_classes), got " +
                      (logits.defined() ? shape_string(logits.sizes()) : std::string("none")));
-  check_topk(topk, logits.size(1));
+  check_range("topk", topk, 1, logits.size(1));
   c10::InferenceMode inference_mode;
   at::Tensor probs = at::softmax(logits.to(at::kFloat), 1);
   auto [scores, indices] = probs.topk(topk, 1, /*largest=*/true, /*sorted=*/true);
@@ -456,13 +404,21 @@ std::pair<at::Tensor, at::Tensor> softmax_topk(const at::Tensor& logits, int64_t
 
 const std::string& Runtime::path() const noexcept { return impl_->path; }
 const std::string& Runtime::device() const noexcept { return impl_->device_name; }
-const std::string& Runtime::manifest_json() const noexcept { return impl_->manifest; }
-const std::vector<int64_t>& Runtime::input_shape() const noexcept { return impl_->input_shape; }
-const std::vector<std::string>& Runtime::labels() const noexcept { return impl_->labels; }
-const std::string& Runtime::compute_dtype() const noexcept { return impl_->compute_dtype_name; }
-int64_t Runtime::format_version() const noexcept { return impl_->format_version; }
+const std::string& Runtime::manifest_json() const noexcept {
+  return impl_->metadata().manifest_json;
+}
+const std::vector<int64_t>& Runtime::input_shape() const noexcept {
+  return impl_->metadata().input_shape;
+}
+const std::vector<std::string>& Runtime::labels() const noexcept {
+  return impl_->metadata().labels;
+}
+const std::string& Runtime::compute_dtype() const noexcept {
+  return impl_->metadata().compute_dtype;
+}
+int64_t Runtime::format_version() const noexcept { return impl_->metadata().format_version; }
 int64_t Runtime::num_classes() const noexcept {
-  return static_cast<int64_t>(impl_->labels.size());
+  return static_cast<int64_t>(impl_->metadata().labels.size());
 }
 
 }  // namespace repmlp_rt

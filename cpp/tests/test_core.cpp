@@ -57,6 +57,36 @@ TEST(Runtime, MissingArtifactThrows) {
   EXPECT_THROW(repmlp_rt::Runtime(temp_path("missing.pt").string()), repmlp_rt::ArtifactError);
 }
 
+TEST(Runtime, ChecksOptionsBeforeLoading) {
+  // Options are checked first: a bad value is an InputError even for a missing file.
+  const std::string missing = temp_path("missing.pt").string();
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.threads = 0}), repmlp_rt::InputError);
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.threads = repmlp_rt::kMaxThreads + 1}),
+               repmlp_rt::InputError);
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.warmup = -1}), repmlp_rt::InputError);
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.warmup_batch = 0}), repmlp_rt::InputError);
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.device = "tpu"}), repmlp_rt::InputError);
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.threads = 1}), repmlp_rt::ArtifactError);
+}
+
+TEST(Runtime, InferTakesEitherKindOfInput) {
+  if (test_artifact().empty()) GTEST_SKIP() << "REPMLP_TEST_ARTIFACT is not set";
+  const repmlp_rt::Runtime runtime(test_artifact());
+  const auto& s = runtime.input_shape();
+  at::manual_seed(1);
+  const at::Tensor x = at::randn({2, s[0], s[1], s[2]});
+  const at::Tensor images = at::randint(0, 256, {2, s[1] + 3, s[2] + 5, 3}).to(at::kByte);
+  EXPECT_TRUE(at::equal(runtime.infer(x), runtime.infer_normalized(x)));
+  EXPECT_TRUE(at::equal(runtime.infer(images), runtime.infer_images(images)));
+  EXPECT_THROW(runtime.infer_normalized(images), repmlp_rt::InputError);
+  EXPECT_THROW(runtime.infer_images(x), repmlp_rt::InputError);
+  EXPECT_THROW(runtime.check_topk(runtime.num_classes() + 1), repmlp_rt::InputError);
+  auto [scores, indices] = runtime.classify(images, 2);
+  auto [expected_scores, expected_indices] = repmlp_rt::softmax_topk(runtime.infer_images(images), 2);
+  EXPECT_TRUE(at::equal(scores, expected_scores));
+  EXPECT_TRUE(at::equal(indices, expected_indices));
+}
+
 TEST(Runtime, ValidatesInputs) {
   if (test_artifact().empty()) GTEST_SKIP() << "REPMLP_TEST_ARTIFACT is not set";
   repmlp_rt::Runtime runtime(test_artifact());

@@ -37,7 +37,7 @@ struct Options {
   std::string artifact;
   std::vector<std::string> inputs;
   std::string device = "cpu";
-  int threads = 0;
+  int64_t threads = 0;
   int64_t batch = 8;
   int64_t topk = 5;
   bool json = false;
@@ -135,20 +135,25 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
     if (ends_with_ci(input, ".npy")) {
       flush_images();
       repmlp_rt::NpyArray array = repmlp_rt::read_npy_f32(input);
-      const auto& expected = runtime.input_shape();
-      if (array.shape.size() != 4 || array.shape[0] < 1 || array.shape[1] != expected[0] ||
-          array.shape[2] != expected[1] || array.shape[3] != expected[2])
-        throw repmlp_rt::InputError("'" + input + "': expected a float32 NCHW array of shape (N, " +
-                                    std::to_string(expected[0]) + ", " + std::to_string(expected[1]) +
-                                    ", " + std::to_string(expected[2]) + ") with N >= 1, got " +
-                                    shape_string(array.shape));
       at::Tensor all = at::from_blob(array.data.data(), array.shape, at::kFloat);
-      for (int64_t start = 0; start < array.shape[0]; start += opt.batch) {
-        const int64_t stop = std::min(start + opt.batch, array.shape[0]);
+      // Split along N into --batch rows; the core checks each batch (shape, N >= 1) and the
+      // message gets the file name.
+      const int64_t rows = array.shape.empty() ? 0 : array.shape[0];
+      int64_t start = 0;
+      do {
+        const int64_t stop = std::min(start + opt.batch, rows);
+        at::Tensor batch = rows > opt.batch ? all.slice(0, start, stop) : all;
         std::vector<std::string> names;
         for (int64_t i = start; i < stop; ++i) names.push_back(input + "[" + std::to_string(i) + "]");
-        emit(runtime.infer(all.slice(0, start, stop)), names);
-      }
+        at::Tensor logits;
+        try {
+          logits = runtime.infer_normalized(batch);
+        } catch (const repmlp_rt::InputError& e) {
+          throw repmlp_rt::InputError("'" + input + "': " + e.what());
+        }
+        emit(logits, names);
+        start = stop;
+      } while (start < rows);
     } else {
       repmlp_rt::Image image = repmlp_rt::decode_image(input);
       if (!pending.empty() && (pending[0].height != image.height || pending[0].width != image.width))
@@ -177,13 +182,13 @@ void run_bench(const repmlp_rt::Runtime& runtime, const Options& opt, double loa
   at::manual_seed(0);
   at::Tensor input = at::randn({opt.batch, shape[0], shape[1], shape[2]}, at::kFloat);
   auto start = Clock::now();
-  runtime.infer(input);
+  runtime.infer_normalized(input);
   const double first_ms = ms_since(start);
-  for (int i = 0; i < opt.warmup; ++i) runtime.infer(input);
+  for (int i = 0; i < opt.warmup; ++i) runtime.infer_normalized(input);
   std::vector<double> latencies;
   for (int i = 0; i < opt.iters; ++i) {
     start = Clock::now();
-    runtime.infer(input);
+    runtime.infer_normalized(input);
     latencies.push_back(ms_since(start));
   }
   std::sort(latencies.begin(), latencies.end());
@@ -269,12 +274,11 @@ int run(int argc, char** argv) {
   app.add_option("ARTIFACT", opt.artifact, "artifact .pt file written by repmlp-build")->required();
   app.add_option("INPUT", opt.inputs, "image files (RGB, any size) or .npy float32 (N, C, H, W) batches");
   app.add_option("--device", opt.device, "cpu, cuda or cuda:N")->capture_default_str();
-  app.add_option("--threads", opt.threads, "intra-op threads (0: torch default)")
-      ->check(CLI::Range(0, 4096))->capture_default_str();
+  // Option values the runtime takes are checked by the runtime (its messages, exit 2).
+  app.add_option("--threads", opt.threads, "intra-op threads (0: torch default)")->capture_default_str();
   app.add_option("--batch", opt.batch, "batch size for inference and --bench")
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
-  app.add_option("--topk", opt.topk, "number of classes reported per input (default: 5, or all when fewer)")
-      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  app.add_option("--topk", opt.topk, "number of classes reported per input (default: 5, or all when fewer)");
   app.add_flag("--json", opt.json, "JSON output: one object per input per line");
   app.add_option("--output", opt.output, "write all logits, stacked in input order, to FILE.npy (float32)");
   app.add_flag("--bench", opt.bench, "benchmark: load time, first-call latency, p50/p90/p99, images/s");
@@ -312,26 +316,24 @@ int run(int argc, char** argv) {
 
   repmlp_rt::RuntimeOptions runtime_options;
   runtime_options.device = opt.device;
-  runtime_options.threads = opt.threads;
+  if (opt.threads != 0) runtime_options.threads = opt.threads;
   runtime_options.optimize = opt.optimize;
   // --bench warms up the batch shape it times, as a server would; a one-shot run skips the
   // warm-up, which would only add to its total time.
   if (opt.bench)
-    runtime_options.warmup_batch = static_cast<int>(opt.batch);
+    runtime_options.warmup_batch = opt.batch;
   else
     runtime_options.warmup = 0;
   const auto load_start = Clock::now();
   std::optional<repmlp_rt::Runtime> runtime;
   try {
     runtime.emplace(opt.artifact, runtime_options);
+    if (app.count("--topk") == 0) opt.topk = runtime->default_topk();
+    runtime->check_topk(opt.topk);
   } catch (const repmlp_rt::InputError& e) {
-    throw UsageError(e.what());  // only option values (device, threads) reach here
+    throw UsageError(e.what());  // only option values (device, threads, topk) reach here
   }
   const double load_ms = ms_since(load_start);
-  if (app.count("--topk") == 0) opt.topk = runtime->default_topk();
-  if (opt.topk > runtime->num_classes())
-    throw UsageError("--topk " + std::to_string(opt.topk) + " exceeds the number of classes (" +
-                     std::to_string(runtime->num_classes()) + ")");
 
   if (opt.info) print_info(*runtime, opt);
   if (!opt.inputs.empty()) run_inputs(*runtime, opt);

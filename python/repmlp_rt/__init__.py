@@ -17,6 +17,7 @@ an unusable device -> ``repmlp_rt.DeviceError`` (a ``RuntimeError``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -58,37 +59,46 @@ def _is_torch_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
-def _to_numpy(x: Any) -> tuple[np.ndarray, bool]:
-    """Returns (array, came_from_torch)."""
+def _to_core(x: Any) -> Any:
+    """What the core takes: a numpy array as is, a torch tensor as a DLPack capsule (on its
+    device, no copy). The core checks dtype and shape."""
     if _is_torch_tensor(x):
-        torch = sys.modules["torch"]
-        tensor = x.detach()
-        if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16; forward accepts float32
-            tensor = tensor.float()
-        return tensor.cpu().numpy(), True
+        return x.detach().__dlpack__()
     if isinstance(x, np.ndarray):
-        return x, False
+        return x
     raise TypeError(f"expected a numpy.ndarray or a torch.Tensor, got {type(x).__name__}")
 
 
-def _from_numpy(array: np.ndarray, to_torch: bool) -> Any:
-    if to_torch:
-        return sys.modules["torch"].from_numpy(array)
-    return array
+def _from_core(result: Any) -> Any:
+    """The core's result back in the caller's type: numpy stays numpy, a DLPack capsule
+    becomes a torch tensor."""
+    if isinstance(result, np.ndarray):
+        return result
+    return sys.modules["torch"].from_dlpack(result)
 
 
-_MAX_THREADS = 4096  # as repmlp_infer --threads
-_MAX_WARMUP = 1 << 20
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
-def _checked_int(name: str, value: Any, low: int, high: int, note: str = "") -> int:
-    """``value`` as an int in [low, high]: TypeError for a non-int, ValueError outside."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not low <= value <= high:
-        extra = f" ({note})" if note else ""
-        raise ValueError(f"{name} must be in [{low}, {high}]{extra}, got {value}")
-    return int(value)
+def _call_with_ints(call: Any, *args: Any, **ints: Any) -> Any:
+    """``call(*args, **ints)`` with the int keyword arguments type-checked (TypeError); the core checks
+    their ranges. A Python int beyond 64 bits is out of every range: it reaches the core
+    clamped to the int64 limit, and the core's message gets the caller's number back."""
+    clamped: dict[str, int | None] = {}
+    for name, value in ints.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        clamped[name] = None if value is None else min(max(int(value), _INT64_MIN), _INT64_MAX)
+    try:
+        return call(*args, **clamped)
+    except InputError as error:
+        message = str(error)
+        for name, value in ints.items():
+            if value is not None and clamped[name] != value:
+                message = message.replace(f"got {clamped[name]}", f"got {value}")
+        if message == str(error):
+            raise
+        raise InputError(message) from None
 
 
 class Runtime:
@@ -97,8 +107,8 @@ class Runtime:
     Args:
         path: the artifact file (a TorchScript file with ``manifest.json``).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        threads: intra-op threads; ``None`` leaves torch's default. Note that torch's thread
-            pool is process-wide, so this affects every runtime in the process.
+        threads: intra-op threads in [1, 4096]; ``None`` leaves torch's default. Note that
+            torch's thread pool is process-wide, so this affects every runtime in the process.
         warmup: calls of both entry points on a zero batch at load time, so the first real
             call is as fast as a steady one. ``None``: 1 on CPU (calls run without
             TorchScript's profiling executor; one call pays the one-time costs), 2 on CUDA
@@ -109,14 +119,10 @@ class Runtime:
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
                  *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False) -> None:
-        threads = 0 if threads is None else _checked_int("threads", threads, 1, _MAX_THREADS, "or None for torch's default")
-        if warmup is not None:
-            warmup = _checked_int("warmup", warmup, 0, _MAX_WARMUP, "or None for the device's default")
-        warmup_batch = _checked_int("warmup_batch", warmup_batch, 1, _MAX_WARMUP)
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
-        self._core = _CoreRuntime(os.fspath(path), device=device, threads=threads, warmup=warmup,
-                                  warmup_batch=warmup_batch, optimize=optimize)
+        load = functools.partial(_CoreRuntime, os.fspath(path), device=device, optimize=optimize)
+        self._core = _call_with_ints(load, threads=threads, warmup=warmup, warmup_batch=warmup_batch)
         self._manifest: dict[str, Any] | None = None
 
     @property
@@ -159,34 +165,30 @@ class Runtime:
         return self._core.format_version
 
     def infer(self, x: Any) -> Any:
-        """Logits for a float32 NCHW batch, or for uint8 NHWC images (via the artifact's
-        preprocessing). Returns float32 ``(N, num_classes)``: numpy for numpy, torch for torch."""
-        array, from_torch = _to_numpy(x)
-        if array.dtype == np.uint8:
-            logits = self._core.infer_images(array)
-        else:
-            logits = self._core.infer(array)
-        return _from_numpy(logits, from_torch)
+        """Logits for uint8 NHWC images of any size (via the artifact's preprocessing) or for a
+        normalized float NCHW batch. Returns float32 ``(N, num_classes)`` on the CPU: numpy for
+        numpy, torch for torch. A torch tensor is read where it is (a CUDA one on its GPU)."""
+        return _from_core(self._core.infer(_to_core(x)))
+
+    def infer_normalized(self, x: Any) -> Any:
+        """Logits for a normalized float NCHW batch only (float32 or the compute dtype)."""
+        return _from_core(self._core.infer_normalized(_to_core(x)))
 
     def infer_images(self, images: Any) -> Any:
-        """Logits for uint8 NHWC RGB images of any size, via the artifact's preprocessing."""
-        array, from_torch = _to_numpy(images)
-        return _from_numpy(self._core.infer_images(array), from_torch)
+        """Logits for uint8 NHWC RGB images only, via the artifact's preprocessing."""
+        return _from_core(self._core.infer_images(_to_core(images)))
 
-    def classify(self, images: Any, topk: int | None = None) -> tuple[Any, Any]:
+    def classify(self, x: Any, topk: int | None = None) -> tuple[Any, Any]:
         """Top-k classes, like ``torch.topk``: ``(scores, indices)``, both ``(N, topk)``.
 
         ``topk`` defaults to ``min(5, num_classes)``.
 
         ``scores`` are softmax probabilities (over all classes) of the top-k classes, in
-        descending order; ``indices`` are int64 class indices into ``labels``. ``images`` are
-        uint8 NHWC images (the artifact preprocesses them) or a float32 NCHW batch.
+        descending order; ``indices`` are int64 class indices into ``labels``. ``x`` is what
+        ``infer`` takes: uint8 NHWC images or a normalized float NCHW batch.
         """
-        if topk is not None:
-            topk = _checked_int("topk", topk, 1, self.num_classes)
-        array, from_torch = _to_numpy(images)
-        scores, indices = self._core.classify(array, topk)
-        return _from_numpy(scores, from_torch), _from_numpy(indices, from_torch)
+        scores, indices = _call_with_ints(self._core.classify, _to_core(x), topk=topk)
+        return _from_core(scores), _from_core(indices)
 
     def __repr__(self) -> str:
         return (f"repmlp_rt.Runtime({self.path!r}, device={self.device!r}, "

@@ -20,25 +20,34 @@ inline constexpr int64_t kFormatVersion = 1;
 // True when this build was compiled against a CUDA-enabled torch.
 bool built_with_cuda() noexcept;
 
+// Largest values RuntimeOptions accepts (Runtime checks them; the CLI and the binding forward).
+inline constexpr int64_t kMaxThreads = 4096;
+inline constexpr int64_t kMaxWarmup = int64_t{1} << 20;
+
 struct RuntimeOptions {
   std::string device = "cpu";  // "cpu", "cuda" or "cuda:N"
-  int threads = 0;             // intra-op threads; 0 leaves torch's default (process-wide)
-  // Calls of both entry points on a zero batch at load time. Unset: 1 on CPU, where calls
-  // run with TorchScript's profiling executor switched off (the frozen graph is already
-  // optimized) and one call pays the one-time costs (oneDNN primitives, first-touch memory);
-  // 2 on CUDA, where the executor profiles the first call and fuses on the second. 0 loads
-  // fastest when only one batch will run.
-  std::optional<int> warmup;
-  int warmup_batch = 1;  // batch size of that zero batch (use the batch size you serve)
+  // Intra-op threads in [1, kMaxThreads]; unset leaves torch's default. torch's thread pool is
+  // process-wide: this affects every runtime in the process.
+  std::optional<int64_t> threads;
+  // Calls of both entry points on a zero batch at load time, in [0, kMaxWarmup]. Unset: 1 on
+  // CPU, where calls run with TorchScript's profiling executor switched off (the frozen graph
+  // is already optimized) and one call pays the one-time costs (oneDNN primitives,
+  // first-touch memory); 2 on CUDA, where the executor profiles the first call and fuses on
+  // the second. 0 loads fastest when only one batch will run.
+  std::optional<int64_t> warmup;
+  int64_t warmup_batch = 1;  // batch size of that zero batch, in [1, kMaxWarmup]
   // Run torch::jit::optimize_for_inference on the loaded module (in memory only, never
-  // saved). Off by default: see the README for measurements.
+  // saved). Off by default: see benchmarks/RESULTS.md for measurements.
   bool optimize = false;
 };
 
+// Every check of options and inputs lives here: messages name what was expected and what was
+// given, and are what the CLI and the Python binding show.
 class Runtime {
  public:
-  // Loads `path` onto options.device, validates manifest.json and the format version, and
-  // warms up. Throws ArtifactError, DeviceError or InputError (bad options).
+  // Checks the options, loads `path` onto options.device, reads and checks what the artifact
+  // says about itself (format version, input shape, labels, compute dtype), and warms up.
+  // Throws InputError (bad options), DeviceError or ArtifactError.
   explicit Runtime(const std::string& path, const RuntimeOptions& options = {});
   ~Runtime();
   Runtime(Runtime&&) noexcept;
@@ -46,20 +55,29 @@ class Runtime {
   Runtime(const Runtime&) = delete;
   Runtime& operator=(const Runtime&) = delete;
 
-  // Normalized float NCHW batch (float32 or the artifact's compute dtype, any device)
-  // -> float32 CPU logits (N, num_classes).
+  // All inference methods are const and may be called from several threads at once. They
+  // return float32 CPU tensors and throw InputError for a bad input, before the model runs.
+
+  // Either kind of input: uint8 NHWC images go through infer_images, anything else through
+  // infer_normalized. -> logits (N, num_classes).
   at::Tensor infer(const at::Tensor& input) const;
 
-  // uint8 NHWC RGB images (N, Hi, Wi, 3), any size -> float32 CPU logits, through the
-  // artifact's own preprocessing (forward_images).
+  // A normalized float NCHW batch (float32 or the artifact's compute dtype, any device)
+  // -> logits (N, num_classes), through the artifact's forward().
+  at::Tensor infer_normalized(const at::Tensor& input) const;
+
+  // uint8 NHWC RGB images (N, Hi, Wi, 3), any size -> logits (N, num_classes), through the
+  // artifact's own preprocessing (forward_images()).
   at::Tensor infer_images(const at::Tensor& images) const;
 
-  // uint8 NHWC images (through infer_images) or a normalized float NCHW batch (through
-  // infer), then softmax_topk: returns (scores, indices), both (N, topk); scores are softmax
-  // probabilities over all classes of the top-k classes, descending. A bad topk throws
-  // InputError before the model runs; no topk means default_topk().
+  // infer, then softmax_topk: (scores, int64 indices), both (N, topk); scores are softmax
+  // probabilities over all classes of the top-k classes, descending. No topk means
+  // default_topk().
   std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& input,
                                              std::optional<int64_t> topk = std::nullopt) const;
+
+  // Throws InputError unless 1 <= topk <= num_classes().
+  void check_topk(int64_t topk) const;
 
   // min(5, num_classes): the number of classes reported when the caller does not say.
   int64_t default_topk() const noexcept;

@@ -1,0 +1,53 @@
+// The seam between repmlp_rt::Runtime and one artifact file format (internal, not installed).
+// Runtime owns everything format-independent (option and input checks, device and stream
+// handling, warm-up, metadata checks); a Model only loads a file and runs its entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace repmlp_rt::detail {
+
+// The artifact's entry points (docs/ARTIFACT.md).
+enum class EntryPoint {
+  kForward,        // normalized NCHW batch in the compute dtype
+  kForwardImages,  // uint8 NHWC images, preprocessed inside the artifact
+};
+
+const char* entry_point_name(EntryPoint entry_point) noexcept;
+
+// What the artifact says about itself, as read from the file (Runtime checks it).
+struct ModelMetadata {
+  std::string manifest_json;  // manifest.json, verbatim ("" when the file has none)
+  int64_t format_version = 0;
+  std::vector<int64_t> input_shape;
+  std::vector<std::string> labels;
+  std::string compute_dtype;
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  // Runs an entry point on an input already on the model's device and in the dtype that entry
+  // point takes; returns its outputs in order (one tensor today: the logits). May be called
+  // from several threads at once. Throws c10::Error / std::exception on failure.
+  virtual std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const = 0;
+  virtual const ModelMetadata& metadata() const noexcept = 0;
+};
+
+// Loads a TorchScript artifact onto `device`. Throws ArtifactError.
+std::unique_ptr<Model> load_torchscript_model(const std::string& path, c10::Device device,
+                                              bool optimize);
+
+// c10::Error and loader messages carry backtraces and long explanations: the first
+// meaningful line.
+std::string clean_message(const std::string& message);
+std::string clean_message(const c10::Error& error);
+
+}  // namespace repmlp_rt::detail

@@ -134,6 +134,8 @@ def main() -> None:
 
         runtime = repmlp_rt.Runtime(artifact, device=str(device))
         configs["rt"] = lambda host, on_device: torch.from_numpy(runtime.infer(host))
+        # a tensor already on the GPU goes in through DLPack, read in place
+        configs["rt-dev"] = lambda host, on_device: runtime.infer(on_device)
     except Exception as error:  # not built, or built without CUDA
         skipped["rt"] = f"{type(error).__name__}: {error}"
 

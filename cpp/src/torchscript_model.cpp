@@ -45,9 +45,11 @@ class TorchScriptModel final : public Model {
   TorchScriptModel(const std::string& path, c10::Device device, bool optimize) : path_(path) {
     load(device);
     read_metadata();
+    // Another version may have other entry points: Runtime reports the version instead.
+    if (metadata_.format_version != kFormatVersion) return;
     for (EntryPoint entry_point : {EntryPoint::kForward, EntryPoint::kForwardImages})
       if (!module_.find_method(entry_point_name(entry_point)))
-        throw not_an_artifact(std::string(entry_point_name(entry_point)) + "()");
+        throw not_an_artifact("method '" + std::string(entry_point_name(entry_point)) + "()'");
     if (optimize) {
       try {
         module_ = torch::jit::optimize_for_inference(module_, {"forward_images"});
@@ -119,7 +121,7 @@ class TorchScriptModel final : public Model {
     if (!version.isInt())
       throw ArtifactError("'" + path_ + "': format_version() did not return an int");
     metadata_.format_version = version.toInt();
-    if (metadata_.format_version != kFormatVersion) return;  // Runtime reports it
+    if (metadata_.format_version != kFormatVersion) return;
     try {
       metadata_.input_shape = call_metadata("input_shape").toIntVector();
       for (const auto& label : call_metadata("labels").toListRef())

@@ -275,12 +275,7 @@ void run_bench(const repmlp_rt::Runtime& runtime, const Options& opt, double loa
 }
 
 void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
-  json manifest;
-  try {
-    manifest = json::parse(runtime.manifest_json());
-  } catch (const json::exception&) {
-    manifest = runtime.manifest_json();  // keep it verbatim if it is not JSON
-  }
+  const json manifest = json::parse(runtime.manifest_json());  // the runtime checked it
   json facts = {{"artifact", runtime.path()},
                 {"device", runtime.device()},
                 {"format_version", runtime.format_version()},

@@ -151,6 +151,7 @@ struct Runtime::Impl {
   void check_nchw(const at::Tensor& x) const;
   void check_images(const at::Tensor& x) const;
   std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const;
+  std::vector<at::Tensor> run_model(EntryPoint entry_point, const at::Tensor& input) const;
   std::vector<at::Tensor> run_checked(const at::Tensor& input) const;
   void check_single_output() const;
   void check_logits() const;
@@ -294,6 +295,17 @@ void Runtime::Impl::check_images(const at::Tensor& x) const {
                      shape_string(x.sizes()));
 }
 
+// The model's outputs, as many as output_names() says.
+std::vector<at::Tensor> Runtime::Impl::run_model(EntryPoint entry_point,
+                                                 const at::Tensor& input) const {
+  std::vector<at::Tensor> outputs = model->run(entry_point, input);
+  if (outputs.size() != metadata().output_names.size())
+    throw std::runtime_error("inference failed: the artifact returned " +
+                             std::to_string(outputs.size()) + " outputs, its output_names() " +
+                             std::to_string(metadata().output_names.size()));
+  return outputs;
+}
+
 std::vector<at::Tensor> Runtime::Impl::run(EntryPoint entry_point,
                                            const at::Tensor& input) const {
   c10::InferenceMode inference_mode;
@@ -302,11 +314,7 @@ std::vector<at::Tensor> Runtime::Impl::run(EntryPoint entry_point,
     if (device.is_cuda()) return run_cuda(entry_point, input);
 #endif
     at::Tensor x = input.device().is_cpu() ? input : input.to(at::kCPU);
-    std::vector<at::Tensor> outputs = model->run(entry_point, x);
-    if (outputs.size() != metadata().output_names.size())
-      throw std::runtime_error("inference failed: the artifact returned " +
-                               std::to_string(outputs.size()) + " outputs, its output_names() " +
-                               std::to_string(metadata().output_names.size()));
+    std::vector<at::Tensor> outputs = run_model(entry_point, x);
     for (at::Tensor& out : outputs) {
       if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
       out = out.contiguous();
@@ -376,11 +384,7 @@ std::vector<at::Tensor> Runtime::Impl::run_on_stream(EntryPoint entry_point,
   if (on_device.is_floating_point() && on_device.scalar_type() != compute_dtype)
     on_device = on_device.to(compute_dtype);
 
-  std::vector<at::Tensor> outputs = model->run(entry_point, on_device);
-  if (outputs.size() != metadata().output_names.size())
-    throw std::runtime_error("inference failed: the artifact returned " +
-                             std::to_string(outputs.size()) + " outputs, its output_names() " +
-                             std::to_string(metadata().output_names.size()));
+  std::vector<at::Tensor> outputs = run_model(entry_point, on_device);
   for (at::Tensor& out : outputs) {
     if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
     at::Tensor host =

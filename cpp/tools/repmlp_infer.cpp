@@ -200,8 +200,6 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
         at::Tensor batch = rows > opt.batch ? all.slice(0, start, stop) : all;
         std::vector<std::string> names;
         for (int64_t i = start; i < stop; ++i) names.push_back(input + "[" + std::to_string(i) + "]");
-        if (batch.scalar_type() != at::kFloat)  // never: read_npy_f32 reads float32 only
-          throw repmlp_rt::InputError("'" + input + "': expected float32");
         repmlp_rt::NamedOutputs outputs;
         try {
           outputs = runtime.infer_outputs(batch);

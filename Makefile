@@ -14,7 +14,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install demo test test-fast bench ctest clean
+.PHONY: all setup install serve-deps demo test test-fast bench ctest clean
 
 all: demo
 
@@ -34,6 +34,15 @@ $(STAMP)/python: | $(STAMP)/system
 
 setup: $(STAMP)/system $(STAMP)/python
 
+# The optional `serve` extra (Ray Serve / Ray Data, Triton client), pinned in
+# requirements-serve.txt; reinstalled only when that file changes. The tests need it.
+$(STAMP)/serve: requirements-serve.txt | $(STAMP)/python
+	$(PIP) install -q -r requirements-serve.txt
+	$(PIP) check
+	@touch $@
+
+serve-deps: $(STAMP)/serve
+
 # Rebuilds incrementally (CMake build folder under build/); cheap when nothing changed.
 install: setup
 	@echo "building the C++ runtime, repmlp_infer and the binding (first time: 2-3 minutes; pip -q hides CMake's output)"
@@ -46,10 +55,10 @@ demo: install
 	$(VENV)/bin/repmlp_infer --info $(ARTIFACT) | head -n 5
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) examples/digits/demo.py $(ARTIFACT) examples/digits/images
 
-test: install
+test: install serve-deps
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
-test-fast: install
+test-fast: install serve-deps
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
 
 bench: install

@@ -35,6 +35,12 @@ def read_version() -> str:
     return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
 
 
+def read_requirements(name: str) -> list[str]:
+    """Requirement lines of a requirements file (comments and blank lines dropped)."""
+    lines = (ROOT / name).read_text().splitlines()
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def find_tool(name: str) -> str | None:
     """A tool from this interpreter's environment first (pip's cmake/ninja), then PATH."""
     local = Path(sys.executable).parent / name
@@ -98,7 +104,14 @@ setup(
     cmdclass={"build_ext": CMakeBuild, "editable_wheel": EditableWheel},
     # The real binary (RPATH to torch/lib) goes to <env>/bin, next to the console scripts.
     data_files=[("bin", [os.path.relpath(CLI_BINARY, ROOT)])],
-    entry_points={"console_scripts": ["repmlp-build = repmlp.cli:main"]},
+    entry_points={"console_scripts": [
+        "repmlp-build = repmlp.cli:main",
+        "repmlp-serve = repmlp_rt.serve:main",
+        "repmlp-classify = repmlp_rt.batch:main",
+        "repmlp-triton-repo = repmlp_rt.triton:main",
+    ]},
     install_requires=["numpy", "torch>=2.11"],
+    # Ray Serve / Ray Data / Triton client: pip install '.[serve]' (pins: requirements-serve.txt).
+    extras_require={"serve": read_requirements("requirements-serve.txt")},
     zip_safe=False,
 )

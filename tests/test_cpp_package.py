@@ -56,22 +56,25 @@ def test_installed_files(prefix):
     files = sorted(str(p.relative_to(prefix)) for p in prefix.rglob("*") if not p.is_dir())
     version = _run(sys.executable, "-c", "import repmlp_rt; print(repmlp_rt.__version__)").strip()
     major_minor = ".".join(version.split(".")[:2])
+    libs = list(prefix.rglob("librepmlp_rt.so"))  # in lib, lib64 or lib/<multiarch>
+    assert len(libs) == 1, files
+    lib = str(libs[0].parent.relative_to(prefix))
     expected = {
         "bin/repmlp_infer",
-        f"lib/librepmlp_rt.so.{version}",
-        f"lib/librepmlp_rt.so.{major_minor}",
-        "lib/librepmlp_rt.so",
+        f"{lib}/librepmlp_rt.so.{version}",
+        f"{lib}/librepmlp_rt.so.{major_minor}",
+        f"{lib}/librepmlp_rt.so",
         *(f"include/repmlp_rt/{header}" for header in HEADERS),
-        "lib/cmake/repmlp_rt/repmlp_rtConfig.cmake",
-        "lib/cmake/repmlp_rt/repmlp_rtConfigVersion.cmake",
-        "lib/cmake/repmlp_rt/repmlp_rtTargets.cmake",
-        "lib/cmake/repmlp_rt/repmlp_rt_torch.cmake",
+        f"{lib}/cmake/repmlp_rt/repmlp_rtConfig.cmake",
+        f"{lib}/cmake/repmlp_rt/repmlp_rtConfigVersion.cmake",
+        f"{lib}/cmake/repmlp_rt/repmlp_rtTargets.cmake",
+        f"{lib}/cmake/repmlp_rt/repmlp_rt_torch.cmake",
     }
     assert expected <= set(files), sorted(expected - set(files))
     # only the per-configuration targets file comes on top
-    assert [f for f in files if f not in expected] == ["lib/cmake/repmlp_rt/repmlp_rtTargets-release.cmake"]
-    assert os.path.realpath(prefix / "lib/librepmlp_rt.so") == str(prefix / f"lib/librepmlp_rt.so.{version}")
-    dynamic = _run("readelf", "-d", prefix / f"lib/librepmlp_rt.so.{version}")
+    assert [f for f in files if f not in expected] == [f"{lib}/cmake/repmlp_rt/repmlp_rtTargets-release.cmake"]
+    assert os.path.realpath(prefix / lib / "librepmlp_rt.so") == str(prefix / lib / f"librepmlp_rt.so.{version}")
+    dynamic = _run("readelf", "-d", prefix / lib / f"librepmlp_rt.so.{version}")
     assert f"Library soname: [librepmlp_rt.so.{major_minor}]" in dynamic
 
 

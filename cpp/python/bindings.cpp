@@ -168,6 +168,13 @@ void PybindErrors(py::module_& m) {
   py::register_exception<repmlp_rt::DeviceError>(m, "DeviceError", PyExc_RuntimeError);
 }
 
+// A (H, W, 3) uint8 array sharing the decoded buffer; the capsule keeps the Image alive.
+py::array_t<uint8_t> image_array(const std::shared_ptr<repmlp_rt::Image>& image) {
+  auto* owner = new std::shared_ptr<repmlp_rt::Image>(image);
+  py::capsule base(owner, [](void* p) { delete static_cast<std::shared_ptr<repmlp_rt::Image>*>(p); });
+  return py::array_t<uint8_t>({image->height, image->width, int64_t{3}}, image->rgb.data(), base);
+}
+
 void PybindImage(py::module_& m) {
   m.def("has_image_decoding", &repmlp_rt::has_image_decoding,
         "True when this build can decode image files (stb_image).");
@@ -179,12 +186,26 @@ void PybindImage(py::module_& m) {
           py::gil_scoped_release release;
           *image = repmlp_rt::decode_image(path);
         }
-        // The array shares the decoded buffer; the capsule keeps the Image alive.
-        auto* owner = new std::shared_ptr<repmlp_rt::Image>(image);
-        py::capsule base(owner, [](void* p) { delete static_cast<std::shared_ptr<repmlp_rt::Image>*>(p); });
-        return py::array_t<uint8_t>({image->height, image->width, int64_t{3}}, image->rgb.data(), base);
+        return image_array(image);
       },
       "path"_a, "Decodes an image file to a uint8 (H, W, 3) RGB array, as repmlp_infer does.");
+  m.def(
+      "decode_image_bytes",
+      [](const py::bytes& data, const std::string& name) {
+        char* buffer = nullptr;
+        Py_ssize_t size = 0;
+        if (PyBytes_AsStringAndSize(data.ptr(), &buffer, &size) != 0) throw py::error_already_set();
+        auto image = std::make_shared<repmlp_rt::Image>();
+        {
+          py::gil_scoped_release release;  // `data` stays referenced by the caller's argument
+          *image = repmlp_rt::decode_image_data(reinterpret_cast<const uint8_t*>(buffer),
+                                                static_cast<size_t>(size), name);
+        }
+        return image_array(image);
+      },
+      "data"_a, "name"_a = "<memory>",
+      "Decodes an encoded image (PNG/JPEG/... bytes) to a uint8 (H, W, 3) RGB array with the same "
+      "decoder as decode_image; `name` labels the error message.");
 }
 
 void PybindRuntime(py::module_& m) {

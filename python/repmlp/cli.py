@@ -3,9 +3,15 @@
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from typing import List, Optional, Tuple, Union
+
+# The Triton writer lives with the runtime, so a serving host has it too (repmlp-triton-repo).
+from repmlp_rt._cli import positive_int
+from repmlp_rt.triton import add_arguments as add_triton_arguments
+from repmlp_rt.triton import write_triton_repository
 
 from .artifact import (
     DEFAULT_TOLERANCE,
@@ -79,16 +85,6 @@ def _arch(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
-
-
 def _indices(text: str) -> Tuple[int, ...]:
     if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
         raise argparse.ArgumentTypeError(f"expected comma-separated stage indices such as 0,1,2,3, got {text!r}")
@@ -112,7 +108,7 @@ def _parser() -> argparse.ArgumentParser:
         "checkpoint for the default arch, seeded random weights for any other",
     )
     p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
-    p.add_argument("--num-classes", type=_positive_int, help="classifier width (default: the variant's)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier width (default: the variant's)")
     p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
     out = p.add_argument_group("outputs (docs/BACKBONE.md)")
     out.add_argument(
@@ -155,7 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for random weights (no checkpoint)")
     p.add_argument("--json", action="store_true", help="print a machine-readable report on stdout")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out (and --triton-repo's model)")
+    triton = p.add_argument_group("Triton model repository (also for an existing artifact: repmlp-triton-repo)")
+    triton.add_argument("--triton-repo", metavar="DIR", help="also write DIR/<name>/{config.pbtxt,labels.txt,1/model.pt}")
+    add_triton_arguments(triton, prefix="triton-")
     return p
 
 
@@ -171,6 +170,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except BuildError as exc:
         parser.error(str(exc))
+    if args.triton_repo is not None:
+        _check_triton_repo(parser, args)
 
     def progress(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
@@ -221,6 +222,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"  {report.size_bytes / 1e6:.2f} MB, sha256 {report.sha256}",
         file=sys.stderr,
     )
+    if args.triton_repo is not None:
+        try:
+            model = write_triton_repository(report.path, args.triton_repo, name=args.triton_name,
+                                            max_batch_size=args.triton_max_batch_size, kind=args.triton_kind,
+                                            instances=args.triton_instances, force=args.force)
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"{PROG}: error: the artifact was written, the Triton repository was not: {exc}", file=sys.stderr)
+            return 1
+        print(f"{PROG}: wrote Triton model {model.path}", file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     return 0
@@ -231,6 +241,16 @@ def _describe_outputs(manifest: dict) -> str:
     if manifest["output"]["kind"] == "logits":
         return f"logits of {manifest['output']['num_classes']} classes"
     return ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}" for o in manifest["outputs"])
+
+
+def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors of --triton-repo, found before the build: a missing folder, an existing
+    model folder without --force."""
+    if not os.path.isdir(args.triton_repo):
+        parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
+    name = args.triton_name or os.path.splitext(os.path.basename(args.out or default_out_path(args.arch)))[0]
+    if os.path.exists(os.path.join(args.triton_repo, name)) and not args.force:
+        parser.error(f"{os.path.join(args.triton_repo, name)!r} exists; pass --force to replace it")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,21 @@
 """repmlp_rt: run RepMLPNet artifacts with the C++ LibTorch runtime from Python.
 
 A thin layer over the compiled extension ``repmlp_rt._runtime`` (which binds the same C++
-core that the ``repmlp_infer`` binary uses). Inputs are numpy arrays or torch tensors:
+core that the ``repmlp_infer`` binary uses; every check of inputs and options is made there).
+Inputs are numpy arrays or torch tensors, and the names mean what they mean in C++:
 
-* float32 NCHW batches, already normalized -> ``Runtime.infer`` -> logits ``(N, classes)``;
-* uint8 NHWC RGB images of any size -> the artifact's own preprocessing -> logits;
-* either kind -> ``Runtime.infer_outputs`` -> a dict of every output by name (the feature maps
+* ``Runtime.infer``: either kind below, chosen by dtype;
+* ``Runtime.infer_normalized``: float NCHW batches, already normalized -> logits ``(N, classes)``;
+* ``Runtime.infer_images``: uint8 NHWC RGB images of any size -> the artifact's own
+  preprocessing -> logits;
+* ``Runtime.classify``: either kind -> softmax top-k ``(scores, indices)``.
+* ``Runtime.infer_outputs``: either kind -> a dict of every output by name (the feature maps
   of a features artifact, the vector of an embedding artifact; docs/BACKBONE.md).
 
-numpy in gives numpy out; torch in gives torch out (CPU tensors). A contiguous float32 numpy
-array is used without a copy, and the GIL is released while the model runs, so several
-threads can share one ``Runtime``. Importing this package does not import torch.
+numpy in gives numpy out; torch in gives torch out (CPU tensors). A contiguous numpy array is
+used without a copy; a torch tensor goes to the core through DLPack, read in place on its
+device (a CUDA tensor is not copied to the host). The GIL is released while the model runs,
+so several threads can share one ``Runtime``. Importing this package does not import torch.
 
 Errors: wrong rank/channels/size/dtype -> ``ValueError`` (``repmlp_rt.InputError``);
 unreadable, corrupt or foreign artifact -> ``repmlp_rt.ArtifactError`` (a ``RuntimeError``);
@@ -35,6 +40,7 @@ from ._runtime import (
     InputError,
     built_with_cuda,
     decode_image,
+    decode_image_bytes,
     has_image_decoding,
 )
 from ._runtime import Runtime as _CoreRuntime
@@ -50,6 +56,7 @@ __all__ = [
     "built_with_cuda",
     "clear_cache",
     "decode_image",
+    "decode_image_bytes",
     "has_image_decoding",
     "infer",
 ]

@@ -1,0 +1,425 @@
+"""RepMLPNet artifacts on Ray Serve: one application per artifact, with dynamic batching.
+
+Each artifact becomes a Serve application at ``/v1/models/<name>``: its replicas each hold one
+``repmlp_rt.Runtime`` and batch concurrent requests with ``@serve.batch``. A small index
+application at ``/`` answers ``GET /v1/models``, ``GET /healthz`` and, as the longest-prefix
+fallback of Serve's proxy, every unknown path (a JSON 404). Routes:
+
+* ``POST /v1/models/<name>/classify``: a PNG/JPEG body, or a JSON list of base64 images ->
+  top-k as ``repmlp_infer --json`` prints it (one object, or a list for a JSON list);
+  query ``?topk=K``;
+* ``POST /v1/models/<name>/infer``: a float32 ``.npy`` body (N, C, H, W), already normalized ->
+  ``.npy`` float32 logits (N, classes);
+* ``GET /v1/models/<name>``: the manifest.
+
+Every answer to a classify/infer request carries ``X-Batch-Size``: the size of the batch each
+of its images ran in (comma-separated, one per image). Errors are a 4xx with one JSON line
+``{"error": "..."}``; the replica keeps serving.
+
+Command line: ``repmlp-serve ARTIFACT... [--address ADDR] [--port P]`` (``python -m
+repmlp_rt.serve``). Needs the ``serve`` extra: ``pip install 'repmlp[serve]'``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import io
+import json
+import os
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+import repmlp_rt
+
+from ._cli import init_ray, positive_int
+
+try:
+    import ray
+    from ray import serve
+    from ray.serve.api import RunTarget
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+except ImportError as error:  # pragma: no cover - depends on the environment
+    raise ImportError(f"repmlp_rt.serve needs Ray Serve ({error}): pip install 'repmlp[serve]'") from None
+
+PROG = "repmlp-serve"
+API_PREFIX = "/v1/models"
+INDEX_APP = "repmlp-index"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NPY_MEDIA_TYPE = "application/octet-stream"
+SINGLE_INPUT = "body"  # the "input" of a one-image request; images[i] for a JSON list
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """How each model deployment runs; the command-line defaults (see ``main``)."""
+
+    max_batch_size: int = 16
+    batch_wait_ms: float = 5.0
+    replicas: int = 1
+    # Serve's default of 5 ongoing requests per replica would cap every batch at 5.
+    max_ongoing_requests: int = 64
+    threads: int = 1  # intra-op threads per replica, also the CPUs each replica reserves
+    device: str = "cpu"
+    max_body_bytes: int = 16 << 20
+    access_log: bool = False  # Serve's per-request log lines (they cost throughput under load)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "replicas", "max_ongoing_requests", "threads", "max_body_bytes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.batch_wait_ms, (int, float)) and 0 <= self.batch_wait_ms <= 10_000):
+            raise ValueError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms!r}")
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
+                             f"({self.max_batch_size}), or no batch could ever fill")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An artifact checked on the driver: name, absolute path, manifest."""
+
+    name: str
+    path: str
+    manifest: dict[str, Any] = field(repr=False)
+
+
+class RequestError(Exception):
+    """A bad request: answered with ``status`` and one JSON error line."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def model_name_for(path: str) -> str:
+    """``digits`` for ``/x/digits.pt``."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def load_specs(artifacts: list[str], names: list[str] | None = None) -> list[ModelSpec]:
+    """Loads each artifact once here (no warm-up) so a bad one fails before anything is
+    deployed; returns their names and manifests. Names default to the file stems."""
+    if not artifacts:
+        raise ValueError("expected at least one artifact")
+    if names is not None and len(names) != len(artifacts):
+        raise ValueError(f"expected one name per artifact ({len(artifacts)}), got {len(names)}")
+    specs: list[ModelSpec] = []
+    for i, path in enumerate(artifacts):
+        name = names[i] if names is not None else model_name_for(path)
+        if not MODEL_NAME.fullmatch(name):
+            raise ValueError(f"model name {name!r} (from {path!r}): expected letters, digits, '_', '.', '-' "
+                             "(at most 64, starting with a letter or digit)")
+        if any(spec.name == name for spec in specs):
+            raise ValueError(f"two artifacts are both named {name!r}: pass distinct names")
+        runtime = repmlp_rt.Runtime(path, warmup=0)  # ArtifactError for a missing/corrupt/foreign file
+        specs.append(ModelSpec(name, os.path.abspath(path), runtime.manifest))
+    return specs
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past ``limit`` bytes (before reading when the client
+    says its length, else while reading)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"request body is over the limit of {limit} bytes")
+        chunks.append(chunk)
+    if size == 0:
+        raise RequestError(400, "empty request body: expected an image, a JSON list of base64 images or a .npy")
+    return b"".join(chunks)
+
+
+def parse_topk(request: Request, num_classes: int) -> int | None:
+    text = request.query_params.get("topk")
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= num_classes:
+        raise RequestError(400, f"topk must be an integer in [1, {num_classes}], got {text!r}")
+    return int(text)
+
+
+def decode_images(body: bytes, content_type: str) -> list[tuple[str, np.ndarray]]:
+    """(input name, uint8 HWC image) for an image body or a JSON list of base64 images."""
+    stripped = body.lstrip()
+    if content_type.startswith("application/json") or stripped[:1] == b"[":
+        try:
+            items = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise RequestError(400, f"body is not valid JSON: {error}") from None
+        if not isinstance(items, list) or not items or not all(isinstance(item, str) for item in items):
+            raise RequestError(400, "expected a non-empty JSON list of base64-encoded images (strings)")
+        named = []
+        for i, item in enumerate(items):
+            try:
+                named.append((f"images[{i}]", base64.b64decode(item, validate=True)))
+            except (binascii.Error, ValueError):
+                raise RequestError(400, f"images[{i}] is not valid base64") from None
+    else:
+        named = [(SINGLE_INPUT, body)]
+    images = []
+    for name, data in named:
+        try:
+            images.append((name, repmlp_rt.decode_image_bytes(data, name)))
+        except ValueError as error:  # repmlp_rt.InputError
+            raise RequestError(400, str(error)) from None
+    return images
+
+
+def parse_npy(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 (N, C, H, W) batch from a ``.npy`` body, checked against the model input."""
+    if not body.startswith(b"\x93NUMPY"):
+        raise RequestError(400, "body is not a .npy file (no NumPy header): expected a float32 NCHW batch "
+                                "written by numpy.save")
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise RequestError(400, f"body is not a readable .npy array: {error}") from None
+    expected = f"float32 (N, {', '.join(map(str, input_shape))})"
+    if array.dtype != np.float32 or array.ndim != 4 or tuple(array.shape[1:]) != input_shape or array.shape[0] < 1:
+        raise RequestError(400, f"expected a {expected} .npy batch, got {array.dtype} {tuple(array.shape)}")
+    return np.ascontiguousarray(array)
+
+
+def topk_json(name: str, scores: np.ndarray, indices: np.ndarray, labels: list[str]) -> dict[str, Any]:
+    """One input's result, in the shape ``repmlp_infer --json`` prints."""
+    return {"input": name, "topk": [{"index": int(i), "label": labels[int(i)], "score": float(s)}
+                                    for s, i in zip(scores, indices)]}
+
+
+class ModelDeployment:
+    """One Serve replica: one Runtime, two batched entry points (classify and infer)."""
+
+    def __init__(self, spec: ModelSpec, options: ServeOptions) -> None:
+        self.spec = spec
+        self.options = options
+        self.runtime = repmlp_rt.Runtime(spec.path, device=options.device, threads=options.threads,
+                                         warmup_batch=options.max_batch_size)
+        self.labels = self.runtime.labels
+        self.input_shape = self.runtime.input_shape
+        for method in (self.classify_batch, self.infer_batch):
+            method.set_max_batch_size(options.max_batch_size)
+            method.set_batch_wait_timeout_s(options.batch_wait_ms / 1000.0)
+        # The replica's own counters, for /v1/models/<name>/stats (batches and items run).
+        self.batches = 0
+        self.items = 0
+
+    def _count(self, size: int) -> None:
+        self.batches += 1
+        self.items += size
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def classify_batch(self, items: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray, int]]:
+        """Classifies one image per item; images of one size run as one batch."""
+        self._count(len(items))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, (image, _) in enumerate(items):
+            groups.setdefault(image.shape, []).append(i)
+        results: list[Any] = [None] * len(items)
+        for members in groups.values():
+            batch = np.stack([items[i][0] for i in members])
+            topk = max(items[i][1] for i in members)
+            # The model runs in a worker thread so the event loop keeps queueing the next batch.
+            scores, indices = await asyncio.to_thread(self.runtime.classify, batch, topk)
+            for row, i in enumerate(members):
+                k = items[i][1]
+                results[i] = (scores[row, :k], indices[row, :k], len(items))
+        return results
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def infer_batch(self, rows: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+        """Logits for one (C, H, W) row per item."""
+        self._count(len(rows))
+        logits = await asyncio.to_thread(self.runtime.infer, np.stack(rows))
+        return [(logits[i], len(rows)) for i in range(len(rows))]
+
+    async def __call__(self, request: Request) -> Response:
+        route = request.url.path[len(f"{API_PREFIX}/{self.spec.name}"):].strip("/")
+        try:
+            if request.method == "GET" and route == "":
+                return JSONResponse(self.spec.manifest)
+            if request.method == "GET" and route == "stats":
+                return JSONResponse({"batches": self.batches, "items": self.items})
+            if request.method == "POST" and route == "classify":
+                return await self._classify(request)
+            if request.method == "POST" and route == "infer":
+                return await self._infer(request)
+            if route in ("", "stats", "classify", "infer"):
+                return error_response(405, f"method {request.method} is not allowed on {request.url.path}")
+            return error_response(404, f"no route {request.url.path}: expected {API_PREFIX}/{self.spec.name}"
+                                       "[/classify|/infer|/stats]")
+        except RequestError as error:
+            return error_response(error.status, str(error))
+        except Exception as error:  # the model failed (e.g. out of memory): the replica keeps serving
+            return error_response(500, f"{type(error).__name__}: {error}")
+
+    async def _classify(self, request: Request) -> Response:
+        default_topk = min(5, len(self.labels))
+        topk = parse_topk(request, len(self.labels)) or default_topk
+        body = await read_body(request, self.options.max_body_bytes)
+        images = decode_images(body, request.headers.get("content-type", ""))
+        answers = await asyncio.gather(*(self.classify_batch((image, topk)) for _, image in images))
+        results = [topk_json(name, scores, indices, self.labels)
+                   for (name, _), (scores, indices, _) in zip(images, answers)]
+        is_list = images[0][0] != SINGLE_INPUT
+        headers = {"X-Batch-Size": ",".join(str(size) for *_, size in answers)}
+        return JSONResponse(results if is_list else results[0], headers=headers)
+
+    async def _infer(self, request: Request) -> Response:
+        body = await read_body(request, self.options.max_body_bytes)
+        batch = parse_npy(body, self.input_shape)
+        answers = await asyncio.gather(*(self.infer_batch(row) for row in batch))
+        out = io.BytesIO()
+        np.save(out, np.stack([logits for logits, _ in answers]))
+        headers = {"X-Batch-Size": ",".join(str(size) for _, size in answers)}
+        return Response(out.getvalue(), media_type=NPY_MEDIA_TYPE, headers=headers)
+
+
+class IndexDeployment:
+    """``/``: the model list, health, and a JSON 404 for every path no model owns."""
+
+    def __init__(self, manifests: dict[str, dict[str, Any]]) -> None:
+        self.manifests = manifests
+
+    async def __call__(self, request: Request) -> Response:
+        path = request.url.path.rstrip("/")
+        if request.method == "GET" and path == "/healthz":
+            return JSONResponse({"status": "ok", "models": sorted(self.manifests)})
+        if request.method == "GET" and path == API_PREFIX:
+            return JSONResponse({"models": [{"name": name, "manifest": manifest}
+                                            for name, manifest in sorted(self.manifests.items())]})
+        if path.startswith(API_PREFIX + "/"):
+            name = path[len(API_PREFIX) + 1:].split("/")[0]
+            return error_response(404, f"unknown model {name!r}: serving {', '.join(sorted(self.manifests))}")
+        return error_response(404, f"no route {request.url.path}: expected /healthz, {API_PREFIX} or "
+                                   f"{API_PREFIX}/<name>/(classify|infer)")
+
+
+def build_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
+    """(application name, route prefix, bound application) for the index and each model."""
+    index = serve.deployment(IndexDeployment, name="index", ray_actor_options={"num_cpus": 0},
+                             max_ongoing_requests=1000)
+    apps = [(INDEX_APP, "/", index.bind({spec.name: spec.manifest for spec in specs}))]
+    for spec in specs:
+        model = serve.deployment(
+            ModelDeployment,
+            name="model",
+            num_replicas=options.replicas,
+            max_ongoing_requests=options.max_ongoing_requests,
+            ray_actor_options={"num_cpus": options.threads, "num_gpus": 1 if options.device != "cpu" else 0},
+        )
+        apps.append((spec.name, f"{API_PREFIX}/{spec.name}", model.bind(spec, options)))
+    return apps
+
+
+def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
+    """Starts Serve's HTTP proxy on host:port (on an already connected Ray) and deploys every
+    application; waits until they are running. Returns the base URL. Where Serve already runs
+    on this cluster, its proxy keeps the address it was started with (Serve logs that)."""
+    serve.start(http_options={"host": host, "port": port})
+    logging = {"enable_access_log": options.access_log}
+    serve.run_many([RunTarget(app, name=name, route_prefix=prefix, logging_config=logging)
+                    for name, prefix, app in build_applications(specs, options)])
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    return f"http://{shown}:{port}"
+
+
+def undeploy(specs: list[ModelSpec]) -> None:
+    """Deletes the applications ``deploy`` created (the Serve instance itself stays)."""
+    for name in [INDEX_APP, *(spec.name for spec in specs)]:
+        serve.delete(name)
+
+
+
+
+def _wait_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
+    if not 0 <= value <= 10_000:
+        raise argparse.ArgumentTypeError(f"expected 0..10000 milliseconds, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = ServeOptions()
+    p = argparse.ArgumentParser(prog=PROG, description="Serve RepMLPNet artifacts over HTTP on Ray Serve "
+                                "(one application per artifact at /v1/models/<name>).")
+    p.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="artifact files; each is served under its file stem")
+    p.add_argument("--name", action="append", dest="names", metavar="NAME",
+                   help="model name for each artifact, in order (repeat; default: the file stems)")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--address", help="Ray cluster to join (e.g. auto or HOST:6379); default: start a local Ray")
+    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
+    p.add_argument("--replicas", type=positive_int, default=defaults.replicas, help="replicas per model")
+    p.add_argument("--threads", type=positive_int, default=defaults.threads,
+                   help=f"intra-op threads (and reserved CPUs) per replica (default {defaults.threads})")
+    p.add_argument("--max-batch-size", type=positive_int, default=defaults.max_batch_size)
+    p.add_argument("--batch-wait-ms", type=_wait_ms, default=defaults.batch_wait_ms,
+                   help="how long a batch waits to fill (default %(default)s)")
+    p.add_argument("--max-ongoing-requests", type=positive_int, default=defaults.max_ongoing_requests,
+                   help="requests in flight per replica (default %(default)s); must be >= --max-batch-size")
+    p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / (1 << 20),
+                   help="largest request body accepted, MiB (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each replica then reserves one GPU)")
+    p.add_argument("--access-log", action="store_true", help="log every request (Serve's access log)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        options = ServeOptions(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                               replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+                               threads=args.threads, device=args.device, access_log=args.access_log,
+                               max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))))
+    except ValueError as error:
+        parser.error(str(error))
+    try:
+        specs = load_specs(args.artifacts, args.names)
+    except (ValueError, RuntimeError) as error:  # bad name, ArtifactError
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    init_ray(args.address, args.num_cpus)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background shell job ignores it by default
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        url = deploy(specs, options, host=args.host, port=args.port)
+        print(f"{PROG}: serving {', '.join(spec.name for spec in specs)} at {url}{API_PREFIX} (Ctrl-C stops)",
+              file=sys.stderr, flush=True)
+        stop.wait()
+    except Exception as error:  # a replica that cannot start: Serve reports it as a deploy failure
+        print(f"{PROG}: error: deployment failed: {error}", file=sys.stderr)
+        return 1
+    finally:
+        try:  # on a shared cluster, remove only this command's applications
+            undeploy(specs)
+        finally:
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -308,3 +308,15 @@ def test_b224_features_artifact_through_repmlp_infer_writes_the_seeds_shapes(tmp
         expected = _load(path).forward_images(torch.from_numpy(image[None]))
         for name, want in zip(maps.files, expected):
             relative_close(torch.from_numpy(maps[name]), want, RTOL)
+
+
+def test_triton_repository_is_for_logits_artifacts(small_features, tmp_path):
+    from repmlp_rt.triton import write_triton_repository
+
+    with pytest.raises(ValueError, match="outputs features; a Triton repository is written for logits"):
+        write_triton_repository(small_features, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    result = subprocess.run([sys.executable, "-m", "repmlp", "--arch", "digits", "--output", "embedding",
+                             "--triton-repo", str(tmp_path), "--out", str(tmp_path / "e.pt")],
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 2 and "--triton-repo serves logits artifacts" in result.stderr, result.stderr

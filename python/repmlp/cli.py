@@ -248,6 +248,8 @@ def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace
     model folder without --force."""
     if not os.path.isdir(args.triton_repo):
         parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
+    if args.output != "logits":
+        parser.error(f"--triton-repo serves logits artifacts, not --output {args.output}")
     name = args.triton_name or os.path.splitext(os.path.basename(args.out or default_out_path(args.arch)))[0]
     if os.path.exists(os.path.join(args.triton_repo, name)) and not args.force:
         parser.error(f"{os.path.join(args.triton_repo, name)!r} exists; pass --force to replace it")

@@ -14,7 +14,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install serve-deps demo test test-fast bench ctest clean
+.PHONY: all setup install serve-deps demo test test-fast test-torch-latest bench ctest clean
 
 all: demo
 
@@ -60,6 +60,21 @@ test: install serve-deps
 
 test-fast: install serve-deps
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
+
+# The newest torch release in a second environment (.venv-torch-latest, CMake build folder
+# build/cmake-torch-latest): builds everything against it and runs the whole suite. PyPI's
+# torch wheel pulls in ~2.8 GB of CUDA libraries, so this is not part of .ci/run. Where pip's
+# configuration caps torch below it (/etc/xdg/pip/constraints.txt), PIP_CONSTRAINT=/dev/null
+# lifts the cap for these two commands only.
+TORCH_LATEST ?= 2.15.0
+LATEST_VENV  := .venv-torch-latest
+LATEST_PY    := $(LATEST_VENV)/bin/python
+
+test-torch-latest: $(STAMP)/system
+	@[ -x $(LATEST_PY) ] || $(PYTHON) -m venv $(LATEST_VENV)
+	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q torch==$(TORCH_LATEST) $(filter-out torch==%,$(PY_DEPS))
+	REPMLP_CMAKE_BUILD_DIR=build/cmake-torch-latest PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q --no-build-isolation .
+	PATH=$(abspath $(LATEST_VENV)/bin):$$PATH $(LATEST_PY) -m pytest
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -20,7 +20,8 @@ from setuptools.command.build_ext import build_ext
 from setuptools.command.editable_wheel import editable_wheel
 
 ROOT = Path(__file__).resolve().parent
-CMAKE_BUILD_DIR = ROOT / "build" / "cmake"
+# REPMLP_CMAKE_BUILD_DIR: a second build folder, for a second environment (make test-torch-latest).
+CMAKE_BUILD_DIR = Path(os.environ.get("REPMLP_CMAKE_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
 CLI_BINARY = CMAKE_BUILD_DIR / "bin" / "repmlp_infer"
 
 try:

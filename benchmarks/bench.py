@@ -10,6 +10,8 @@ Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN stat
   (d) rt        the C++ runtime via repmlp_rt.Runtime(...).infer
   (d+) rt-opt   (d) with optimize=True                                   [runtime choice]
   (e) cli       `repmlp_infer --bench --json` (a subprocess; its p50, its peak RSS)
+  (h) rt-pt2    the C++ runtime on the AOTInductor package (repmlp-build --format aoti, .pt2);
+                its cold compile time and file size are reported next to the .pt's
   (f) ort-up    ONNX Runtime on the ONNX export of (a)
   (g) ort       ONNX Runtime on the ONNX export of (b)
   mm            torch.mm 4096^3 GFLOP/s at each thread count, measured in the same rounds
@@ -67,6 +69,7 @@ LABELS = {
     "d": "(d) repmlp_rt",
     "d+": "(d+) repmlp_rt optimize=True",
     "e": "(e) repmlp_infer --bench",
+    "h": "(h) repmlp_rt on the .pt2 (AOTInductor)",
     "f": "(f) ORT on ONNX(a)",
     "g": "(g) ORT on ONNX(b)",
 }
@@ -132,22 +135,44 @@ def loadavg() -> str:
 # ----------------------------------------------------------------------------- preparation
 
 
-def build_or_reuse_artifact(arch: str, seed: int, cache: str) -> str:
+def build_or_reuse_artifact(arch: str, seed: int, cache: str, format: str = "torchscript") -> Tuple[str, Dict[str, Any]]:
+    """The artifact's path and its build record (seconds per stage, size), built once per
+    source state. An aoti build compiles with an empty Inductor cache: its time is a cold
+    compile, as on a fresh machine."""
+    import tempfile
+
     from repmlp.artifact import build_artifact
 
-    key = sha_files(
-        [os.path.join(ROOT, "python", "repmlp", f) for f in ("model.py", "artifact.py", "utils.py", "variants.py")],
-        f"{arch}-{seed}-{torch.__version__}",
-    )
-    path = os.path.join(cache, f"{arch}-{key}.pt")
-    if os.path.exists(path):
+    sources = ["model.py", "preprocess.py", "utils.py", "variants.py"]
+    sources += [os.path.join("artifact", f) for f in sorted(os.listdir(os.path.join(ROOT, "python", "repmlp", "artifact")))
+                if f.endswith(".py")]
+    key = sha_files([os.path.join(ROOT, "python", "repmlp", f) for f in sources], f"{arch}-{seed}-{format}-{torch.__version__}")
+    path = os.path.join(cache, f"{arch}-{key}.{'pt2' if format == 'aoti' else 'pt'}")
+    record_path = path + ".build.json"
+    if os.path.exists(path) and os.path.exists(record_path):
         log(f"  artifact: cached {path}")
-        return path
-    log(f"  artifact: building {path} (random weights, seed {seed}) ...")
-    t0 = time.perf_counter()
-    build_artifact(arch, out=path, seed=seed, force=True, progress=lambda line: log("    " + line))
-    log(f"  artifact built in {time.perf_counter() - t0:.0f} s")
-    return path
+        with open(record_path) as fh:
+            return path, json.load(fh)
+    log(f"  artifact: building {path} ({format}, random weights, seed {seed}) ...")
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    with tempfile.TemporaryDirectory(prefix="inductor-cache-") as inductor_cache:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
+        try:
+            t0 = time.perf_counter()
+            report = build_artifact(arch, out=path, seed=seed, force=True, format=format,
+                                    progress=lambda line: log("    " + line))
+            total = time.perf_counter() - t0
+        finally:
+            if saved is None:
+                os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
+    record = {"build_s": total, "size_bytes": report.size_bytes, "load avg": loadavg(),
+              "stages_s": {s.stage: s.seconds for s in report.stages}}
+    with open(record_path, "w") as fh:
+        json.dump(record, fh)
+    log(f"  artifact built in {total:.0f} s")
+    return path, record
 
 
 def export_onnx(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
@@ -348,13 +373,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     runners["b"] = lambda t: fused
     inputs["a"] = inputs["b"] = "torch"
 
-    artifact = None
+    artifact = pt2 = None
+    builds: Dict[str, Dict[str, Any]] = {}  # format -> build record
     if any(c in configs for c in ("c", "c+", "d", "d+", "e")):
         try:
-            artifact = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir)
+            artifact, builds["torchscript"] = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir)
         except Exception as e:
             for c in ("c", "c+", "d", "d+", "e"):
                 skipped[c] = f"artifact build failed: {e}"
+    if "h" in configs:
+        try:
+            pt2, builds["aoti"] = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir, "aoti")
+        except Exception as e:
+            skipped["h"] = f".pt2 build failed: {e}"
 
     loaded: Dict[Tuple[str, int], Any] = {}
     first_calls: Dict[str, Dict[str, float]] = {}  # config@threads -> {load_s, first_ms, second_ms, ...}
@@ -403,11 +434,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:
             skipped["d"] = skipped["d+"] = f"repmlp_rt not importable ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
 
-    def rt_runner(opt: bool) -> Callable[[int], Any]:
+    if "h" in configs and pt2 is not None and rt_mod is None:
+        try:
+            import repmlp_rt as rt_mod  # type: ignore
+        except Exception as e:
+            skipped["h"] = f"repmlp_rt not importable ({type(e).__name__}: {e})"
+
+    def rt_runner(opt: bool, config: str = "", path: str = "") -> Callable[[int], Any]:
+        config, path = config or ("d+" if opt else "d"), path or artifact
+
         def make(t: int) -> Any:
             x1 = np.random.default_rng(0).standard_normal((args.batches[0], *shape), dtype=np.float32)
-            load = lambda: rt_mod.Runtime(artifact, device="cpu", threads=t, optimize=opt).infer  # noqa: E731
-            return load_once("d+" if opt else "d", t, load, x1, note="Runtime() includes its built-in warm-up")
+            load = lambda: rt_mod.Runtime(path, device="cpu", threads=t, optimize=opt).infer  # noqa: E731
+            return load_once(config, t, load, x1, note="Runtime() includes its built-in warm-up")
         return make
 
     if rt_mod is not None:
@@ -420,6 +459,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             inputs["d"] = inputs["d+"] = "numpy"
         except Exception as e:
             skipped["d"] = skipped["d+"] = f"repmlp_rt failed: {type(e).__name__}: {e}"
+    if "h" in configs and pt2 is not None and "h" not in skipped:
+        try:
+            r = rt_mod.Runtime(pt2, device="cpu", threads=max(args.threads), warmup=0)
+            errors["h"] = check_close("(h) vs (b)", torch.from_numpy(np.asarray(r.infer(xcheck.numpy()))), ref, 1e-4)
+            del r
+            runners["h"] = rt_runner(False, "h", pt2)
+            inputs["h"] = "numpy"
+        except Exception as e:
+            skipped["h"] = f"repmlp_rt on the .pt2 failed: {type(e).__name__}: {e}"
 
     cli = find_repmlp_infer() if "e" in configs and artifact is not None else None
     if "e" in configs and artifact is not None and cli is None:
@@ -630,6 +678,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                 target(f"{key} first call after load / steady", v["calls_ms"][0] / (1000 * statistics.median(steady)), 2.0, "{:.2f}", higher=False)
     targets_md = "\n".join(x for x in tgt if x)
 
+    format_rows = ["| format | file size MB | build s (cold) | of which export + compile s | load s (1 thread, incl. warm-up) |",
+                   "|---|---|---|---|---|"]
+    for fmt, config in (("torchscript", "d"), ("aoti", "h")):
+        if fmt in builds:
+            rec = builds[fmt]
+            stages = rec["stages_s"]
+            compile_s = sum(stages.get(k, 0.0) for k in ("export", "compile")) if fmt == "aoti" else sum(
+                stages.get(k, 0.0) for k in ("script", "freeze"))
+            load = first_calls.get(f"{config}@{min(args.threads)}", {}).get("load_s")
+            format_rows.append(f"| {fmt} | {rec['size_bytes'] / 1e6:.1f} | {rec['build_s']:.0f} | {compile_s:.0f}"
+                               f"{' (script + freeze)' if fmt == 'torchscript' else ''} | "
+                               f"{'' if load is None else f'{load:.1f}'} |")
+    formats_md = "\n".join(format_rows) if len(format_rows) > 2 else ""
+
     skipped_md = "\n".join(f"- {LABELS[c]}: skipped -- {why}" for c, why in skipped.items() if c in configs) or "- none"
     err_md = ", ".join(f"{LABELS[c.split('@')[0]]}{' batch ' + c.split('@')[1] if '@' in c else ''} {v:.1e}" for c, v in errors.items())
     machine_md = "; ".join(f"{k}: {v}" for k, v in info.items())
@@ -648,6 +710,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 {table}
 
+{"### TorchScript vs AOTInductor: build and file" + chr(10) + chr(10) + formats_md + chr(10) if formats_md else ""}
 ### First call after load vs steady state
 
 {fc_table}

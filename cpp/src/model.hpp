@@ -48,6 +48,12 @@ class Model {
 std::unique_ptr<Model> load_torchscript_model(const std::string& path, c10::Device device,
                                               bool optimize);
 
+// True when `path` is a PT2 archive (by its content: an archive_format record saying "pt2").
+bool is_aoti_package(const std::string& path);
+
+// Loads an AOTInductor package (.pt2, docs/FORMATS.md) for `device`. Throws ArtifactError.
+std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device);
+
 // c10::Error and loader messages carry backtraces and long explanations: the first
 // meaningful line.
 std::string clean_message(const std::string& message);

@@ -177,7 +177,15 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
     throw ArtifactError("cannot open artifact '" + path + "': it is a directory");
   if (options.threads) at::set_num_threads(static_cast<int>(*options.threads));
 
-  s.model = detail::load_torchscript_model(path, s.device, options.optimize);
+  // The format is told from the content: a .pt2 renamed .pt is still an AOTInductor package.
+  if (detail::is_aoti_package(path)) {
+    if (options.optimize)
+      throw InputError("optimize applies to TorchScript artifacts; '" + path +
+                       "' is an AOTInductor package, compiled already");
+    s.model = detail::load_aoti_model(path, s.device);
+  } else {
+    s.model = detail::load_torchscript_model(path, s.device, options.optimize);
+  }
 #ifdef REPMLP_RT_WITH_CUDA
   // Loading (and optimize_for_inference's folding) wrote the weights on the device's current
   // stream; calls run on other, non-blocking pool streams, so wait for that work once here.

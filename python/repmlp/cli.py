@@ -1,4 +1,4 @@
-"""``repmlp-build`` / ``build_artifact.py``: checkpoint -> verified TorchScript artifact."""
+"""``repmlp-build`` / ``build_artifact.py``: checkpoint -> verified artifact (TorchScript or AOTInductor)."""
 
 import argparse
 import json
@@ -16,6 +16,7 @@ from repmlp_rt.triton import write_triton_repository
 from .artifact import (
     DEFAULT_TOLERANCE,
     DTYPES,
+    FORMATS,
     OUTPUT_KINDS,
     BuildError,
     build_artifact,
@@ -94,7 +95,8 @@ def _indices(text: str) -> Tuple[int, ...]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
-        description="Build a verified, frozen TorchScript RepMLPNet artifact from a checkpoint.",
+        description="Build a verified RepMLPNet artifact (frozen TorchScript, or an AOTInductor "
+        "package with --format aoti) from a checkpoint.",
     )
     p.add_argument(
         "--arch",
@@ -140,8 +142,20 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--mean", type=_triple, help="R,G,B on the 0..255 scale")
     pre.add_argument("--std", type=_triple, help="R,G,B on the 0..255 scale")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and compute dtype")
-    p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt in the current folder)")
-    p.add_argument("--device", type=_device, default="cpu", help="device used for verification (cpu, cuda, cuda:N)")
+    p.add_argument(
+        "--format",
+        choices=list(FORMATS),
+        default="torchscript",
+        help="torchscript (default): one frozen TorchScript file (.pt); aoti: torch.export + "
+        "AOTInductor, one .pt2 package compiled for this torch release, device and CPU (docs/FORMATS.md)",
+    )
+    p.add_argument("--out", help="artifact path (default: repmlp-<arch>.pt, or .pt2 for aoti, in the current folder)")
+    p.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="device used for verification (cpu, cuda, cuda:N); with --format aoti, also the device compiled for",
+    )
     p.add_argument(
         "--tolerance",
         type=_tolerance,
@@ -164,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.img_size is not None:
         _check_img_size(parser, args.arch, args.img_size)
     try:  # an unusable --out or conflicting output options are usage errors too
-        check_out_path(args.out or default_out_path(args.arch), args.force)
+        check_out_path(args.out or default_out_path(args.arch, args.format), args.force)
         output_spec(
             args.output, args.out_indices, args.final_norm, args.pre_downsample, args.num_classes, None, args.labels
         )
@@ -201,6 +215,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             out_indices=args.out_indices,
             final_norm=args.final_norm,
             pre_downsample=args.pre_downsample,
+            format=args.format,
             progress=progress,
         )
     except (BuildError, CheckpointError, ValueError) as exc:
@@ -246,6 +261,8 @@ def _describe_outputs(manifest: dict) -> str:
 def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of --triton-repo, found before the build: a missing folder, an existing
     model folder without --force."""
+    if args.format != "torchscript":
+        parser.error("--triton-repo needs --format torchscript: Triton's PyTorch backend loads TorchScript")
     if not os.path.isdir(args.triton_repo):
         parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
     if args.output != "logits":

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import is_exporting
 from .variants import ArchConfig, get_variant
 
 __all__ = [
@@ -327,6 +328,11 @@ class ConvFFN(nn.Module):
         w1 = self.ffn_fc1.conv.weight.flatten(1).t()  # (C, hidden)
         w2 = self.ffn_fc2.conv.weight.flatten(1).t()  # (hidden, C)
         tokens = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # the one transposing copy
+        if is_exporting():
+            # torch.export with a dynamic batch: the row count is symbolic, so no Python loop
+            # over it; one GEMM pair, whose memory AOTInductor plans itself.
+            out = torch.addmm(b2, self.act(torch.addmm(b1, tokens, w1)), w2)
+            return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
         rows = tokens.shape[0]
         chunks: List[torch.Tensor] = []
         # max(rows, 1): an empty batch still makes one (empty) chunk, as the other forms do.

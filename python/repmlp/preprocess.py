@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import is_exporting
 from .variants import Preprocessing
 
 __all__ = ["ImageTransform"]
@@ -49,18 +50,22 @@ class ImageTransform(nn.Module):
         x = images.permute(0, 3, 1, 2).float()
         h = x.shape[2]
         w = x.shape[3]
+        # Integer arithmetic throughout, with no branch on H or W when exported, so torch.export
+        # can trace it with symbolic image sizes (the AOTInductor package, docs/FORMATS.md).
+        # The values are torchvision's: int(size * long / short) equals size * long // short
+        # for any image below 2**40 pixels a side, and (d + (d // 2) % 2) // 2 is round(d / 2)
+        # (half to even, as Python's round()) for every d >= 0.
+        exporting = is_exporting()
         if self.short_side:
-            # torchvision's rule: the short side becomes the size, the long side is truncated.
-            if h <= w:
-                new_h = self.resize_h
-                new_w = int(self.resize_h * w / h)
-            else:
-                new_w = self.resize_h
-                new_h = int(self.resize_h * h / w)
+            short = _min_size(h, w)
+            new_h = self.resize_h * h // short
+            new_w = self.resize_h * w // short
         else:
             new_h = self.resize_h
             new_w = self.resize_w
-        if new_h != h or new_w != w:
+        # A resize to the same size is the identity (every mode samples each pixel's own
+        # centre with weight 1); skipped except in an export, where the sizes are unknown.
+        if exporting or new_h != h or new_w != w:
             if self.interpolation == "nearest":
                 x = F.interpolate(x, size=[new_h, new_w], mode="nearest")
             else:
@@ -71,7 +76,17 @@ class ImageTransform(nn.Module):
                     align_corners=False,
                     antialias=self.antialias,
                 )
-        top = int(round((new_h - self.crop_h) / 2.0))
-        left = int(round((new_w - self.crop_w) / 2.0))
+        dh = new_h - self.crop_h
+        dw = new_w - self.crop_w
+        top = (dh + (dh // 2) % 2) // 2
+        left = (dw + (dw // 2) % 2) // 2
         x = x[:, :, top : top + self.crop_h, left : left + self.crop_w]
         return (x - self.mean) / self.std
+
+
+def _min_size(a: int, b: int) -> int:
+    """min(a, b); with torch.export's symbolic sizes, without a guard on which is smaller."""
+    if torch.jit.is_scripting():
+        return min(a, b)
+    else:
+        return torch.sym_min(a, b)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "quiet_jit"]
+__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "quiet_jit", "is_exporting"]
 
 # torch 2.13+ warns on every torch.jit.script/freeze/save/load call; only those are silenced.
 JIT_DEPRECATION_MESSAGE = r"`torch\.jit\.\w+` is deprecated"
@@ -23,6 +23,15 @@ def quiet_jit() -> Iterator[None]:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, message=JIT_DEPRECATION_MESSAGE)
         yield
+
+
+def is_exporting() -> bool:
+    """True while torch.export traces the caller, False in eager mode and in TorchScript
+    (which compiles only the first branch of an ``if torch.jit.is_scripting()``)."""
+    if torch.jit.is_scripting():
+        return False
+    else:
+        return torch.compiler.is_exporting()
 
 
 @torch.no_grad()

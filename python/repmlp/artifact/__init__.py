@@ -2,6 +2,7 @@
 
 - :mod:`.module`: the scripted wrapper (the artifact's methods),
 - :mod:`.manifest`: the manifest's schema, writing and reading it back,
+- :mod:`.aoti`: the AOTInductor package format (``.pt2``),
 - :mod:`.build`: the pipeline (options -> weights -> deploy -> verified steps -> publish).
 
 docs/ARTIFACT.md is the contract.

@@ -1,6 +1,9 @@
-"""Checkpoint -> one verified, frozen TorchScript artifact, as a pipeline of steps:
+"""Checkpoint -> one verified artifact file, as a pipeline of steps:
 
-    resolve_options -> load_weights -> deploy -> STEPS (script, freeze, save, reload) -> publish
+    resolve_options -> load_weights -> deploy -> the format's steps -> publish
+
+The format's steps (``FORMATS``): script, freeze, save, reload for TorchScript (the default);
+export, compile, save, reload for an AOTInductor package (.pt2, :mod:`.aoti`).
 
 Every form the artifact takes is compared with the loaded model on the same seeded inputs,
 through every entry point in ``CHECKS``; any error over the tolerance stops the build. The
@@ -22,12 +25,14 @@ from ..model import RepMLPNet, fuse_model, resolve_config
 from ..preprocess import ImageTransform
 from ..utils import count_flops, quiet_jit, randomize_model_, sha256_file
 from ..variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, get_variant
+from .aoti import CompiledArtifact, Pt2Artifact, aoti_section, compile_programs, export_programs, write_pt2
 from .errors import BuildError
 from .manifest import MANIFEST_NAME, first_line, make_manifest, manifest_text, utc_now
 from .module import DTYPES, EXPORTED_METHODS, OUTPUT_KINDS, ArtifactModule, OutputSpec, artifact_module, describe_outputs
 
 __all__ = [
     "DEFAULT_TOLERANCE",
+    "FORMATS",
     "BuildOptions",
     "BuildReport",
     "StageResult",
@@ -56,9 +61,10 @@ def _arch_name(arch: Any) -> str:
     return (canonical_name(arch) or arch) if isinstance(arch, str) else "custom"
 
 
-def default_out_path(arch: Any) -> str:
-    """Where an artifact goes without ``out``: ``repmlp-<arch>.pt`` in the current folder."""
-    return f"repmlp-{_arch_name(arch)}.pt"
+def default_out_path(arch: Any, format: str = "torchscript") -> str:
+    """Where an artifact goes without ``out``: ``repmlp-<arch>.pt`` (``.pt2`` for the
+    ``aoti`` format) in the current folder."""
+    return f"repmlp-{_arch_name(arch)}{FORMATS[format].suffix if format in FORMATS else '.pt'}"
 
 
 def check_out_path(out: str, force: bool) -> None:
@@ -92,6 +98,7 @@ class BuildOptions:
     seed: int = 0
     randomize_bn: bool = True
     output: OutputSpec = OutputSpec()
+    format: str = "torchscript"  # a key of FORMATS
 
 
 def resolve_options(
@@ -114,9 +121,12 @@ def resolve_options(
     out_indices: Optional[Sequence[int]] = None,
     final_norm: bool = True,
     pre_downsample: bool = False,
+    format: str = "torchscript",
     **overrides: Any,
 ) -> BuildOptions:
     """Check every option and read the checkpoint (once); see :func:`build_artifact`."""
+    if format not in FORMATS:
+        raise BuildError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise BuildError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
@@ -125,10 +135,12 @@ def resolve_options(
     dev = _resolve_device(device)
     if checkpoint is None and isinstance(arch, str) and get_variant(DEFAULT_ARCH) == get_variant(arch):
         checkpoint = default_checkpoint()
-    out = default_out_path(arch) if out is None else out
+    out = default_out_path(arch, format) if out is None else out
     check_out_path(out, force)
 
     spec = output_spec(output, out_indices, final_norm, pre_downsample, num_classes, labels, labels_file)
+    if format != "torchscript" and spec.kind != "logits":
+        raise BuildError(f"--format {format} builds logits artifacts; --output {spec.kind} needs torchscript")
     if spec.kind != "logits":
         num_classes = 0  # no classifier: a full checkpoint's head.* is left out
     config = resolve_config(arch, img_size=img_size, num_classes=num_classes, **overrides)
@@ -161,6 +173,7 @@ def resolve_options(
         seed=seed,
         randomize_bn=randomize_bn,
         output=spec,
+        format=format,
     )
 
 
@@ -361,14 +374,22 @@ def _freeze(build: _Build, module: Any) -> Any:
     return torch.jit.freeze(module.eval(), preserved_attrs=list(EXPORTED_METHODS))
 
 
+def _export(build: _Build, module: Any) -> Any:
+    return export_programs(module, build.inputs.batch, build.inputs.images)
+
+
+def _compile(build: _Build, exported: Any) -> Any:
+    return compile_programs(exported)
+
+
 def _save(build: _Build, module: Any) -> Any:
     build.written = build.manifest()
-    _write(module, build.tmp_path, build.written)
+    _format(build).write(module, build.tmp_path, manifest_text(build.written))
     return module
 
 
 def _reload(build: _Build, module: Any) -> Any:
-    return _load_checked(build.tmp_path, build.written, build.options.device)
+    return _load_checked(build, build.tmp_path, build.written, module)
 
 
 @dataclass(frozen=True)
@@ -378,14 +399,62 @@ class Step:
     verify: bool = True  # compare the new form's outputs with the reference
 
 
-# After "deploy" (the eager fused wrapper), in order.
-STEPS: Tuple[Step, ...] = (
-    Step("script", _script),
-    Step("freeze", _freeze),
-    Step("save", _save, verify=False),
-    Step("reload", _reload),
-)
-STAGE_COUNT = 2 + len(STEPS)  # load and deploy, then the steps
+def _write_torchscript(module: Any, path: str, manifest: str) -> None:
+    torch.jit.save(module, path, _extra_files={MANIFEST_NAME: manifest})
+
+
+def _load_torchscript(path: str, device: torch.device, written: Any) -> Tuple[Any, str]:
+    extra = {MANIFEST_NAME: ""}
+    reloaded = torch.jit.load(path, map_location=device, _extra_files=extra)
+    missing = [m for m in EXPORTED_METHODS if not hasattr(reloaded, m)]
+    if missing:
+        raise BuildError(f"the saved artifact lost its methods {missing}")
+    return reloaded, extra[MANIFEST_NAME]
+
+
+def _write_pt2(form: Any, path: str, manifest: str) -> None:
+    write_pt2(form.compiled if isinstance(form, Pt2Artifact) else form, path, manifest)
+
+
+def _load_pt2(path: str, device: torch.device, written: Any) -> Tuple[Any, str]:
+    compiled = written.compiled if isinstance(written, Pt2Artifact) else written
+    assert isinstance(compiled, CompiledArtifact)
+    reloaded = Pt2Artifact(path, device, compiled)
+    return reloaded, manifest_text(reloaded.manifest)
+
+
+@dataclass(frozen=True)
+class ArtifactFormat:
+    """One file format: the steps from the deploy form to a reloaded file, and its I/O."""
+
+    suffix: str  # of the default output path
+    temp_suffix: str  # of the temporary file it is written to first
+    steps: Tuple[Step, ...]  # after "deploy" (the eager fused wrapper), in order
+    write: Callable[[Any, str, str], None]  # (form, path, manifest text)
+    load: Callable[[str, torch.device, Any], Tuple[Any, str]]  # (path, device, form written) -> (form, manifest text)
+
+
+FORMATS: Dict[str, ArtifactFormat] = {
+    "torchscript": ArtifactFormat(
+        ".pt",
+        ".tmp",
+        (Step("script", _script), Step("freeze", _freeze), Step("save", _save, verify=False), Step("reload", _reload)),
+        _write_torchscript,
+        _load_torchscript,
+    ),
+    # torch.export + AOTInductor: one .pt2 archive with two compiled programs (aoti.py).
+    "aoti": ArtifactFormat(
+        ".pt2",
+        ".tmp.pt2",  # AOTInductor's package loader warns about names not ending in .pt2
+        (Step("export", _export), Step("compile", _compile, verify=False), Step("save", _save, verify=False), Step("reload", _reload)),
+        _write_pt2,
+        _load_pt2,
+    ),
+}
+
+
+def _format(build: _Build) -> ArtifactFormat:
+    return FORMATS[build.options.format]
 
 
 def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
@@ -427,7 +496,8 @@ def _record(
         images_rel = per_check["forward_images"][1]
         result.note = (note + "  " if note else "") + f"forward_images rel err {images_rel:.2e}"
     result.seconds = time.perf_counter() - started
-    line = f"[{len(build.stages) + 1}/{STAGE_COUNT}] {name:<8} {result.seconds:7.2f} s"
+    stage_count = 2 + len(_format(build).steps)  # load and deploy, then the format's steps
+    line = f"[{len(build.stages) + 1}/{stage_count}] {name:<8} {result.seconds:7.2f} s"
     if result.max_rel_err is not None:
         line += f"  max abs err {result.max_abs_err:.2e}, rel {result.max_rel_err:.2e}"
     if result.note:
@@ -444,19 +514,11 @@ def _record(
 # --- 4. writing -----------------------------------------------------------------------------
 
 
-def _write(module: Any, path: str, manifest: Dict[str, Any]) -> None:
-    torch.jit.save(module, path, _extra_files={MANIFEST_NAME: manifest_text(manifest)})
-
-
-def _load_checked(path: str, manifest: Dict[str, Any], device: torch.device) -> Any:
-    """Reload a written file; its manifest and methods must be the ones written."""
-    extra = {MANIFEST_NAME: ""}
-    reloaded = torch.jit.load(path, map_location=device, _extra_files=extra)
-    if json.loads(extra[MANIFEST_NAME]) != manifest:
+def _load_checked(build: _Build, path: str, manifest: Dict[str, Any], written: Any) -> Any:
+    """Reload a written file; its manifest (and methods) must be the ones written."""
+    reloaded, text = _format(build).load(path, build.options.device, written)
+    if json.loads(text) != manifest:
         raise BuildError("the manifest read back differs from the one written")
-    missing = [m for m in EXPORTED_METHODS if not hasattr(reloaded, m)]
-    if missing:
-        raise BuildError(f"the saved artifact lost its methods {missing}")
     return reloaded
 
 
@@ -472,9 +534,9 @@ def _publish(build: _Build, verified: Any, out: str) -> str:
     """Write the final file (its manifest now lists every stage), reload that file and check
     it like the reload stage, then rename those same bytes into place. Returns their sha256."""
     final = build.manifest()
-    _write(verified, build.tmp_path, final)
+    _format(build).write(verified, build.tmp_path, manifest_text(final))
     digest = sha256_file(build.tmp_path)
-    reloaded = _load_checked(build.tmp_path, final, build.options.device)
+    reloaded = _load_checked(build, build.tmp_path, final, verified)
     for check, call in CHECKS.items():
         _, rel, _ = _worst_output(call(reloaded, build.inputs), build.reference[check])
         if not rel <= build.options.tolerance:
@@ -501,8 +563,9 @@ def build_artifact(
     ``img_size``, ``num_classes``, ``labels`` or ``labels_file``, ``preprocessing`` (fields of
     :class:`~repmlp.variants.Preprocessing`: ``mean``, ``std``, ``resize_mode``, ``resize``,
     ``interpolation``, ``antialias``; the crop is always the input size), ``dtype``,
-    ``device`` (verification), ``tolerance``, ``force``, ``seed``, ``randomize_bn`` and any
-    other :class:`~repmlp.variants.ArchConfig` field.
+    ``device`` (verification; for ``aoti`` also the device compiled for), ``tolerance``,
+    ``force``, ``seed``, ``randomize_bn``, ``format`` (``torchscript``, the default, or
+    ``aoti``: see :data:`FORMATS`) and any other :class:`~repmlp.variants.ArchConfig` field.
     Without ``checkpoint``, the default arch uses the shipped digits checkpoint and any other
     arch gets seeded random weights (with randomized BN statistics), recorded as such.
     Raises :class:`BuildError` (a ``ValueError``) on bad input or failed verification.
@@ -531,10 +594,10 @@ def build_artifact(
 
     folder = os.path.dirname(os.path.abspath(opts.out))
     try:
-        fd, build.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(opts.out)}.", suffix=".tmp", dir=folder)
+        fd, build.tmp_path = tempfile.mkstemp(prefix=f".{os.path.basename(opts.out)}.", suffix=_format(build).temp_suffix, dir=folder)
         os.close(fd)
         with quiet_jit():
-            for step in STEPS:
+            for step in _format(build).steps:
                 t0 = time.perf_counter()
                 module = step.run(build, module)
                 note = f"{os.path.getsize(build.tmp_path) / 1e6:.1f} MB" if step.name == "save" else ""
@@ -565,7 +628,7 @@ def _manifest(
     stages: List[StageResult],
     built_at: str,
 ) -> Dict[str, Any]:
-    return make_manifest(
+    manifest = make_manifest(
         opts,
         outputs=outputs,
         head=head,
@@ -580,3 +643,7 @@ def _manifest(
             "stages": [vars(s) for s in stages],
         },
     )
+    manifest["file_format"] = opts.format
+    if opts.format == "aoti":
+        manifest["aoti"] = aoti_section(opts.device)
+    return manifest

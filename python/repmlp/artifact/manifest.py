@@ -114,7 +114,12 @@ def manifest_text(manifest: Dict[str, Any]) -> str:
 
 
 def read_manifest(path: str) -> Dict[str, Any]:
-    """The manifest embedded in an artifact (raises BuildError if absent or unreadable)."""
+    """The manifest embedded in an artifact of either format (raises BuildError if absent or
+    unreadable); the format is told from the file's content."""
+    from .aoti import is_pt2_archive, read_pt2_manifest
+
+    if is_pt2_archive(path):
+        return read_pt2_manifest(path)
     extra = {MANIFEST_NAME: ""}
     try:
         with quiet_jit():

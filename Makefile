@@ -8,7 +8,9 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.repmlp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Python packages the build, the tests and the demo need (torch pinned: other specs download CUDA wheels).
-PY_DEPS := torch==2.13.0 numpy pybind11 cmake ninja pytest pillow scikit-learn
+PY_DEPS := torch==2.13.0 numpy pybind11 cmake ninja pytest pillow scikit-learn onnx onnxscript onnxruntime
+# The benchmark's peers (ONNX Runtime is also a test dependency: tests/test_onnx_export.py).
+BENCH_DEPS := openvino
 # Debian header packages the C++ runtime builds against.
 DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev
 
@@ -77,6 +79,7 @@ test-torch-latest: $(STAMP)/system
 	PATH=$(abspath $(LATEST_VENV)/bin):$$PATH $(LATEST_PY) -m pytest
 
 bench: install
+	$(PIP) install -q $(BENCH_DEPS)
 	$(PY) benchmarks/bench.py
 
 clean:

@@ -13,15 +13,21 @@ Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN stat
   (h) rt-pt2    the C++ runtime on the AOTInductor package (repmlp-build --format aoti, .pt2);
                 its cold compile time and file size are reported next to the .pt's
   (f) ort-up    ONNX Runtime on the ONNX export of (a)
-  (g) ort       ONNX Runtime on the ONNX export of (b)
-  mm            torch.mm 4096^3 GFLOP/s at each thread count, measured in the same rounds
+  (g) ort       ONNX Runtime on the ONNX export of (b) (one file, dynamic batch: repmlp.onnx_export)
+  (o) ov        OpenVINO on the same file as (g), f32 inference precision
+  (o16) ov-bf16 OpenVINO on the same file, bf16 inference precision hint
+  (d16) rt-bf16 the C++ runtime on a `--dtype bfloat16` artifact of the same weights
+  (d8) rt-int8  the C++ runtime on a `--dtype int8` artifact of the same weights
+  gemm          the host's GEMM rates at each thread count, measured in the same rounds: MKL's
+                torch.mm and oneDNN's linear in fp32 (the best of the two is the fp32 ceiling),
+                bf16 and int8 (the ceilings of the bf16 and int8 rows); 4096^3 each
 
 Noise control (the machine is shared): for each (threads, batch) cell the configurations run
 in interleaved rounds (round r runs every configuration once for its iterations), and the
 reported latency is the median of all per-call latencies of that configuration in that cell.
 After each ONNX Runtime configuration the round waits --ort-settle seconds: ORT's threads spin
 after a run and would otherwise slow whatever runs next. Outputs of (a), (c), (f), (g) are
-checked against (b) before anything is timed.
+checked against (b) before anything is timed, the reduced-precision ones at their build tolerance.
 
 Usage (from the repository root):
   .venv/bin/python benchmarks/bench.py                       # full run, writes RESULTS.md
@@ -72,12 +78,25 @@ LABELS = {
     "h": "(h) repmlp_rt on the .pt2 (AOTInductor)",
     "f": "(f) ORT on ONNX(a)",
     "g": "(g) ORT on ONNX(b)",
+    "o": "(o) OpenVINO f32 on ONNX(b)",
+    "o16": "(o16) OpenVINO bf16 on ONNX(b)",
+    "d16": "(d16) repmlp_rt bfloat16 artifact",
+    "d8": "(d8) repmlp_rt int8 artifact",
 }
+# Which GEMM ceiling a configuration's "% of best GEMM" is taken against.
+PRECISION = {"o16": "bf16", "d16": "bf16", "d8": "int8"}
+# CPU features that decide which dtype runs fast (cpuinfo flag names).
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 ALL = list(LABELS)
 
 
 def log(msg: str) -> None:
     print(msg, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def sha_files(paths: List[str], extra: str) -> str:
@@ -112,7 +131,7 @@ def machine_info() -> Dict[str, str]:
         flags = re.search(r"^Flags:\s*(.+)$", out, re.M)
         if flags:
             f = flags.group(1).split()
-            info["simd"] = " ".join(x for x in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if x in f)
+            info["isa"] = " ".join(x for x in ISA_FLAGS if x in f)
     except Exception as e:  # lscpu missing
         info["lscpu"] = f"unavailable ({e})"
     try:
@@ -121,6 +140,13 @@ def machine_info() -> Dict[str, str]:
         info["onnxruntime"] = onnxruntime.__version__
     except Exception:
         info["onnxruntime"] = "not installed"
+    try:
+        import openvino
+
+        info["openvino"] = openvino.__version__
+    except Exception:
+        info["openvino"] = "not installed"
+    info["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
     info["torch parallel"] = torch.__config__.parallel_info().splitlines()[0:1][0] if torch.__config__.parallel_info() else ""
     return info
 
@@ -135,7 +161,16 @@ def loadavg() -> str:
 # ----------------------------------------------------------------------------- preparation
 
 
-def build_or_reuse_artifact(arch: str, seed: int, cache: str, format: str = "torchscript") -> Tuple[str, Dict[str, Any]]:
+def source_files(folder: str) -> List[str]:
+    """Every .py file under ``folder`` (the builder is a package), sorted, for cache keys."""
+    found = []
+    for base, _, files in os.walk(folder):
+        found += [os.path.join(base, f) for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def build_or_reuse_artifact(arch: str, seed: int, cache: str, format: str = "torchscript",
+                            dtype: str = "float32") -> Tuple[str, Dict[str, Any]]:
     """The artifact's path and its build record (seconds per stage, size), built once per
     source state. An aoti build compiles with an empty Inductor cache: its time is a cold
     compile, as on a fresh machine."""
@@ -143,23 +178,21 @@ def build_or_reuse_artifact(arch: str, seed: int, cache: str, format: str = "tor
 
     from repmlp.artifact import build_artifact
 
-    sources = ["model.py", "preprocess.py", "utils.py", "variants.py"]
-    sources += [os.path.join("artifact", f) for f in sorted(os.listdir(os.path.join(ROOT, "python", "repmlp", "artifact")))
-                if f.endswith(".py")]
-    key = sha_files([os.path.join(ROOT, "python", "repmlp", f) for f in sources], f"{arch}-{seed}-{format}-{torch.__version__}")
-    path = os.path.join(cache, f"{arch}-{key}.{'pt2' if format == 'aoti' else 'pt'}")
+    key = sha_files(source_files(os.path.join(ROOT, "python", "repmlp")), f"{arch}-{seed}-{format}-{dtype}-{torch.__version__}")
+    suffix = "" if dtype == "float32" else f"-{dtype}"
+    path = os.path.join(cache, f"{arch}{suffix}-{key}.{'pt2' if format == 'aoti' else 'pt'}")
     record_path = path + ".build.json"
     if os.path.exists(path) and os.path.exists(record_path):
         log(f"  artifact: cached {path}")
         with open(record_path) as fh:
             return path, json.load(fh)
-    log(f"  artifact: building {path} ({format}, random weights, seed {seed}) ...")
+    log(f"  artifact: building {path} ({format}, {dtype}, random weights, seed {seed}) ...")
     saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     with tempfile.TemporaryDirectory(prefix="inductor-cache-") as inductor_cache:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache
         try:
             t0 = time.perf_counter()
-            report = build_artifact(arch, out=path, seed=seed, force=True, format=format,
+            report = build_artifact(arch, out=path, seed=seed, force=True, format=format, dtype=dtype,
                                     progress=lambda line: log("    " + line))
             total = time.perf_counter() - t0
         finally:
@@ -175,9 +208,9 @@ def build_or_reuse_artifact(arch: str, seed: int, cache: str, format: str = "tor
     return path, record
 
 
-def export_onnx(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
-    """ONNX export for the batch size of ``x`` (static shapes: the project's fused FFN loops
-    over row chunks of N*H*W, which a symbolic batch cannot unroll); returns the exporter used."""
+def export_onnx_static(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
+    """ONNX export of the upstream formulation (a) for the batch size of ``x``; returns the
+    exporter used. The fused model has its own dynamic-batch export (repmlp.onnx_export)."""
     if os.path.exists(path):
         return "cached"
     tmp = path + ".tmp"
@@ -190,6 +223,22 @@ def export_onnx(model: torch.nn.Module, path: str, x: torch.Tensor) -> str:
         note = "TorchScript exporter"
     os.replace(tmp, path)
     return note
+
+
+def openvino_runner(path: str, threads: int, precision: str) -> Callable[[Any], Any]:
+    """OpenVINO's CPU plugin on an ONNX file, one stream of ``threads`` threads, latency mode;
+    ``precision`` (f32 or bf16) is its inference precision hint."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision,
+    })
+    request = compiled.create_infer_request()
+    return lambda x: request.infer({0: x})[0]
 
 
 def ort_session(path: str, threads: int):
@@ -260,23 +309,41 @@ def run_cli_rss(cli: str, artifact: str, batch: int, threads: int, iters: int, w
     raise RuntimeError(f"could not parse repmlp_infer output: {proc.stdout[-300:]}")
 
 
-class MatmulRate:
-    """torch.mm n^3 GFLOP/s; one warm-up per thread count, then one timed call per sample."""
+class GemmRates:
+    """The host's n^3 GEMM rates (GFLOP/s, 2 n^3 per call): MKL's torch.mm and oneDNN's linear
+    (mkldnn tensors) in fp32, torch.mm in bf16 (oneDNN, AMX where present) and torch._int_mm in
+    int8 (what the int8 artifact runs). One warm-up per thread count, then one timed call of
+    each per sample."""
+
+    KINDS = ("mkl_fp32", "onednn_fp32", "bf16", "int8")
 
     def __init__(self, n: int = 4096) -> None:
         self.n = n
-        self.a = torch.randn(n, n)
-        self.b = torch.randn(n, n)
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a_dnn, b_dnn, bias_dnn = a.to_mkldnn(), b.to_mkldnn(), torch.zeros(n).to_mkldnn()
+        a16, b16 = a.bfloat16(), b.bfloat16()
+        a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+        b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+        self.calls = {
+            "mkl_fp32": lambda: torch.mm(a, b),
+            "onednn_fp32": lambda: torch._C._nn.mkldnn_linear(a_dnn, b_dnn, bias_dnn),
+            "bf16": lambda: torch.mm(a16, b16),
+            "int8": lambda: torch._int_mm(a8, b8),
+        }
         self.warm: set = set()
 
-    def sample(self, threads: int) -> float:
+    def sample(self, threads: int) -> Dict[str, float]:
         torch.set_num_threads(threads)
         if threads not in self.warm:
-            torch.mm(self.a, self.b)
+            for call in self.calls.values():
+                call()
             self.warm.add(threads)
-        t0 = time.perf_counter()
-        torch.mm(self.a, self.b)
-        return 2.0 * self.n ** 3 / (time.perf_counter() - t0) / 1e9
+        rates = {}
+        for kind, call in self.calls.items():
+            t0 = time.perf_counter()
+            call()
+            rates[kind] = 2.0 * self.n ** 3 / (time.perf_counter() - t0) / 1e9
+        return rates
 
 
 def op_profile(model: torch.nn.Module, x: torch.Tensor, threads: int, reps: int = 3, rows: int = 12) -> str:
@@ -428,11 +495,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # repmlp_rt ------------------------------------------------------------------------
     rt_mod = None
-    if any(c in configs for c in ("d", "d+")) and artifact is not None:
+    if any(c in configs for c in ("d", "d+", "d16", "d8")):
         try:
             import repmlp_rt as rt_mod  # type: ignore
         except Exception as e:
-            skipped["d"] = skipped["d+"] = f"repmlp_rt not importable ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
+            for c in ("d", "d+", "d16", "d8"):
+                skipped[c] = f"repmlp_rt not importable ({type(e).__name__}: {e}); build it with `pip install --no-build-isolation -e .`"
 
     if "h" in configs and pt2 is not None and rt_mod is None:
         try:
@@ -469,46 +537,99 @@ def main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:
             skipped["h"] = f"repmlp_rt on the .pt2 failed: {type(e).__name__}: {e}"
 
+    # reduced-precision artifacts of the same weights, checked at the tolerance they were built with
+    for c, dtype in (("d16", "bfloat16"), ("d8", "int8")):
+        if c not in configs or rt_mod is None:
+            continue
+        try:
+            path, _ = build_or_reuse_artifact(args.arch, args.seed, args.cache_dir, dtype=dtype)
+            r = rt_mod.Runtime(path, device="cpu", threads=max(args.threads), warmup=0)
+            tol = float(r.manifest["verification"]["tolerance"])
+            errors[c] = check_close(f"({c}) vs (b)", torch.from_numpy(np.asarray(r.infer(xcheck.numpy()))), ref, tol)
+            del r
+
+            runners[c] = rt_runner(False, c, path)
+            inputs[c] = "numpy"
+        except Exception as e:
+            skipped[c] = f"{dtype} artifact failed: {type(e).__name__}: {_first_line(e)}"
+
     cli = find_repmlp_infer() if "e" in configs and artifact is not None else None
     if "e" in configs and artifact is not None and cli is None:
         skipped["e"] = "repmlp_infer not found next to the interpreter or on PATH"
 
     # ONNX -----------------------------------------------------------------------------
-    if any(c in configs for c in ("f", "g")):
+    onnx_key = sha_files(source_files(os.path.join(ROOT, "python", "repmlp")) + [os.path.join(HERE, "upstream_reference.py")],
+                         f"{args.arch}-{args.seed}-{torch.__version__}")
+    if "f" in configs:
         try:
             import onnxruntime  # noqa: F401
+
+            paths: Dict[int, str] = {}
+            for b in args.batches:
+                path = os.path.join(args.cache_dir, f"{args.arch}-upstream-b{b}-{onnx_key}.onnx")
+                xb = torch.randn(b, *shape, generator=torch.Generator().manual_seed(100 + b))
+                t0 = time.perf_counter()
+                note = export_onnx_static(upstream, path, xb)
+                log(f"  onnx upstream batch {b}: {note} ({time.perf_counter() - t0:.0f} s) {path}")
+                sess = ort_session(path, max(args.threads))
+                with torch.no_grad():
+                    rb = fused(xb)
+                errors[f"f@{b}"] = check_close(f"(f) b{b} vs (b)", torch.from_numpy(sess(xb.numpy())), rb, 1e-4)
+                paths[b] = path
+                del sess
+
+            def make_ort_static(t: int, paths: Dict[int, str] = paths) -> Callable[[Any], Any]:
+                sessions = {b: ort_session(p, t) for b, p in paths.items()}
+                return lambda x: sessions[x.shape[0]](x)
+
+            runners["f"] = make_ort_static
+            inputs["f"] = "numpy"
+        except Exception as e:
+            skipped["f"] = f"ONNX export/ORT failed: {type(e).__name__}: {_first_line(e)}"
+            log(traceback.format_exc(limit=2))
+
+    # one dynamic-batch file of the fused model for ORT (g) and OpenVINO (o, o16)
+    peers = {"g": (ort_session, "onnxruntime", 1e-4), "o": (lambda p, t: openvino_runner(p, t, "f32"), "openvino", 1e-4),
+             "o16": (lambda p, t: openvino_runner(p, t, "bf16"), "openvino", 6e-2)}
+    wanted = [c for c in peers if c in configs]
+    fused_onnx = None
+    if wanted:
+        try:
+            from repmlp.onnx_export import export_onnx
+
+            fused_onnx = os.path.join(args.cache_dir, f"{args.arch}-fused-dynamic-{onnx_key}.onnx")
+            if os.path.exists(fused_onnx):
+                log(f"  onnx fused (dynamic batch): cached {fused_onnx}")
+            else:
+                t0 = time.perf_counter()
+                export_onnx(fused, fused_onnx)
+                log(f"  onnx fused (dynamic batch): exported in {time.perf_counter() - t0:.0f} s {fused_onnx}")
+        except Exception as e:
+            for c in wanted:
+                skipped[c] = f"ONNX export failed: {type(e).__name__}: {_first_line(e)}"
+            log(traceback.format_exc(limit=2))
+    for c in wanted:
+        if fused_onnx is None or c in skipped:
+            continue
+        make, package, tol = peers[c]
+        try:
+            __import__(package)
         except Exception:
-            skipped["f"] = skipped["g"] = "onnxruntime not installed (pip install onnxruntime onnx onnxscript)"
-        else:
-            key = sha_files([os.path.join(ROOT, "python", "repmlp", "model.py"), os.path.join(HERE, "upstream_reference.py")],
-                            f"{args.arch}-{args.seed}-{torch.__version__}")
-            for c, mod, name in (("f", upstream, "upstream"), ("g", fused, "fused")):
-                if c not in configs:
-                    continue
-                try:
-                    paths: Dict[int, str] = {}
-                    for b in args.batches:
-                        path = os.path.join(args.cache_dir, f"{args.arch}-{name}-b{b}-{key}.onnx")
-                        xb = torch.randn(b, *shape, generator=torch.Generator().manual_seed(100 + b))
-                        t0 = time.perf_counter()
-                        note = export_onnx(mod, path, xb)
-                        log(f"  onnx {name} batch {b}: {note} ({time.perf_counter() - t0:.0f} s) {path}")
-                        sess = ort_session(path, max(args.threads))
-                        with torch.no_grad():
-                            rb = fused(xb)
-                        errors[f"{c}@{b}"] = check_close(f"({c}) b{b} vs (b)", torch.from_numpy(sess(xb.numpy())), rb, 1e-4)
-                        paths[b] = path
-                        del sess
-
-                    def make_ort(t: int, paths: Dict[int, str] = paths) -> Callable[[Any], Any]:
-                        sessions = {b: ort_session(p, t) for b, p in paths.items()}
-                        return lambda x: sessions[x.shape[0]](x)
-
-                    runners[c] = make_ort
-                    inputs[c] = "numpy"
-                except Exception as e:
-                    skipped[c] = f"ONNX export/ORT failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                    log(traceback.format_exc(limit=2))
+            skipped[c] = f"{package} not installed (pip install onnxruntime openvino onnx onnxscript)"
+            continue
+        try:
+            run = make(fused_onnx, max(args.threads))
+            for b in sorted(set(args.batches)):  # every batch size from the one file
+                xb = torch.randn(b, *shape, generator=torch.Generator().manual_seed(100 + b))
+                with torch.no_grad():
+                    rb = fused(xb)
+                errors[f"{c}@{b}"] = check_close(f"({c}) b{b} vs (b)", torch.from_numpy(np.asarray(run(xb.numpy()))), rb, tol)
+            del run
+            runners[c] = lambda t, make=make: make(fused_onnx, t)
+            inputs[c] = "numpy"
+        except Exception as e:
+            skipped[c] = f"{package} failed: {type(e).__name__}: {_first_line(e)}"
+            log(traceback.format_exc(limit=2))
 
     active = [c for c in configs if c not in skipped and (c in runners or c == "e")]
     for c in configs:
@@ -517,10 +638,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # timing ---------------------------------------------------------------------------
     lat: Dict[Tuple[str, int, int], List[float]] = {}  # (config, threads, batch) -> per-call seconds
-    mm: Dict[int, List[float]] = {t: [] for t in args.threads}
+    gemm: Dict[int, Dict[str, List[float]]] = {t: {k: [] for k in GemmRates.KINDS} for t in args.threads}
     cli_runs: Dict[Tuple[int, int], List[Dict[str, Any]]] = {}
     cli_rss: Dict[Tuple[int, int], float] = {}
-    mmrate = MatmulRate()
+    gemm_rates = GemmRates()
 
     for t in args.threads:
         torch.set_num_threads(t)
@@ -538,7 +659,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             # which helps its own back-to-back calls). On 2 cores that steals the CPU from
             # whatever runs next: repmlp_rt right after an ORT run measured 160-177 ms instead
             # of 105-128 (2 threads, batch 1). So the round waits for them to go idle.
-            if c in ("f", "g"):
+            # OpenVINO's pool is given the same pause.
+            if c in ("f", "g", "o", "o16"):
                 time.sleep(args.ort_settle)
 
         for b in args.batches:
@@ -556,7 +678,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         fns[c](xn if inputs[c] == "numpy" else xt)
                     settle_after(c)
                 for r in range(rounds):
-                    mm[t].append(mmrate.sample(t))
+                    for kind, value in gemm_rates.sample(t).items():
+                        gemm[t][kind].append(value)
                     for c in cell:
                         torch.set_num_threads(t)
                         if c == "e":
@@ -578,10 +701,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                             f(x)
                             lat.setdefault((c, t, b), []).append(time.perf_counter() - t0)
                         settle_after(c)
-                    log(f"   round {r + 1}: mm {mm[t][-1]:.0f} GFLOP/s; " + ", ".join(
+                    log(f"   round {r + 1}: GEMM " + "/".join(f"{gemm[t][k][-1]:.0f}" for k in GemmRates.KINDS) +
+                        " GFLOP/s (mkl/onednn/bf16/int8); " + ", ".join(
                         f"{c} {1000 * statistics.median(lat[(c, t, b)]) / b:.0f}" for c in cell if (c, t, b) in lat) + " ms/img (median so far)")
         for c in list(fns):
-            if c in ("f", "g"):
+            if c in ("f", "g", "o", "o16"):
                 fns[c] = None
 
     profile_md = ""
@@ -592,7 +716,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             profile_md = f"(profile failed: {e})"
 
     elapsed = time.perf_counter() - t_start
-    mm_rate = {t: statistics.median(v) for t, v in mm.items() if v}
+    rate = {t: {k: statistics.median(v) for k, v in kinds.items() if v} for t, kinds in gemm.items()}
+    # the fp32 ceiling is the faster of MKL's mm and oneDNN's linear (issue 18)
+    best_rate = {t: {"fp32": max(r.get("mkl_fp32", 0.0), r.get("onednn_fp32", 0.0)), "bf16": r.get("bf16", float("nan")),
+                     "int8": r.get("int8", float("nan"))} for t, r in rate.items() if r}
+
+    def ceiling(c: str, t: int) -> Tuple[str, float]:
+        kind = PRECISION.get(c, "fp32")
+        return kind, best_rate[t][kind]
 
     # report ---------------------------------------------------------------------------
     def ms_img(c: str, t: int, b: int) -> Optional[float]:
@@ -600,9 +731,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return None if not v else 1000 * statistics.median(v) / b
 
     rows = []
-    header = "| config | threads | batch | ms/image | images/s | GFLOP/s | % of mm | x vs (a) | x vs (f) | n |"
+    header = "| config | threads | batch | ms/image | images/s | GFLOP/s | % of best GEMM | x vs (a) | x vs (f) | x vs (d) | n |"
     rows.append(header)
-    rows.append("|---|---|---|---|---|---|---|---|---|---|")
+    rows.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for t in args.threads:
         for b in args.batches:
             for c in configs:
@@ -612,13 +743,17 @@ def main(argv: Optional[List[str]] = None) -> int:
                 gf = flops / (m / 1000) / 1e9
                 pa = ms_img("a", t, b)
                 pf = ms_img("f", t, b)
+                pd = ms_img("d", t, b)
+                kind, top = ceiling(c, t)
                 rows.append(
                     f"| {LABELS[c]} | {t} | {b} | {m:.1f} | {1000 / m:.2f} | {gf:.1f} | "
-                    f"{100 * gf / mm_rate[t]:.0f}% | {'' if pa is None else f'{pa / m:.2f}'} | "
-                    f"{'' if pf is None else f'{pf / m:.2f}'} | {len(lat[(c, t, b)])} |"
+                    f"{100 * gf / top:.0f}% ({kind}) | {'' if pa is None else f'{pa / m:.2f}'} | "
+                    f"{'' if pf is None else f'{pf / m:.2f}'} | {'' if pd is None else f'{pd / m:.2f}'} | {len(lat[(c, t, b)])} |"
                 )
     table = "\n".join(rows)
-    mm_line = ", ".join(f"{t} thread(s): {mm_rate[t]:.1f} GFLOP/s (samples {', '.join(f'{v:.0f}' for v in mm[t])})" for t in mm_rate)
+    mm_line = "; ".join(
+        f"{t} thread(s): " + ", ".join(f"{k} {rate[t][k]:.0f}" for k in GemmRates.KINDS if k in rate[t]) +
+        f" (best fp32 {best_rate[t]['fp32']:.0f})" for t in rate if rate[t])
 
     fc_rows = ["| config@threads | load s | call 1 ms | call 2 ms | call 3 ms | call 4 ms | steady ms (same batch) | call 1 / steady |",
                "|---|---|---|---|---|---|---|---|"]
@@ -658,14 +793,24 @@ def main(argv: Optional[List[str]] = None) -> int:
         if b in args.batches:
             t, m = best_t("d", b)
             tgt.append("") if False else None
-            target(f"repmlp_rt batch {b} % of mm rate (best thread count: {t})",
-                   None if m is None else 100 * flops / (m / 1000) / 1e9 / mm_rate[t], goal, "{:.0f}%")
+            target(f"repmlp_rt batch {b} % of the best fp32 GEMM rate (best thread count: {t})",
+                   None if m is None else 100 * flops / (m / 1000) / 1e9 / best_rate[t]["fp32"], goal, "{:.0f}%")
     if 1 in args.batches:
         for t in args.threads:
             d, a, f, g, e = (ms_img(c, t, 1) for c in ("d", "a", "f", "g", "e"))
             target(f"batch 1, {t} thr: repmlp_rt speed-up vs (a)", None if d is None or a is None else a / d, 4.5, "{:.2f}x")
             target(f"batch 1, {t} thr: repmlp_rt speed-up vs (f)", None if d is None or f is None else f / d, 2.0, "{:.2f}x")
             target(f"batch 1, {t} thr: repmlp_rt vs (g) (time ratio g/d)", None if d is None or g is None else g / d, 1.0, "{:.2f}")
+    # issue 18: level with OpenVINO in fp32 and bf16; int8 >= 2x fp32 at batch 8 on a VNNI host
+    for t in args.threads:
+        for b in args.batches:
+            d, o, d16, o16, d8 = (ms_img(c, t, b) for c in ("d", "o", "d16", "o16", "d8"))
+            target(f"{t} thr batch {b}: fp32 repmlp_rt vs OpenVINO f32 (time ratio o/d)", None if d is None or o is None else o / d, 1.0, "{:.2f}")
+            target(f"{t} thr batch {b}: bf16 repmlp_rt vs OpenVINO bf16 (time ratio o16/d16)", None if d16 is None or o16 is None else o16 / d16, 1.0, "{:.2f}")
+            if b == 8:
+                vnni = any(f in info.get("isa", "").split() for f in ("avx512_vnni", "avx_vnni"))
+                target(f"{t} thr batch 8: int8 repmlp_rt speed-up over fp32 (d/d8)", None if d is None or d8 is None else d / d8,
+                       2.0 if vnni else 1.3, "{:.2f}x")
     for t in args.threads:
         for b in args.batches:
             d, e = ms_img("d", t, b), ms_img("e", t, b)
@@ -702,10 +847,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 - date: {started.strftime('%Y-%m-%d %H:%M UTC')}; wall time {elapsed / 60:.1f} min; load average at end {loadavg()}
 - command: `{command}`
 - machine: {machine_md}
-- model: {args.arch}, fp32, random weights (seed {args.seed}, randomized BN stats); {flops / 1e9:.2f} GFLOP/image ({flop_note})
+- model: {args.arch}, fp32 unless the row says otherwise, random weights (seed {args.seed}, randomized BN stats); {flops / 1e9:.2f} GFLOP/image ({flop_note})
 - method: per (threads, batch) cell, {rounds} interleaved round(s) of {', '.join(f'{per_round_for(b)} call(s) at batch {b}' for b in args.batches)} per configuration, after {args.warmup} warm-up call(s) per configuration in the cell; medians of per-call latency. (e) is one process per cell, launched in the middle round, reporting its own p50 (--iters {'/'.join(str(iters_for(b)) for b in args.batches)} --warmup {args.warmup}). The round pauses {args.ort_settle:g} s after each ONNX Runtime configuration (its threads spin after a run).
 - output checks before timing (max|diff| / max|logit| vs (b)): {err_md}
-- torch.mm 4096^3: {mm_line}
+- GEMM rates 4096^3, GFLOP/s (int8: GOP/s): {mm_line}
 - peak RSS of repmlp_infer --bench (GNU time -v): {', '.join(f'{t} thr batch {b}: {v:.0f} MiB' for (t, b), v in sorted(cli_rss.items())) or 'n/a'}
 
 {table}
@@ -715,7 +860,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 {fc_table}
 
-### Targets (issue 8)
+### Targets (issues 8 and 18)
 
 {targets_md}
 
@@ -731,7 +876,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(body)
     if args.json_out:
         with open(args.json_out, "w") as fh:
-            json.dump({"lat": {f"{c}|{t}|{b}": v for (c, t, b), v in lat.items()}, "mm": mm, "first_calls": first_calls,
+            json.dump({"lat": {f"{c}|{t}|{b}": v for (c, t, b), v in lat.items()}, "gemm": gemm, "first_calls": first_calls,
                        "cli": {f"{t}|{b}": v for (t, b), v in cli_runs.items()}, "flops": flops, "skipped": skipped}, fh, indent=1)
     if not args.no_write:
         old = open(args.out).read() if os.path.exists(args.out) else "# RepMLPNet CPU benchmark results\n\n"

@@ -271,7 +271,7 @@ def test_cli_preprocessing_and_class_flags_reach_the_build(tmp_path):
     [
         (["--arch", "B999"], 2, "unknown arch 'B999'"),
         (["--img-size", "abc"], 2, "expected H or HxW"),
-        (["--dtype", "int8"], 2, "invalid choice"),
+        (["--dtype", "int4"], 2, "invalid choice"),
         (["--bogus"], 2, "unrecognized arguments"),
         (["--arch", "T224", "--img-size", "100"], 2, "each side must be a positive multiple of 32"),
         (["--tolerance", "0"], 2, "argument --tolerance: expected a number > 0"),

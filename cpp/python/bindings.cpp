@@ -213,6 +213,18 @@ void PybindRuntime(py::module_& m) {
   m.attr("FORMAT_VERSION") = repmlp_rt::kFormatVersion;
   m.def("built_with_cuda", &repmlp_rt::built_with_cuda,
         "True when this build was compiled against a CUDA-enabled torch.");
+  m.def(
+      "cpu_features",
+      [] {
+        const repmlp_rt::CpuFeatures cpu = repmlp_rt::cpu_features();
+        py::dict out;
+        out["name"] = cpu.name;
+        out["kernel_level"] = cpu.kernel_level;
+        out["isa"] = cpu.isa;
+        return out;
+      },
+      "The CPU as torch's kernels see it: name, dispatch level and the ISA flags that decide "
+      "which artifact dtype runs fastest (docs/PERFORMANCE.md).");
 
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& path, const std::string& device,

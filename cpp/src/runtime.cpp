@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <ATen/cpu/Utils.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
@@ -58,8 +60,10 @@ std::string dtype_name(at::ScalarType type) {
   }
 }
 
+// compute_dtype() name -> the dtype the input may also come in and is cast to. int8 artifacts
+// take float32 and quantize their activations inside the graph.
 std::optional<at::ScalarType> dtype_from_name(const std::string& name) {
-  if (name == "float32") return at::kFloat;
+  if (name == "float32" || name == "int8") return at::kFloat;
   if (name == "float16") return at::kHalf;
   if (name == "bfloat16") return at::kBFloat16;
   return std::nullopt;
@@ -136,6 +140,21 @@ bool built_with_cuda() noexcept {
 #else
   return false;
 #endif
+}
+
+CpuFeatures cpu_features() {
+  CpuFeatures features;
+  features.kernel_level = at::get_cpu_capability();
+  const auto found = at::cpu::get_cpu_capabilities();
+  for (const char* name : {"avx2", "fma3", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                           "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}) {
+    auto it = found.find(name);
+    if (it != found.end() && it->second.isBool() && it->second.toBool())
+      features.isa.emplace_back(name);
+  }
+  auto it = found.find("cpu_name");
+  if (it != found.end() && it->second.isString()) features.name = it->second.toStringRef();
+  return features;
 }
 
 struct Runtime::Impl {
@@ -230,7 +249,7 @@ void Runtime::Impl::check_metadata() {
   auto compute = dtype_from_name(m.compute_dtype);
   if (!compute)
     throw ArtifactError("'" + path + "': unknown compute_dtype() '" + m.compute_dtype +
-                        "' (expected float32, float16 or bfloat16)");
+                        "' (expected float32, float16, bfloat16 or int8)");
   compute_dtype = *compute;
 }
 

@@ -286,6 +286,8 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
                 {"threads", at::get_num_threads()},
                 {"image_decoding", repmlp_rt::has_image_decoding()},
                 {"cuda_build", repmlp_rt::built_with_cuda()}};
+  const repmlp_rt::CpuFeatures cpu = repmlp_rt::cpu_features();
+  facts["cpu"] = {{"name", cpu.name}, {"kernel_level", cpu.kernel_level}, {"isa", cpu.isa}};
   if (opt.json) {
     std::cout << json_text({{"runtime", facts}, {"manifest", manifest}}) << '\n';
     return;
@@ -314,6 +316,10 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << '\n'
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
+            << "cpu:            " << (cpu.name.empty() ? "unknown" : cpu.name) << ", torch kernels "
+            << cpu.kernel_level << ", isa:";
+  for (const auto& feature : cpu.isa) std::cout << ' ' << feature;
+  std::cout << (cpu.isa.empty() ? " none of avx2/avx512/vnni/bf16/amx\n" : "\n")
             << "manifest.json:\n"
             << json_text(shown, 2) << '\n';
 }

@@ -141,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--antialias", action=argparse.BooleanOptionalAction, default=None)
     pre.add_argument("--mean", type=_triple, help="R,G,B on the 0..255 scale")
     pre.add_argument("--std", type=_triple, help="R,G,B on the 0..255 scale")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights and compute dtype")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
+                   help="weights and compute dtype (int8: int8 weights, activations quantized per row at run time; docs/PERFORMANCE.md)")
     p.add_argument(
         "--format",
         choices=list(FORMATS),

@@ -334,6 +334,11 @@ class ConvFFN(nn.Module):
             out = torch.addmm(b2, self.act(torch.addmm(b1, tokens, w1)), w2)
             return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
         rows = tokens.shape[0]
+        if rows <= self.chunk_rows:
+            # One chunk. A test on the row count rather than a loop over it, so that an export
+            # with a symbolic batch (repmlp.onnx) raises chunk_rows instead of fixing the batch.
+            out = torch.addmm(b2, self.act(torch.addmm(b1, tokens, w1)), w2)
+            return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
         chunks: List[torch.Tensor] = []
         # max(rows, 1): an empty batch still makes one (empty) chunk, as the other forms do.
         for start in range(0, max(rows, 1), self.chunk_rows):

@@ -20,6 +20,16 @@ inline constexpr int64_t kFormatVersion = 1;
 // True when this build was compiled against a CUDA-enabled torch.
 bool built_with_cuda() noexcept;
 
+// The CPU as torch's kernels see it (cpuinfo): which artifact dtype runs fastest depends on
+// these (docs/PERFORMANCE.md).
+struct CpuFeatures {
+  std::string name;              // e.g. "Intel Xeon"
+  std::string kernel_level;      // torch's CPU dispatch level: "AVX512", "AVX2", "DEFAULT", ...
+  std::vector<std::string> isa;  // present among avx2, fma3, avx512_f, avx512_vnni, avx_vnni,
+                                 // avx512_bf16, avx512_fp16, amx_tile, amx_bf16, amx_int8
+};
+CpuFeatures cpu_features();
+
 // Largest values RuntimeOptions accepts (Runtime checks them; the CLI and the binding forward).
 inline constexpr int64_t kMaxThreads = 4096;
 inline constexpr int64_t kMaxWarmup = int64_t{1} << 20;

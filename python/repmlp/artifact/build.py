@@ -23,6 +23,7 @@ import torch
 from ..checkpoints import Checkpoint, load_checkpoint, read_checkpoint
 from ..model import RepMLPNet, fuse_model, resolve_config
 from ..preprocess import ImageTransform
+from ..quantize import int8_tolerance, int8_weight_count, quantize_int8
 from ..utils import count_flops, quiet_jit, randomize_model_, sha256_file
 from ..variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, get_variant
 from .aoti import CompiledArtifact, Pt2Artifact, aoti_section, compile_programs, export_programs, write_pt2
@@ -44,7 +45,7 @@ __all__ = [
     "resolve_options",
 ]
 
-# Default verification tolerance: max |error| / max |reference logit|.
+# Default verification tolerance: max |error| / max |reference logit| (int8: int8_tolerance).
 DEFAULT_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 6e-2}
 VERIFY_BATCH = 2
 VERIFY_SEED = 1234
@@ -129,8 +130,10 @@ def resolve_options(
         raise BuildError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if dtype not in DTYPES:
         raise BuildError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    tol = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
-    if not tol > 0:
+    if dtype == "int8" and format != "torchscript":
+        raise BuildError(f"--dtype int8 is built for the torchscript format only, got --format {format} "
+                         "(untested through AOTInductor; docs/PERFORMANCE.md)")
+    if tolerance is not None and not float(tolerance) > 0:
         raise BuildError(f"tolerance must be > 0, got {tolerance}")
     dev = _resolve_device(device)
     if checkpoint is None and isinstance(arch, str) and get_variant(DEFAULT_ARCH) == get_variant(arch):
@@ -162,6 +165,10 @@ def resolve_options(
         config = replace(config, labels=tuple(labels))
     if preprocessing:
         config = replace(config, preprocessing=_override_preprocessing(config.preprocessing, preprocessing))
+    if tolerance is not None:
+        tol = float(tolerance)
+    else:  # int8: derived from the number of int8 GEMMs in sequence (repmlp.quantize.int8_tolerance)
+        tol = int8_tolerance(config) if dtype == "int8" else DEFAULT_TOLERANCE[dtype]
     return BuildOptions(
         arch_name=_arch_name(arch),
         config=config,
@@ -309,6 +316,8 @@ def reference_outputs(
 def deploy(model: RepMLPNet, options: BuildOptions) -> ArtifactModule:
     """The fused deploy form, cast to the compute dtype, wrapped with its contract."""
     fused = fuse_model(model).to(DTYPES[options.dtype])
+    if options.dtype == "int8":
+        fused = quantize_int8(fused)
     return artifact_module(fused, options.dtype, options.output.kind).to(options.device).eval()
 
 
@@ -588,7 +597,7 @@ def build_artifact(
 
     t0 = time.perf_counter()
     module: Any = deploy(model, opts)
-    build.model_stats["params_deploy"] = sum(p.numel() for p in module.model.parameters())
+    build.model_stats["params_deploy"] = sum(p.numel() for p in module.model.parameters()) + int8_weight_count(module.model)
     build.model_stats["gflop_per_image"] = round(count_flops(module.model) / 1e9, 4)
     _record(build, "deploy", t0, module, note=f"from {model.form} form", say=say)
 

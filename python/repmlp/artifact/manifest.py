@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional
 import torch
 
 from .. import __version__
+from ..quantize import quantization_record
 from ..utils import quiet_jit
 from ..variants import ArchConfig
 from .errors import BuildError
@@ -85,6 +86,8 @@ def make_manifest(
         },
         "verification": verification,
     }
+    if dtype == "int8":
+        manifest["quantization"] = quantization_record(config)
     # A JSON round trip turns tuples into lists, so later comparisons are like for like.
     return json.loads(json.dumps(manifest))
 

@@ -29,7 +29,9 @@ __all__ = [
     "artifact_module",
 ]
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# dtype name -> what the input is cast to and the float layers compute in. int8 artifacts keep
+# float32 there and run their large GEMMs in int8 (repmlp.quantize).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
 # Methods besides forward that freezing must keep and the runtime calls.
 EXPORTED_METHODS = (
     "forward_images",

@@ -1,0 +1,178 @@
+"""bfloat16 and int8 artifacts (issue 18): accuracy bounds on the digits set, the int8 layer
+against a float64 model of its arithmetic, and the int8 artifact through the C++ runtime.
+
+Bounds: held-out accuracy of the bf16 and int8 digits artifacts within 0.5 points of the fp32
+artifact's; top-1 agreement with fp32 >= 99% on the whole digits set (1797 images). Added test
+time: about 40 s (three digits builds, the dataset through each artifact).
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from helpers import make_model, relative_close, repmlp_infer_binary
+from repmlp import fuse_model
+from repmlp.artifact import build_artifact
+from repmlp.preprocess import ImageTransform
+from repmlp.quantize import ACTIVATION_SCHEME, INT8_LEVELS, Int8Linear, quantize_int8
+from repmlp.variants import get_variant
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "examples", "digits"))
+
+from data import load_digits_rgb, split  # noqa: E402  (examples/digits is not a package)
+
+MAX_ACCURACY_DROP = 0.005  # 0.5 points
+MIN_AGREEMENT = 0.99
+
+
+@pytest.fixture(scope="module")
+def digits_inputs():
+    """(every digit as a normalized batch, labels, held-out indices)."""
+    images, labels = load_digits_rgb()
+    _, test_idx = split(labels)
+    return images, torch.from_numpy(labels), torch.from_numpy(test_idx)
+
+
+@pytest.fixture(scope="module")
+def digits_builds(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dtypes")
+    paths = {}
+    for dtype in ("float32", "bfloat16", "int8"):
+        paths[dtype] = str(folder / f"digits-{dtype}.pt")
+        build_artifact(out=paths[dtype], dtype=dtype)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def digits_predictions(digits_builds, digits_inputs):
+    """dtype -> top-1 of every digit through the artifact's own preprocessing (forward_images)."""
+    images, _, _ = digits_inputs
+    batch = torch.from_numpy(images)
+    preds = {}
+    for dtype, path in digits_builds.items():
+        module = torch.jit.load(path, map_location="cpu").eval()
+        with torch.no_grad(), torch.jit.optimized_execution(False):
+            preds[dtype] = module.forward_images(batch).argmax(1)
+    return preds
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_held_out_accuracy_within_half_a_point_of_fp32(digits_predictions, digits_inputs, dtype):
+    _, labels, test_idx = digits_inputs
+    accuracy = {d: (p[test_idx] == labels[test_idx]).double().mean().item() for d, p in digits_predictions.items()}
+    assert accuracy["float32"] >= 0.97
+    assert accuracy[dtype] >= accuracy["float32"] - MAX_ACCURACY_DROP, accuracy
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_top1_agrees_with_fp32_on_the_whole_digits_set(digits_predictions, dtype):
+    agreement = (digits_predictions[dtype] == digits_predictions["float32"]).double().mean().item()
+    assert agreement >= MIN_AGREEMENT, f"{dtype}: {agreement:.4f} of 1797 digits agree with float32"
+
+
+def test_int8_manifest_states_quantization_and_tolerance(digits_builds):
+    import json
+
+    extra = {"manifest.json": ""}
+    torch.jit.load(digits_builds["int8"], map_location="cpu", _extra_files=extra)
+    manifest = json.loads(extra["manifest.json"])
+    assert manifest["input"]["dtype"] == "float32" and manifest["input"]["compute_dtype"] == "int8"
+    quant = manifest["quantization"]
+    assert quant["activations"] == ACTIVATION_SCHEME
+    assert "float32" in quant["kept_float"]
+    # digits: depths (1, 1, 2, 1), sharesets (1, 2, 4, 8): 2 FFN GEMMs per unit, fc3 only in
+    # stage 0 -> 3 + 2 + 4 + 2 GEMMs in sequence, each allowed 1/127 of the logit scale.
+    assert quant["int8_gemms_per_image"] == 11
+    verification = manifest["verification"]
+    assert verification["tolerance"] == pytest.approx(11 / 127)
+    assert "float32" in verification["reference"]
+    worst = max(s["max_rel_err"] for s in verification["stages"] if s["max_rel_err"] is not None)
+    assert 0 < worst <= verification["tolerance"]
+
+
+def test_int8_linear_matches_a_float64_model_of_its_rounding():
+    """The int8 kernel path against the same quantize-dequantize arithmetic in float64."""
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(48, 96, generator=gen), torch.randn(48, generator=gen)
+    x = torch.randn(7, 96, generator=gen) * torch.rand(7, 1, generator=gen) * 10  # rows of different scales
+    layer = Int8Linear(weight, bias)
+    codes = layer.weight_t.t().double()
+    assert codes.abs().max() <= INT8_LEVELS and torch.equal(codes, codes.round())
+    w_deq = codes * layer.weight_scale.double()[:, None]
+    # half a step per weight: the per-channel scale is max |w| / 127
+    assert ((w_deq - weight.double()).abs() <= weight.double().abs().amax(1, keepdim=True) / (2 * INT8_LEVELS) + 1e-7).all()
+    step = x.double().abs().amax(1, keepdim=True) / INT8_LEVELS
+    x_deq = torch.round(x.double() / step) * step
+    expected = x_deq @ w_deq.t() + bias.double()
+    relative_close(layer(x).double(), expected, rtol=1e-5)
+
+
+def test_int8_result_does_not_depend_on_the_rest_of_the_batch():
+    model = quantize_int8(fuse_model(make_model(img_size=32, num_classes=10)))
+    x = torch.randn(4, 3, 32, 32)
+    x[2:] *= 50  # other images with much larger values must not coarsen the first one's steps
+    with torch.no_grad():
+        together = model(x)
+        alone = model(x[:1])
+    relative_close(alone, together[:1], rtol=1e-5)
+
+
+def test_int8_needs_the_fused_model():
+    with pytest.raises(ValueError, match="fused"):
+        quantize_int8(make_model(img_size=32, num_classes=10))
+
+
+def test_int8_artifact_through_the_cpp_runtime_and_cli(digits_builds, digits_inputs):
+    repmlp_rt = pytest.importorskip("repmlp_rt")
+    images, _, test_idx = digits_inputs
+    path = digits_builds["int8"]
+    module = torch.jit.load(path, map_location="cpu").eval()
+    batch = images[test_idx[:16].numpy()]
+    with torch.no_grad(), torch.jit.optimized_execution(False):
+        expected = module.forward_images(torch.from_numpy(batch))
+    runtime = repmlp_rt.Runtime(path, device="cpu")
+    assert runtime.compute_dtype == "int8"
+    relative_close(torch.from_numpy(np.asarray(runtime.infer_images(batch))), expected, rtol=1e-5)
+    x = ImageTransform(get_variant("digits").preprocessing)(torch.from_numpy(batch))
+    relative_close(torch.from_numpy(np.asarray(runtime.infer(x.numpy()))), expected, rtol=1e-5)
+    info = subprocess.run([repmlp_infer_binary(), "--info", path], capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert "compute dtype:  int8" in info.stdout
+
+
+
+# /proc/cpuinfo flag -> the name torch's cpuinfo gives the same feature
+CPUINFO_NAMES = {"avx2": "avx2", "fma": "fma3", "avx512f": "avx512_f", "avx512_vnni": "avx512_vnni",
+                 "avx_vnni": "avx_vnni", "avx512_bf16": "avx512_bf16", "avx512_fp16": "avx512_fp16",
+                 "amx_tile": "amx_tile", "amx_bf16": "amx_bf16", "amx_int8": "amx_int8"}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/cpuinfo"), reason="reads the kernel's CPU flags (Linux)")
+def test_info_prints_the_cpu_features_the_kernel_reports(digits_builds):
+    with open("/proc/cpuinfo") as fh:
+        flags = next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split()
+    expected = [CPUINFO_NAMES[f] for f in CPUINFO_NAMES if f in flags]
+    repmlp_rt = pytest.importorskip("repmlp_rt")
+    cpu = repmlp_rt.cpu_features()
+    assert sorted(cpu["isa"]) == sorted(expected) and cpu["kernel_level"]
+    info = subprocess.run([repmlp_infer_binary(), "--info", "--json", digits_builds["float32"]],
+                          capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    import json
+
+    assert json.loads(info.stdout)["runtime"]["cpu"] == cpu
+    text = subprocess.run([repmlp_infer_binary(), "--info", digits_builds["float32"]], capture_output=True, text=True, timeout=120)
+    line = next(x for x in text.stdout.splitlines() if x.startswith("cpu:"))
+    assert line.split("isa:")[1].split() == cpu["isa"] or not cpu["isa"]
+
+
+def test_int8_is_refused_for_the_aoti_format(tmp_path):
+    from repmlp.artifact import BuildError
+
+    with pytest.raises(BuildError, match="torchscript format only"):
+        build_artifact(out=str(tmp_path / "x.pt2"), dtype="int8", format="aoti")
+    assert not (tmp_path / "x.pt2").exists()

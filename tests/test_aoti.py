@@ -55,7 +55,7 @@ def case(request, tmp_path_factory):
     pt = _build(tmp_path_factory, name, "torchscript")
     args = dict(CASES[name])
     options = resolve_options(args.pop("arch"), out=str(pt2) + ".unused", **args)
-    model, _ = load_weights(options)
+    model, _, _ = load_weights(options)
     return name, pt2, pt, deploy(model, options)
 
 

@@ -280,7 +280,7 @@ def test_bad_images(fake_artifact, tmp_path):
         (["--output", "no-such-folder/x.npy"], "no-such-folder' does not exist"),
         (["--iters", "x"], "iters"),
         (["--device", "tpu"], "invalid device 'tpu'"),
-        (["--output", "out.txt"], "--output must name a .npy file"),
+        (["--output", "out.txt"], "--output must name a .npy or .npz file"),
     ],
 )
 def test_usage_errors_exit_2(fake_artifact, tmp_path, args, fragment):

@@ -149,6 +149,19 @@ py::object call_without_gil(const repmlp_rt::Runtime& runtime, const py::object&
   return to_output(logits, input);
 }
 
+// Every output as (name, array) pairs in the artifact's order, each of the input's kind.
+py::list infer_outputs(const repmlp_rt::Runtime& runtime, const py::object& x) {
+  Input input = to_input(x);
+  repmlp_rt::NamedOutputs outputs;
+  {
+    py::gil_scoped_release release;
+    outputs = runtime.infer_outputs(input.tensor);
+  }
+  py::list named;
+  for (const auto& [name, tensor] : outputs) named.append(py::make_tuple(name, to_output(tensor, input)));
+  return named;
+}
+
 void PybindErrors(py::module_& m) {
   py::register_exception<repmlp_rt::ArtifactError>(m, "ArtifactError", PyExc_RuntimeError);
   py::register_exception<repmlp_rt::InputError>(m, "InputError", PyExc_ValueError);
@@ -232,6 +245,8 @@ void PybindRuntime(py::module_& m) {
            "uint8 NHWC images or a normalized float NCHW batch -> float32 logits.")
       .def("infer_normalized", &call_without_gil<&Runtime::infer_normalized>, "x"_a,
            "Normalized float NCHW batch -> float32 logits (N, num_classes).")
+      .def("infer_outputs", &infer_outputs, "x"_a,
+           "Either kind of input -> [(name, array), ...]: every output of the artifact, in order.")
       .def("infer_images", &call_without_gil<&Runtime::infer_images>, "images"_a,
            "uint8 NHWC RGB images -> float32 logits, via the artifact's preprocessing.")
       .def(
@@ -256,6 +271,8 @@ void PybindRuntime(py::module_& m) {
       .def_property_readonly("compute_dtype", &Runtime::compute_dtype)
       .def_property_readonly("format_version", &Runtime::format_version)
       .def_property_readonly("num_classes", &Runtime::num_classes)
+      .def_property_readonly("output_kind", &Runtime::output_kind)
+      .def_property_readonly("output_names", &Runtime::output_names)
       .def_property_readonly("default_topk", &Runtime::default_topk);
 }
 

@@ -29,13 +29,16 @@ struct ModelMetadata {
   std::vector<int64_t> input_shape;
   std::vector<std::string> labels;
   std::string compute_dtype;
+  // output_kind() and output_names(); artifacts older than those methods output logits.
+  std::string output_kind = "logits";
+  std::vector<std::string> output_names{"logits"};
 };
 
 class Model {
  public:
   virtual ~Model() = default;
   // Runs an entry point on an input already on the model's device and in the dtype that entry
-  // point takes; returns its outputs in order (one tensor today: the logits). May be called
+  // point takes; returns its outputs in order (one tensor, or one per feature map). May be called
   // from several threads at once. Throws c10::Error / std::exception on failure.
   virtual std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const = 0;
   virtual const ModelMetadata& metadata() const noexcept = 0;

@@ -169,11 +169,15 @@ struct Runtime::Impl {
   void warm_up(const RuntimeOptions& options, const Runtime& runtime) const;
   void check_nchw(const at::Tensor& x) const;
   void check_images(const at::Tensor& x) const;
-  at::Tensor run(EntryPoint entry_point, const at::Tensor& input) const;
+  std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const;
+  std::vector<at::Tensor> run_model(EntryPoint entry_point, const at::Tensor& input) const;
+  std::vector<at::Tensor> run_checked(const at::Tensor& input) const;
+  void check_single_output() const;
+  void check_logits() const;
 #ifdef REPMLP_RT_WITH_CUDA
-  at::Tensor run_cuda(EntryPoint entry_point, const at::Tensor& input) const;
-  at::Tensor run_on_stream(EntryPoint entry_point, const at::Tensor& input,
-                           const c10::Stream& stream) const;
+  std::vector<at::Tensor> run_cuda(EntryPoint entry_point, const at::Tensor& input) const;
+  std::vector<at::Tensor> run_on_stream(EntryPoint entry_point, const at::Tensor& input,
+                                        const c10::Stream& stream) const;
 #endif
 };
 
@@ -233,7 +237,15 @@ void Runtime::Impl::check_metadata() {
   if (shape.size() != 3 || shape[0] < 1 || shape[1] < 1 || shape[2] < 1)
     throw ArtifactError("'" + path + "': input_shape() must be [C, H, W], got " +
                         shape_string(shape));
-  if (m.labels.empty()) throw ArtifactError("'" + path + "': labels() is empty");
+  const bool logits = m.output_kind == "logits";
+  if (!logits && m.output_kind != "features" && m.output_kind != "embedding")
+    throw ArtifactError("'" + path + "': unknown output_kind() '" + m.output_kind +
+                        "' (expected logits, features or embedding)");
+  if (m.output_names.empty() || (m.output_kind != "features" && m.output_names.size() != 1))
+    throw ArtifactError("'" + path + "': output_names() has " +
+                        std::to_string(m.output_names.size()) + " names for a " +
+                        m.output_kind + " artifact");
+  if (logits && m.labels.empty()) throw ArtifactError("'" + path + "': labels() is empty");
   auto compute = dtype_from_name(m.compute_dtype);
   if (!compute)
     throw ArtifactError("'" + path + "': unknown compute_dtype() '" + m.compute_dtype +
@@ -251,8 +263,8 @@ void Runtime::Impl::warm_up(const RuntimeOptions& options, const Runtime& runtim
     at::Tensor zeros = at::zeros({batch, shape[0], shape[1], shape[2]}, at::kFloat);
     at::Tensor images = at::zeros({batch, shape[1], shape[2], 3}, at::kByte);
     for (int64_t i = 0; i < calls; ++i) {
-      runtime.infer_normalized(zeros);
-      runtime.infer_images(images);
+      runtime.infer_outputs(zeros);
+      runtime.infer_outputs(images);
     }
   } catch (const InputError& e) {
     throw ArtifactError("'" + path + "': warm-up failed: " + std::string(e.what()));
@@ -310,16 +322,31 @@ void Runtime::Impl::check_images(const at::Tensor& x) const {
                      shape_string(x.sizes()));
 }
 
-at::Tensor Runtime::Impl::run(EntryPoint entry_point, const at::Tensor& input) const {
+// The model's outputs, as many as output_names() says.
+std::vector<at::Tensor> Runtime::Impl::run_model(EntryPoint entry_point,
+                                                 const at::Tensor& input) const {
+  std::vector<at::Tensor> outputs = model->run(entry_point, input);
+  if (outputs.size() != metadata().output_names.size())
+    throw std::runtime_error("inference failed: the artifact returned " +
+                             std::to_string(outputs.size()) + " outputs, its output_names() " +
+                             std::to_string(metadata().output_names.size()));
+  return outputs;
+}
+
+std::vector<at::Tensor> Runtime::Impl::run(EntryPoint entry_point,
+                                           const at::Tensor& input) const {
   c10::InferenceMode inference_mode;
   try {
 #ifdef REPMLP_RT_WITH_CUDA
     if (device.is_cuda()) return run_cuda(entry_point, input);
 #endif
     at::Tensor x = input.device().is_cpu() ? input : input.to(at::kCPU);
-    at::Tensor out = model->run(entry_point, x).at(0);
-    if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
-    return out.contiguous();
+    std::vector<at::Tensor> outputs = run_model(entry_point, x);
+    for (at::Tensor& out : outputs) {
+      if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
+      out = out.contiguous();
+    }
+    return outputs;
   } catch (const c10::Error& e) {
     throw std::runtime_error("inference failed: " + clean_message(e));
   }
@@ -340,7 +367,8 @@ static c10::Stream thread_stream(const c10::impl::VirtualGuardImpl& guard_impl,
   return streams.back().second;
 }
 
-at::Tensor Runtime::Impl::run_cuda(EntryPoint entry_point, const at::Tensor& input) const {
+std::vector<at::Tensor> Runtime::Impl::run_cuda(EntryPoint entry_point,
+                                                const at::Tensor& input) const {
   c10::DeviceGuard device_guard(device);
   c10::impl::VirtualGuardImpl guard_impl(device.type());
   c10::Stream stream = thread_stream(guard_impl, device);
@@ -362,8 +390,9 @@ at::Tensor Runtime::Impl::run_cuda(EntryPoint entry_point, const at::Tensor& inp
   }
 }
 
-at::Tensor Runtime::Impl::run_on_stream(EntryPoint entry_point, const at::Tensor& input,
-                                        const c10::Stream& stream) const {
+std::vector<at::Tensor> Runtime::Impl::run_on_stream(EntryPoint entry_point,
+                                                     const at::Tensor& input,
+                                                     const c10::Stream& stream) const {
   at::Tensor on_device;
   if (input.device().is_cpu()) {
     // Pinned staging buffer (from torch's caching host allocator) for an async H2D copy.
@@ -382,32 +411,77 @@ at::Tensor Runtime::Impl::run_on_stream(EntryPoint entry_point, const at::Tensor
   if (on_device.is_floating_point() && on_device.scalar_type() != compute_dtype)
     on_device = on_device.to(compute_dtype);
 
-  at::Tensor out = model->run(entry_point, on_device).at(0);
-  if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
-  at::Tensor host =
-      at::empty(out.sizes(), out.options().device(c10::kCPU).pinned_memory(true));
-  host.copy_(out, /*non_blocking=*/true);
-  stream.synchronize();  // the result must be complete before the CPU reads it
-  return host;
+  std::vector<at::Tensor> outputs = run_model(entry_point, on_device);
+  for (at::Tensor& out : outputs) {
+    if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
+    at::Tensor host =
+        at::empty(out.sizes(), out.options().device(c10::kCPU).pinned_memory(true));
+    host.copy_(out, /*non_blocking=*/true);
+    out = host;
+  }
+  stream.synchronize();  // the results must be complete before the CPU reads them
+  return outputs;
 }
 #endif
 
+// "features (stage0, stage3)": what an artifact outputs, for messages.
+static std::string outputs_text(const detail::ModelMetadata& m) {
+  std::string names;
+  for (const std::string& name : m.output_names) names += (names.empty() ? "" : ", ") + name;
+  return m.output_kind + " (" + names + ")";
+}
+
+void Runtime::Impl::check_single_output() const {
+  const auto& names = metadata().output_names;
+  if (names.size() != 1)
+    throw InputError("'" + path + "' has " + std::to_string(names.size()) + " outputs, " +
+                     outputs_text(metadata()) + ": use infer_outputs, which returns them all");
+}
+
+void Runtime::Impl::check_logits() const {
+  if (metadata().output_kind != "logits")
+    throw InputError("classify needs an artifact with class logits; '" + path + "' outputs " +
+                     outputs_text(metadata()));
+}
+
+std::vector<at::Tensor> Runtime::Impl::run_checked(const at::Tensor& input) const {
+  if (input.defined() && input.scalar_type() == at::kByte) {
+    check_images(input);
+    return run(EntryPoint::kForwardImages, input);
+  }
+  check_nchw(input);
+  return run(EntryPoint::kForward, input);
+}
+
 at::Tensor Runtime::infer(const at::Tensor& input) const {
-  const bool images = input.defined() && input.scalar_type() == at::kByte;
-  return images ? infer_images(input) : infer_normalized(input);
+  impl_->check_single_output();
+  return impl_->run_checked(input).at(0);
 }
 
 at::Tensor Runtime::infer_normalized(const at::Tensor& input) const {
+  impl_->check_single_output();
   impl_->check_nchw(input);
-  return impl_->run(EntryPoint::kForward, input);
+  return impl_->run(EntryPoint::kForward, input).at(0);
 }
 
 at::Tensor Runtime::infer_images(const at::Tensor& images) const {
+  impl_->check_single_output();
   impl_->check_images(images);
-  return impl_->run(EntryPoint::kForwardImages, images);
+  return impl_->run(EntryPoint::kForwardImages, images).at(0);
 }
 
-void Runtime::check_topk(int64_t topk) const { check_range("topk", topk, 1, num_classes()); }
+NamedOutputs Runtime::infer_outputs(const at::Tensor& input) const {
+  std::vector<at::Tensor> outputs = impl_->run_checked(input);
+  NamedOutputs named;
+  const auto& names = impl_->metadata().output_names;
+  for (size_t i = 0; i < outputs.size(); ++i) named.emplace_back(names[i], std::move(outputs[i]));
+  return named;
+}
+
+void Runtime::check_topk(int64_t topk) const {
+  impl_->check_logits();
+  check_range("topk", topk, 1, num_classes());
+}
 
 std::pair<at::Tensor, at::Tensor> Runtime::classify(const at::Tensor& input,
                                                     std::optional<int64_t> topk) const {
@@ -446,6 +520,10 @@ const std::string& Runtime::compute_dtype() const noexcept {
 int64_t Runtime::format_version() const noexcept { return impl_->metadata().format_version; }
 int64_t Runtime::num_classes() const noexcept {
   return static_cast<int64_t>(impl_->metadata().labels.size());
+}
+const std::string& Runtime::output_kind() const noexcept { return impl_->metadata().output_kind; }
+const std::vector<std::string>& Runtime::output_names() const noexcept {
+  return impl_->metadata().output_names;
 }
 
 }  // namespace repmlp_rt

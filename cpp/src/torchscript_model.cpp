@@ -73,6 +73,7 @@ class TorchScriptModel final : public Model {
         entry_point == EntryPoint::kForward ? *forward_ : *forward_images_;
     torch::jit::IValue output = method({input});
     if (output.isTensor()) return {output.toTensor()};
+    if (output.isTensorList()) return output.toTensorVector();  // a features artifact
     std::vector<at::Tensor> outputs;
     for (const auto& element : output.toTupleRef().elements()) outputs.push_back(element.toTensor());
     return outputs;
@@ -126,6 +127,12 @@ class TorchScriptModel final : public Model {
       for (const auto& label : call_metadata("labels").toListRef())
         metadata_.labels.push_back(label.toStringRef());
       metadata_.compute_dtype = call_metadata("compute_dtype").toStringRef();
+      if (module_.find_method("output_kind")) {
+        metadata_.output_kind = call_metadata("output_kind").toStringRef();
+        metadata_.output_names.clear();
+        for (const auto& name : call_metadata("output_names").toListRef())
+          metadata_.output_names.push_back(name.toStringRef());
+      }
     } catch (const c10::Error& e) {
       throw ArtifactError("'" + path_ + "': unexpected metadata types: " + clean_message(e));
     }

@@ -109,15 +109,70 @@ void print_results(const repmlp_rt::Runtime& runtime, const at::Tensor& logits,
   }
 }
 
+// "a, b, c"
+std::string joined(const std::vector<std::string>& names) {
+  std::string text;
+  for (const auto& name : names) text += (text.empty() ? "" : ", ") + name;
+  return text;
+}
+
+// "name: stage0 [192, 28, 28], stage1 [...]" per row of an artifact without logits; with
+// --json one object per row: each output's name and shape, and an embedding's values.
+void print_outputs(const repmlp_rt::Runtime& runtime, const repmlp_rt::NamedOutputs& outputs,
+                   const std::vector<std::string>& names, const Options& opt) {
+  const bool embedding = runtime.output_kind() == "embedding";
+  for (size_t row = 0; row < names.size(); ++row) {
+    json described = json::array();
+    std::string line = names[row] + ':';
+    for (size_t i = 0; i < outputs.size(); ++i) {
+      const at::Tensor sample = outputs[i].second[static_cast<int64_t>(row)];
+      const std::vector<int64_t> shape = sample.sizes().vec();
+      json entry = {{"name", outputs[i].first}, {"shape", shape}};
+      if (embedding) {
+        const float* values = sample.data_ptr<float>();
+        entry["values"] = std::vector<float>(values, values + sample.numel());
+      }
+      described.push_back(std::move(entry));
+      line += (i ? ", " : " ") + outputs[i].first + ' ' + shape_string(shape);
+    }
+    if (opt.json)
+      std::cout << json_text({{"input", names[row]}, {"outputs", described}}) << '\n';
+    else
+      std::cout << line << '\n';
+  }
+}
+
+// Writes every output, stacked over the inputs in order: one array per name in an .npz, or
+// the single output as an .npy.
+void write_outputs(const std::string& path, const std::vector<std::string>& names,
+                   const std::vector<std::vector<at::Tensor>>& batches) {
+  std::vector<at::Tensor> stacked;
+  std::vector<repmlp_rt::NpzEntry> entries;
+  for (size_t i = 0; i < names.size(); ++i) {
+    stacked.push_back(at::cat(batches[i], 0).contiguous());
+    entries.push_back({names[i], stacked.back().sizes().vec(), stacked.back().data_ptr<float>()});
+  }
+  if (ends_with_ci(path, ".npz"))
+    repmlp_rt::write_npz_f32(path, entries);
+  else
+    repmlp_rt::write_npy_f32(path, entries.at(0).shape, entries.at(0).data);
+}
+
 int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
-  std::vector<at::Tensor> all_logits;
+  const bool logits = runtime.output_kind() == "logits";
+  // Per output, its batches in input order (for --output).
+  std::vector<std::vector<at::Tensor>> collected(runtime.output_names().size());
   // Pending images of one size, run together as one uint8 batch.
   std::vector<repmlp_rt::Image> pending;
   std::vector<std::string> pending_names;
 
-  auto emit = [&](const at::Tensor& logits, const std::vector<std::string>& names) {
-    print_results(runtime, logits, names, opt);
-    if (!opt.output.empty()) all_logits.push_back(logits);
+  auto emit = [&](const repmlp_rt::NamedOutputs& outputs, const std::vector<std::string>& names) {
+    if (logits)
+      print_results(runtime, outputs.at(0).second, names, opt);
+    else
+      print_outputs(runtime, outputs, names, opt);
+    if (!opt.output.empty())
+      for (size_t i = 0; i < outputs.size(); ++i) collected[i].push_back(outputs[i].second);
   };
   auto flush_images = [&] {
     if (pending.empty()) return;
@@ -126,7 +181,7 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
     at::Tensor batch = at::empty({n, h, w, 3}, at::kByte);
     for (int64_t i = 0; i < n; ++i)
       std::memcpy(batch[i].data_ptr(), pending[i].rgb.data(), pending[i].rgb.size());
-    emit(runtime.infer_images(batch), pending_names);
+    emit(runtime.infer_outputs(batch), pending_names);
     pending.clear();
     pending_names.clear();
   };
@@ -145,13 +200,13 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
         at::Tensor batch = rows > opt.batch ? all.slice(0, start, stop) : all;
         std::vector<std::string> names;
         for (int64_t i = start; i < stop; ++i) names.push_back(input + "[" + std::to_string(i) + "]");
-        at::Tensor logits;
+        repmlp_rt::NamedOutputs outputs;
         try {
-          logits = runtime.infer_normalized(batch);
+          outputs = runtime.infer_outputs(batch);
         } catch (const repmlp_rt::InputError& e) {
           throw repmlp_rt::InputError("'" + input + "': " + e.what());
         }
-        emit(logits, names);
+        emit(outputs, names);
         start = stop;
       } while (start < rows);
     } else {
@@ -164,10 +219,7 @@ int run_inputs(const repmlp_rt::Runtime& runtime, const Options& opt) {
     }
   }
   flush_images();
-  if (!opt.output.empty()) {
-    at::Tensor stacked = at::cat(all_logits, 0).contiguous();
-    repmlp_rt::write_npy_f32(opt.output, stacked.sizes().vec(), stacked.data_ptr<float>());
-  }
+  if (!opt.output.empty()) write_outputs(opt.output, runtime.output_names(), collected);
   return 0;
 }
 
@@ -182,13 +234,13 @@ void run_bench(const repmlp_rt::Runtime& runtime, const Options& opt, double loa
   at::manual_seed(0);
   at::Tensor input = at::randn({opt.batch, shape[0], shape[1], shape[2]}, at::kFloat);
   auto start = Clock::now();
-  runtime.infer_normalized(input);
+  runtime.infer_outputs(input);
   const double first_ms = ms_since(start);
-  for (int i = 0; i < opt.warmup; ++i) runtime.infer_normalized(input);
+  for (int i = 0; i < opt.warmup; ++i) runtime.infer_outputs(input);
   std::vector<double> latencies;
   for (int i = 0; i < opt.iters; ++i) {
     start = Clock::now();
-    runtime.infer_normalized(input);
+    runtime.infer_outputs(input);
     latencies.push_back(ms_since(start));
   }
   std::sort(latencies.begin(), latencies.end());
@@ -229,6 +281,8 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
                 {"compute_dtype", runtime.compute_dtype()},
                 {"num_classes", runtime.num_classes()},
                 {"labels", runtime.labels()},
+                {"output_kind", runtime.output_kind()},
+                {"output_names", runtime.output_names()},
                 {"threads", at::get_num_threads()},
                 {"image_decoding", repmlp_rt::has_image_decoding()},
                 {"cuda_build", repmlp_rt::built_with_cuda()}};
@@ -258,6 +312,8 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << ")\n"
             << "input shape:    " << shape_string(runtime.input_shape()) << " (C, H, W)\n"
             << "compute dtype:  " << runtime.compute_dtype() << '\n'
+            << "outputs:        " << runtime.output_kind() << ": " << joined(runtime.output_names())
+            << '\n'
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
             << "cpu:            " << (cpu.name.empty() ? "unknown" : cpu.name) << ", torch kernels "
@@ -281,7 +337,9 @@ int run(int argc, char** argv) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 20))->capture_default_str();
   app.add_option("--topk", opt.topk, "number of classes reported per input (default: 5, or all when fewer)");
   app.add_flag("--json", opt.json, "JSON output: one object per input per line");
-  app.add_option("--output", opt.output, "write all logits, stacked in input order, to FILE.npy (float32)");
+  app.add_option("--output", opt.output,
+                 "write every output, stacked in input order: FILE.npz (one array per output name, "
+                 "numpy.load reads it) or FILE.npy (an artifact with one output)");
   app.add_flag("--bench", opt.bench, "benchmark: load time, first-call latency, p50/p90/p99, images/s");
   app.add_option("--iters", opt.iters, "--bench timed iterations")->check(CLI::Range(1, 1000000))->capture_default_str();
   app.add_option("--warmup", opt.warmup, "--bench untimed iterations before timing")
@@ -300,8 +358,8 @@ int run(int argc, char** argv) {
   }
   if (opt.inputs.empty() && !opt.info && !opt.bench)
     throw UsageError("no INPUT given: pass image files or .npy batches (or --info / --bench)");
-  if (!opt.output.empty() && !ends_with_ci(opt.output, ".npy"))
-    throw UsageError("--output must name a .npy file, got '" + opt.output + "'");
+  if (!opt.output.empty() && !ends_with_ci(opt.output, ".npy") && !ends_with_ci(opt.output, ".npz"))
+    throw UsageError("--output must name a .npy or .npz file, got '" + opt.output + "'");
   if (!opt.output.empty() && opt.inputs.empty())
     throw UsageError("--output needs at least one INPUT");
   if (!opt.output.empty()) {  // found now, not after every input has run
@@ -329,11 +387,25 @@ int run(int argc, char** argv) {
   std::optional<repmlp_rt::Runtime> runtime;
   try {
     runtime.emplace(opt.artifact, runtime_options);
-    if (app.count("--topk") == 0) opt.topk = runtime->default_topk();
-    runtime->check_topk(opt.topk);
   } catch (const repmlp_rt::InputError& e) {
-    throw UsageError(e.what());  // only option values (device, threads, topk) reach here
+    throw UsageError(e.what());  // only option values (device, threads) reach here
   }
+  const std::string& kind = runtime->output_kind();
+  if (kind == "logits") {
+    if (app.count("--topk") == 0) opt.topk = runtime->default_topk();
+    try {
+      runtime->check_topk(opt.topk);
+    } catch (const repmlp_rt::InputError& e) {
+      throw UsageError(e.what());
+    }
+  } else if (app.count("--topk") != 0) {
+    throw UsageError("--topk needs an artifact with class logits; '" + opt.artifact + "' outputs " +
+                     kind);
+  }
+  const size_t num_outputs = runtime->output_names().size();
+  if (ends_with_ci(opt.output, ".npy") && num_outputs > 1)
+    throw UsageError("'" + opt.artifact + "' has " + std::to_string(num_outputs) + " outputs (" +
+                     joined(runtime->output_names()) + "): --output needs a .npz file");
   const double load_ms = ms_since(load_start);
 
   if (opt.info) print_info(*runtime, opt);

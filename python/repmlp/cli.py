@@ -13,7 +13,17 @@ from repmlp_rt._cli import positive_int
 from repmlp_rt.triton import add_arguments as add_triton_arguments
 from repmlp_rt.triton import write_triton_repository
 
-from .artifact import DEFAULT_TOLERANCE, DTYPES, FORMATS, BuildError, build_artifact, check_out_path, default_out_path
+from .artifact import (
+    DEFAULT_TOLERANCE,
+    DTYPES,
+    FORMATS,
+    OUTPUT_KINDS,
+    BuildError,
+    build_artifact,
+    check_out_path,
+    default_out_path,
+    output_spec,
+)
 from .checkpoints import CheckpointError
 from .variants import DEFAULT_ARCH, get_variant, list_variants
 
@@ -76,6 +86,12 @@ def _arch(text: str) -> str:
     return text
 
 
+def _indices(text: str) -> Tuple[int, ...]:
+    if not re.fullmatch(r"\s*\d+\s*(,\s*\d+\s*)*", text):
+        raise argparse.ArgumentTypeError(f"expected comma-separated stage indices such as 0,1,2,3, got {text!r}")
+    return tuple(int(v) for v in text.split(","))
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
@@ -96,6 +112,28 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=_size, help="input size H or HxW, each divisible by 32")
     p.add_argument("--num-classes", type=positive_int, help="classifier width (default: the variant's)")
     p.add_argument("--labels", metavar="FILE", help="text file, one label per line")
+    out = p.add_argument_group("outputs (docs/BACKBONE.md)")
+    out.add_argument(
+        "--output",
+        choices=OUTPUT_KINDS,
+        default="logits",
+        help="logits (default); features: the backbone's maps at --out-indices, as mmcls computes "
+        "them; embedding: final norm + global average pooling, the classifier's input",
+    )
+    out.add_argument(
+        "--out-indices", type=_indices, metavar="I,J,...", help="stages output by --output features (default: 0,1,2,3)"
+    )
+    out.add_argument(
+        "--final-norm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the network has mmcls's final norm (default: yes; --no-final-norm for checkpoints without it)",
+    )
+    out.add_argument(
+        "--pre-downsample",
+        action="store_true",
+        help="features: each stage before its downsampling (timm-style strides 4..32), not mmcls's maps",
+    )
     pre = p.add_argument_group("preprocessing overrides (default: the variant's, see the README)")
     pre.add_argument("--resize-mode", choices=["short_side", "exact"], help="short_side keeps the aspect ratio")
     pre.add_argument("--resize", type=_size, help="short side N (short_side) or HxW (exact), before the center crop")
@@ -140,8 +178,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)  # usage errors exit 2
     if args.img_size is not None:
         _check_img_size(parser, args.arch, args.img_size)
-    try:  # an unusable --out is a usage error too, found before the (long) build
+    try:  # an unusable --out or conflicting output options are usage errors too
         check_out_path(args.out or default_out_path(args.arch, args.format), args.force)
+        output_spec(
+            args.output, args.out_indices, args.final_norm, args.pre_downsample, args.num_classes, None, args.labels
+        )
     except BuildError as exc:
         parser.error(str(exc))
     if args.triton_repo is not None:
@@ -171,6 +212,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             tolerance=args.tolerance,
             force=args.force,
             seed=args.seed,
+            output=args.output,
+            out_indices=args.out_indices,
+            final_norm=args.final_norm,
+            pre_downsample=args.pre_downsample,
             format=args.format,
             progress=progress,
         )
@@ -186,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(
         f"{PROG}: wrote {report.path}\n"
         f"  arch {m['arch']['name']}, input {shape} {m['input']['compute_dtype']}, "
-        f"{m['output']['num_classes']} classes, weights: {m['weights']['source']}\n"
+        f"outputs {_describe_outputs(m)}, weights: {m['weights']['source']}\n"
         f"  params {m['model']['params_loaded']:,} loaded, {m['model']['params_deploy']:,} deployed; "
         f"{m['model']['gflop_per_image']:.3f} GFLOP/image\n"
         f"  worst relative error {worst:.2e} (tolerance {m['verification']['tolerance']:.1e})\n"
@@ -207,6 +252,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
+def _describe_outputs(manifest: dict) -> str:
+    """'10 classes' for logits; otherwise each output's name and shape."""
+    if manifest["output"]["kind"] == "logits":
+        return f"logits of {manifest['output']['num_classes']} classes"
+    return ", ".join(f"{o['name']} {'x'.join(map(str, o['shape']))}" for o in manifest["outputs"])
+
+
 def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of --triton-repo, found before the build: a missing folder, an existing
     model folder without --force."""
@@ -214,6 +266,8 @@ def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace
         parser.error("--triton-repo needs --format torchscript: Triton's PyTorch backend loads TorchScript")
     if not os.path.isdir(args.triton_repo):
         parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
+    if args.output != "logits":
+        parser.error(f"--triton-repo serves logits artifacts, not --output {args.output}")
     name = args.triton_name or os.path.splitext(os.path.basename(args.out or default_out_path(args.arch)))[0]
     if os.path.exists(os.path.join(args.triton_repo, name)) and not args.force:
         parser.error(f"{os.path.join(args.triton_repo, name)!r} exists; pass --force to replace it")

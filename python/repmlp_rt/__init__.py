@@ -9,6 +9,8 @@ Inputs are numpy arrays or torch tensors, and the names mean what they mean in C
 * ``Runtime.infer_images``: uint8 NHWC RGB images of any size -> the artifact's own
   preprocessing -> logits;
 * ``Runtime.classify``: either kind -> softmax top-k ``(scores, indices)``.
+* ``Runtime.infer_outputs``: either kind -> a dict of every output by name (the feature maps
+  of a features artifact, the vector of an embedding artifact; docs/BACKBONE.md).
 
 numpy in gives numpy out; torch in gives torch out (CPU tensors). A contiguous numpy array is
 used without a copy; a torch tensor goes to the core through DLPack, read in place on its
@@ -170,14 +172,32 @@ class Runtime:
         return self._core.compute_dtype
 
     @property
+    def output_kind(self) -> str:
+        """``"logits"``, ``"features"`` or ``"embedding"``: what the artifact was built to output."""
+        return self._core.output_kind
+
+    @property
+    def output_names(self) -> list[str]:
+        """The names of the artifact's outputs, in order (``["logits"]``, ``["embedding"]`` or
+        ``["stage0", ...]``)."""
+        return list(self._core.output_names)
+
+    @property
     def format_version(self) -> int:
         return self._core.format_version
 
     def infer(self, x: Any) -> Any:
         """Logits for uint8 NHWC images of any size (via the artifact's preprocessing) or for a
         normalized float NCHW batch. Returns float32 ``(N, num_classes)`` on the CPU: numpy for
-        numpy, torch for torch. A torch tensor is read where it is (a CUDA one on its GPU)."""
+        numpy, torch for torch. A torch tensor is read where it is (a CUDA one on its GPU).
+        An embedding artifact returns its ``(N, C)`` embedding; one with several outputs
+        raises ValueError (use ``infer_outputs``)."""
         return _from_core(self._core.infer(_to_core(x)))
+
+    def infer_outputs(self, x: Any) -> dict[str, Any]:
+        """Every output of the artifact by name, in ``output_names`` order, for what ``infer``
+        takes: float32 CPU arrays, numpy for numpy, torch for torch."""
+        return {name: _from_core(value) for name, value in self._core.infer_outputs(_to_core(x))}
 
     def infer_normalized(self, x: Any) -> Any:
         """Logits for a normalized float NCHW batch only (float32 or the compute dtype)."""

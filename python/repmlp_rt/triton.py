@@ -131,6 +131,8 @@ def write_triton_repository(artifact: str | os.PathLike[str], repository: str | 
         raise ValueError(f"{str(target)!r} exists; pass force=True (--force) to replace it")
 
     runtime = repmlp_rt.Runtime(artifact, warmup=0)
+    if runtime.output_kind != "logits":  # the config describes one logits output
+        raise ValueError(f"{artifact!r} outputs {runtime.output_kind}; a Triton repository is written for logits artifacts")
     labels = runtime.labels
     bad = [label for label in labels if "\n" in label or "\r" in label]
     if bad:

@@ -51,6 +51,9 @@ struct RuntimeOptions {
   bool optimize = false;
 };
 
+// An artifact's outputs, named and in the order of Runtime::output_names().
+using NamedOutputs = std::vector<std::pair<std::string, at::Tensor>>;
+
 // Every check of options and inputs lives here: messages name what was expected and what was
 // given, and are what the CLI and the Python binding show.
 class Runtime {
@@ -68,25 +71,33 @@ class Runtime {
   // All inference methods are const and may be called from several threads at once. They
   // return float32 CPU tensors and throw InputError for a bad input, before the model runs.
 
+  // The single-tensor calls return the artifact's one output: logits (N, num_classes), or an
+  // embedding (N, C) for an embedding artifact. An artifact with several outputs (features at
+  // several stages) throws InputError: use infer_outputs.
+
   // Either kind of input: uint8 NHWC images go through infer_images, anything else through
-  // infer_normalized. -> logits (N, num_classes).
+  // infer_normalized.
   at::Tensor infer(const at::Tensor& input) const;
 
-  // A normalized float NCHW batch (float32 or the artifact's compute dtype, any device)
-  // -> logits (N, num_classes), through the artifact's forward().
+  // A normalized float NCHW batch (float32 or the artifact's compute dtype, any device),
+  // through the artifact's forward().
   at::Tensor infer_normalized(const at::Tensor& input) const;
 
-  // uint8 NHWC RGB images (N, Hi, Wi, 3), any size -> logits (N, num_classes), through the
-  // artifact's own preprocessing (forward_images()).
+  // uint8 NHWC RGB images (N, Hi, Wi, 3), any size, through the artifact's own preprocessing
+  // (forward_images()).
   at::Tensor infer_images(const at::Tensor& images) const;
+
+  // Every output, named as output_names() and in that order, for either kind of input (as
+  // infer): the logits, the embedding, or one NCHW map per stage of a features artifact.
+  NamedOutputs infer_outputs(const at::Tensor& input) const;
 
   // infer, then softmax_topk: (scores, int64 indices), both (N, topk); scores are softmax
   // probabilities over all classes of the top-k classes, descending. No topk means
-  // default_topk().
+  // default_topk(). An artifact without logits throws InputError.
   std::pair<at::Tensor, at::Tensor> classify(const at::Tensor& input,
                                              std::optional<int64_t> topk = std::nullopt) const;
 
-  // Throws InputError unless 1 <= topk <= num_classes().
+  // Throws InputError unless the artifact outputs logits and 1 <= topk <= num_classes().
   void check_topk(int64_t topk) const;
 
   // min(5, num_classes): the number of classes reported when the caller does not say.
@@ -100,7 +111,9 @@ class Runtime {
   const std::vector<std::string>& labels() const noexcept;
   const std::string& compute_dtype() const noexcept;  // "float32", "float16", "bfloat16"
   int64_t format_version() const noexcept;
-  int64_t num_classes() const noexcept;
+  int64_t num_classes() const noexcept;  // 0 without logits
+  const std::string& output_kind() const noexcept;  // "logits", "features" or "embedding"
+  const std::vector<std::string>& output_names() const noexcept;
 
  private:
   struct Impl;

@@ -29,7 +29,7 @@ from ..variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, 
 from .aoti import CompiledArtifact, Pt2Artifact, aoti_section, compile_programs, export_programs, write_pt2
 from .errors import BuildError
 from .manifest import MANIFEST_NAME, first_line, make_manifest, manifest_text, utc_now
-from .module import DTYPES, EXPORTED_METHODS, ArtifactModule
+from .module import DTYPES, EXPORTED_METHODS, OUTPUT_KINDS, ArtifactModule, OutputSpec, artifact_module, describe_outputs
 
 __all__ = [
     "DEFAULT_TOLERANCE",
@@ -41,6 +41,7 @@ __all__ = [
     "check_out_path",
     "default_checkpoint",
     "default_out_path",
+    "output_spec",
     "resolve_options",
 ]
 
@@ -97,6 +98,7 @@ class BuildOptions:
     tolerance: float
     seed: int = 0
     randomize_bn: bool = True
+    output: OutputSpec = OutputSpec()
     format: str = "torchscript"  # a key of FORMATS
 
 
@@ -116,6 +118,10 @@ def resolve_options(
     force: bool = False,
     seed: int = 0,
     randomize_bn: bool = True,
+    output: str = "logits",
+    out_indices: Optional[Sequence[int]] = None,
+    final_norm: bool = True,
+    pre_downsample: bool = False,
     format: str = "torchscript",
     **overrides: Any,
 ) -> BuildOptions:
@@ -135,11 +141,20 @@ def resolve_options(
     out = default_out_path(arch, format) if out is None else out
     check_out_path(out, force)
 
+    spec = output_spec(output, out_indices, final_norm, pre_downsample, num_classes, labels, labels_file)
+    if format != "torchscript" and spec.kind != "logits":
+        raise BuildError(f"--format {format} builds logits artifacts; --output {spec.kind} needs torchscript")
+    if spec.kind != "logits":
+        num_classes = 0  # no classifier: a full checkpoint's head.* is left out
     config = resolve_config(arch, img_size=img_size, num_classes=num_classes, **overrides)
-    if config.num_classes < 1:
+    try:
+        spec.validate(len(config.channels))
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+    if spec.kind == "logits" and config.num_classes < 1:
         raise BuildError(
-            "an artifact serves class logits and needs num_classes >= 1 (docs/ARTIFACT.md); "
-            "num_classes 0 (pooled features) is for the Python model only"
+            "a logits artifact needs num_classes >= 1; for the pooled features build "
+            "--output embedding (docs/BACKBONE.md)"
         )
     if labels_file is not None:
         labels = _read_labels(labels_file)
@@ -164,8 +179,35 @@ def resolve_options(
         tolerance=tol,
         seed=seed,
         randomize_bn=randomize_bn,
+        output=spec,
         format=format,
     )
+
+
+def output_spec(
+    kind: str,
+    out_indices: Optional[Sequence[int]],
+    final_norm: bool,
+    pre_downsample: bool,
+    num_classes: Optional[int],
+    labels: Optional[Sequence[str]],
+    labels_file: Optional[str],
+) -> OutputSpec:
+    """The output options, checked against each other (the stages against the arch later)."""
+    if kind not in OUTPUT_KINDS:
+        raise BuildError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {kind!r}")
+    if kind != "features":
+        if out_indices is not None:
+            raise BuildError(f"out_indices apply to --output features, not {kind}")
+        if pre_downsample:
+            raise BuildError(f"pre_downsample applies to --output features, not {kind}")
+    if kind != "logits":
+        if num_classes is not None:
+            raise BuildError(f"num_classes applies to --output logits, not {kind} (no classifier)")
+        if labels is not None or labels_file is not None:
+            raise BuildError(f"labels apply to --output logits, not {kind} (no classes)")
+    indices = tuple(OutputSpec().out_indices if out_indices is None else out_indices)
+    return OutputSpec(kind, indices, bool(final_norm), bool(pre_downsample))
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -222,37 +264,53 @@ class VerifyInputs:
         return VerifyInputs(batch.to(device), images.to(device))
 
 
+def _outputs(result: Any) -> List[torch.Tensor]:
+    """An entry point's outputs as a list: one tensor (logits, embedding) or the maps."""
+    return [result] if isinstance(result, torch.Tensor) else list(result)
+
+
 # The entry points every form is checked through, and how each is called.
-CHECKS: Dict[str, Callable[[Any, VerifyInputs], torch.Tensor]] = {
-    "forward": lambda module, inputs: module(inputs.batch),
-    "forward_images": lambda module, inputs: module.forward_images(inputs.images),
+CHECKS: Dict[str, Callable[[Any, VerifyInputs], List[torch.Tensor]]] = {
+    "forward": lambda module, inputs: _outputs(module(inputs.batch)),
+    "forward_images": lambda module, inputs: _outputs(module.forward_images(inputs.images)),
 }
 
 
-def load_weights(options: BuildOptions) -> Tuple[RepMLPNet, str]:
-    """The model in eval mode on the build device, with its weights; and a line saying whence."""
+def load_weights(options: BuildOptions) -> Tuple[RepMLPNet, str, Optional[str]]:
+    """The model in eval mode on the build device, with its weights; a line saying whence; and
+    what became of the checkpoint's classifier (CheckpointInfo.head; None without one)."""
     ckpt = options.checkpoint
     try:
-        model = RepMLPNet(options.config, deploy=ckpt is not None and ckpt.form == "deploy")
+        model = RepMLPNet(
+            options.config, deploy=ckpt is not None and ckpt.form == "deploy", **options.output.model_kwargs()
+        )
     except RuntimeError as exc:  # allocation: fc3's weights grow with the square of the map's area
         raise BuildError(f"cannot create the model: {first_line(exc)}") from None
+    head = None
     if ckpt is not None:
-        load_checkpoint(model, ckpt)
+        head = load_checkpoint(model, ckpt).head
         note = f"{os.path.basename(ckpt.path or 'state dict')}: {ckpt.layout} layout, {ckpt.form} form"
+        if head != "loaded":
+            note += f", classifier {head}"
     else:
         randomize_model_(model, seed=options.seed, randomize_bn=options.randomize_bn)
         note = f"random weights (seed {options.seed})"
-    return model.to(options.device).eval(), note
+    return model.to(options.device).eval(), note, head
 
 
 @torch.no_grad()
-def reference_outputs(model: RepMLPNet, config: ArchConfig, inputs: VerifyInputs) -> Dict[str, torch.Tensor]:
-    """What the loaded model gives through each entry point (eager preprocessing, float32)."""
+def reference_outputs(
+    model: RepMLPNet, config: ArchConfig, inputs: VerifyInputs, kind: str = "logits"
+) -> Dict[str, List[torch.Tensor]]:
+    """What the loaded model gives through each entry point (eager preprocessing, float32):
+    every output of the artifact's kind, in order."""
     transform = ImageTransform(config.preprocessing).to(inputs.images.device)
-    return {
-        "forward": model(inputs.batch).float(),
-        "forward_images": model(transform(inputs.images)).float(),
-    }
+
+    def run(x: torch.Tensor) -> List[torch.Tensor]:
+        outs = model.forward_backbone(x) if kind == "features" else [model(x)]
+        return [out.float() for out in outs]
+
+    return {"forward": run(inputs.batch), "forward_images": run(transform(inputs.images))}
 
 
 def deploy(model: RepMLPNet, options: BuildOptions) -> ArtifactModule:
@@ -260,7 +318,7 @@ def deploy(model: RepMLPNet, options: BuildOptions) -> ArtifactModule:
     fused = fuse_model(model).to(DTYPES[options.dtype])
     if options.dtype == "int8":
         fused = quantize_int8(fused)
-    return ArtifactModule(fused, options.dtype).to(options.device).eval()
+    return artifact_module(fused, options.dtype, options.output.kind).to(options.device).eval()
 
 
 # --- 3. the verified steps -------------------------------------------------------------------
@@ -299,8 +357,10 @@ class _Build:
 
     options: BuildOptions
     inputs: VerifyInputs
-    reference: Dict[str, torch.Tensor]
+    reference: Dict[str, List[torch.Tensor]]
     model_stats: Dict[str, Any]
+    outputs: List[Dict[str, Any]]  # the manifest's description of every output, in order
+    head: Optional[str] = None  # CheckpointInfo.head of the loaded checkpoint
     tmp_path: str = ""
     written: Dict[str, Any] = field(default_factory=dict)  # the manifest in tmp_path
     stages: List[StageResult] = field(default_factory=list)
@@ -308,7 +368,11 @@ class _Build:
 
     def manifest(self) -> Dict[str, Any]:
         """The manifest as of now: its verification lists the stages run so far."""
-        return _manifest(self.options, self.model_stats, self.stages, self.built_at)
+        return _manifest(self.options, self.model_stats, self.outputs, self.head, self.stages, self.built_at)
+
+    @property
+    def output_names(self) -> List[str]:
+        return [output["name"] for output in self.outputs]
 
 
 def _script(build: _Build, module: Any) -> Any:
@@ -408,6 +472,21 @@ def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
     return diff, diff / max(scale, 1e-12)
 
 
+def _worst_output(outs: List[torch.Tensor], refs: List[torch.Tensor]) -> Tuple[float, float, int]:
+    """(abs err, rel err, index) of the output with the largest relative error, each output
+    measured against its own scale; a missing output or a wrong shape is a BuildError."""
+    if len(outs) != len(refs):
+        raise BuildError(f"{len(outs)} outputs, expected {len(refs)}")
+    worst = (0.0, 0.0, 0)
+    for index, (out, ref) in enumerate(zip(outs, refs)):
+        if out.shape != ref.shape:
+            raise BuildError(f"output {index} has shape {list(out.shape)}, expected {list(ref.shape)}")
+        abs_err, rel_err = _errors(out, ref)
+        if not rel_err <= worst[1]:  # NaN counts as the worst
+            worst = (abs_err, rel_err, index)
+    return worst
+
+
 @torch.no_grad()
 def _record(
     build: _Build, name: str, started: float, module: Any = None, note: str = "", say: Callable[[str], None] = print
@@ -418,9 +497,11 @@ def _record(
     if module is not None:
         per_check = {}
         for check, call in CHECKS.items():
-            per_check[check] = _errors(call(module, build.inputs), build.reference[check])
+            per_check[check] = _worst_output(call(module, build.inputs), build.reference[check])
         worst_check = max(per_check, key=lambda c: per_check[c][1])
-        result.max_abs_err, result.max_rel_err = per_check[worst_check]
+        result.max_abs_err, result.max_rel_err, index = per_check[worst_check]
+        if len(build.output_names) > 1:
+            worst_check += f" {build.output_names[index]}"
         images_rel = per_check["forward_images"][1]
         result.note = (note + "  " if note else "") + f"forward_images rel err {images_rel:.2e}"
     result.seconds = time.perf_counter() - started
@@ -466,7 +547,7 @@ def _publish(build: _Build, verified: Any, out: str) -> str:
     digest = sha256_file(build.tmp_path)
     reloaded = _load_checked(build, build.tmp_path, final, verified)
     for check, call in CHECKS.items():
-        _, rel = _errors(call(reloaded, build.inputs), build.reference[check])
+        _, rel, _ = _worst_output(call(reloaded, build.inputs), build.reference[check])
         if not rel <= build.options.tolerance:
             raise BuildError(f"the final file's {check}: relative error {rel:.3e} exceeds the tolerance")
     if sha256_file(build.tmp_path) != digest:
@@ -502,13 +583,15 @@ def build_artifact(
     opts = resolve_options(arch, **options)
 
     t0 = time.perf_counter()
-    model, weights_note = load_weights(opts)
+    model, weights_note, head = load_weights(opts)
     inputs = VerifyInputs.make(opts.config, opts.device)
     build = _Build(
         options=opts,
         inputs=inputs,
-        reference=reference_outputs(model, opts.config, inputs),
+        reference=reference_outputs(model, opts.config, inputs, opts.output.kind),
         model_stats={"params_loaded": sum(p.numel() for p in model.parameters())},
+        outputs=describe_outputs(model, opts.output.kind),
+        head=head,
     )
     _record(build, "load", t0, note=weights_note, say=say)
 
@@ -547,17 +630,24 @@ def build_artifact(
 
 
 def _manifest(
-    opts: BuildOptions, model_stats: Dict[str, Any], stages: List[StageResult], built_at: str
+    opts: BuildOptions,
+    model_stats: Dict[str, Any],
+    outputs: List[Dict[str, Any]],
+    head: Optional[str],
+    stages: List[StageResult],
+    built_at: str,
 ) -> Dict[str, Any]:
     manifest = make_manifest(
         opts,
+        outputs=outputs,
+        head=head,
         model_stats=model_stats,
         built_at=built_at,
         verification={
             "input": f"seeded N(0, 1) batch of {VERIFY_BATCH} and uint8 images of another size (seed {VERIFY_SEED})",
             "reference": "the loaded model in eval mode, float32 (eager preprocessing for images)",
             "entry_points": list(CHECKS),
-            "metric": "max |out - ref| / max |ref| over the logits, worst entry point",
+            "metric": "max |out - ref| / max |ref| per output, the worst output and entry point",
             "tolerance": opts.tolerance,
             "stages": [vars(s) for s in stages],
         },

@@ -8,17 +8,19 @@ every key. Each fact is stored once: labels under ``output``, preprocessing unde
 import datetime
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 import torch
 
 from .. import __version__
 from ..quantize import quantization_record
 from ..utils import quiet_jit
+from ..variants import ArchConfig
 from .errors import BuildError
 
-if TYPE_CHECKING:  # build.py imports this module
+if TYPE_CHECKING:  # build.py and module.py import this module
     from .build import BuildOptions
+    from .module import OutputSpec
 
 __all__ = ["ARTIFACT_FORMAT_VERSION", "MANIFEST_NAME", "make_manifest", "read_manifest"]
 
@@ -29,9 +31,18 @@ MANIFEST_NAME = "manifest.json"
 
 
 def make_manifest(
-    options: "BuildOptions", *, model_stats: Dict[str, Any], verification: Dict[str, Any], built_at: str
+    options: "BuildOptions",
+    *,
+    outputs: List[Dict[str, Any]],
+    head: Optional[str],
+    model_stats: Dict[str, Any],
+    verification: Dict[str, Any],
+    built_at: str,
 ) -> Dict[str, Any]:
-    """The manifest as JSON-ready data (tuples already turned into lists)."""
+    """The manifest as JSON-ready data (tuples already turned into lists).
+
+    ``outputs`` describes every output the artifact's methods return, in order; ``head`` is
+    what became of the checkpoint's classifier (CheckpointInfo.head)."""
     config, checkpoint, dtype = options.config, options.checkpoint, options.dtype
     if checkpoint is not None:
         weights: Dict[str, Any] = {
@@ -40,6 +51,7 @@ def make_manifest(
             "sha256": checkpoint.sha256,
             "layout": checkpoint.layout,
             "form": checkpoint.form,
+            "head": head,
         }
     else:
         weights = {"source": "random", "seed": options.seed}
@@ -61,12 +73,8 @@ def make_manifest(
             "input": "uint8 (N, H, W, 3) RGB, any H and W",
             **config.preprocessing.to_dict(),
         },
-        "output": {
-            "kind": "logits",
-            "dtype": "float32",
-            "num_classes": config.num_classes,
-            "labels": list(config.class_labels()),
-        },
+        "output": _output_summary(config, options.output),
+        "outputs": outputs,
         "weights": weights,
         "deploy_form": "fused (locality injection + BN folding), fc3 as batched matmul",
         "model": model_stats,
@@ -82,6 +90,22 @@ def make_manifest(
         manifest["quantization"] = quantization_record(config)
     # A JSON round trip turns tuples into lists, so later comparisons are like for like.
     return json.loads(json.dumps(manifest))
+
+
+def _output_summary(config: ArchConfig, output: "OutputSpec") -> Dict[str, Any]:
+    """The ``output`` key: the kind and what defines it (the labels, for logits)."""
+    summary: Dict[str, Any] = {"kind": output.kind, "dtype": "float32"}
+    if output.kind == "logits":
+        summary.update(num_classes=config.num_classes, labels=list(config.class_labels()))
+    elif output.kind == "features":
+        summary.update(
+            out_indices=sorted(output.out_indices),
+            final_norm=output.final_norm,
+            pre_downsample=output.pre_downsample,
+        )
+    else:
+        summary.update(final_norm=output.final_norm, pooling="global average")
+    return summary
 
 
 def utc_now() -> str:

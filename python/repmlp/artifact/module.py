@@ -2,9 +2,15 @@
 
 Its exported methods are the artifact's interface (docs/ARTIFACT.md): what the C++ runtime
 reads about the artifact comes from these methods, not from a second copy of the facts.
+
+Three output kinds (:class:`OutputSpec`): ``logits`` (the classifier), ``embedding`` (final
+norm then global average pooling: the classifier's input) and ``features`` (the backbone's
+maps at ``out_indices``, as mmcls's RepMLPNet returns them, docs/BACKBONE.md). The first two
+return one tensor; ``features`` returns a list of tensors, named by ``output_names()``.
 """
 
-from typing import List
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
 
 import torch
 from torch import nn
@@ -13,25 +19,93 @@ from ..model import RepMLPNet
 from ..preprocess import ImageTransform
 from .manifest import ARTIFACT_FORMAT_VERSION
 
-__all__ = ["DTYPES", "EXPORTED_METHODS", "ArtifactModule"]
+__all__ = [
+    "DTYPES",
+    "EXPORTED_METHODS",
+    "OUTPUT_KINDS",
+    "ArtifactModule",
+    "FeaturesArtifactModule",
+    "OutputSpec",
+    "artifact_module",
+]
 
 # dtype name -> what the input is cast to and the float layers compute in. int8 artifacts keep
 # float32 there and run their large GEMMs in int8 (repmlp.quantize).
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
 # Methods besides forward that freezing must keep and the runtime calls.
-EXPORTED_METHODS = ("forward_images", "format_version", "input_shape", "labels", "compute_dtype")
+EXPORTED_METHODS = (
+    "forward_images",
+    "format_version",
+    "input_shape",
+    "labels",
+    "compute_dtype",
+    "output_kind",
+    "output_names",
+)
+OUTPUT_KINDS = ("logits", "features", "embedding")
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """What an artifact outputs. ``out_indices`` and ``pre_downsample`` apply to features;
+    ``final_norm`` is part of the network (a checkpoint has the final BN or not)."""
+
+    kind: str = "logits"
+    out_indices: Tuple[int, ...] = (0, 1, 2, 3)
+    final_norm: bool = True
+    pre_downsample: bool = False
+
+    def validate(self, num_stages: int) -> None:
+        if self.kind not in OUTPUT_KINDS:
+            raise ValueError(f"output kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.kind!r}")
+        if not self.out_indices:
+            raise ValueError("out_indices must name at least one stage")
+        bad = [i for i in self.out_indices if not 0 <= i < num_stages]
+        if bad:
+            raise ValueError(f"out_indices {list(self.out_indices)} must lie in [0, {num_stages})")
+        if len(set(self.out_indices)) != len(self.out_indices):
+            raise ValueError(f"out_indices {list(self.out_indices)} repeat a stage")
+
+    def model_kwargs(self) -> Dict[str, Any]:
+        """The RepMLPNet arguments that make ``forward_backbone`` give these outputs."""
+        return {
+            "out_indices": tuple(sorted(self.out_indices)),
+            "final_norm": self.final_norm,
+            "pre_downsample": self.pre_downsample,
+        }
+
+
+def describe_outputs(model: RepMLPNet, kind: str) -> List[Dict[str, Any]]:
+    """Every output of an artifact of this kind, in order: name, per-sample shape, dtype
+    (and, for feature maps, layout and stride)."""
+    cfg = model.config
+    if kind == "logits":
+        return [{"name": "logits", "shape": [cfg.num_classes], "dtype": "float32"}]
+    if kind == "embedding":
+        return [{"name": "embedding", "shape": [cfg.channels[-1]], "dtype": "float32"}]
+    return [
+        {"name": name, "shape": list(shape), "dtype": "float32", "layout": "NCHW", "stride": stride}
+        for name, shape, stride in model.backbone_outputs()
+    ]
 
 
 class ArtifactModule(nn.Module):
-    """The fused model, its input checks, its preprocessing and what it says about itself."""
+    """The fused model, its input checks, its preprocessing and what it says about itself.
+
+    ``forward`` returns the model's output: logits, or the embedding when the model has no
+    classifier (``num_classes == 0``)."""
 
     format_version_: torch.jit.Final[int]
     in_chans: torch.jit.Final[int]
     img_h: torch.jit.Final[int]
     img_w: torch.jit.Final[int]
     dtype_name: torch.jit.Final[str]
+    kind: torch.jit.Final[str]
+    # Declared here: TorchScript cannot infer the element type of an empty list.
+    label_list: List[str]
+    output_name_list: List[str]
 
-    def __init__(self, model: RepMLPNet, dtype_name: str = "float32") -> None:
+    def __init__(self, model: RepMLPNet, dtype_name: str = "float32", kind: str = "logits") -> None:
         super().__init__()
         cfg = model.config
         self.model = model
@@ -39,12 +113,15 @@ class ArtifactModule(nn.Module):
         self.in_chans = cfg.in_channels
         self.img_h, self.img_w = cfg.img_size
         self.dtype_name = dtype_name
-        self.label_list: List[str] = list(cfg.class_labels())
+        self.kind = kind
+        # Only logits have classes to name.
+        self.label_list = list(cfg.class_labels()) if kind == "logits" else []
+        self.output_name_list = [o["name"] for o in describe_outputs(model, kind)]
         self.image_transform = ImageTransform(cfg.preprocessing)
         self.compute_dtype_ = DTYPES[dtype_name]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalized float (N, C, H, W) -> float32 logits (N, num_classes)."""
+    def checked(self, x: torch.Tensor) -> torch.Tensor:
+        """A valid normalized batch, in the compute dtype (ValueError otherwise)."""
         if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_h or x.shape[3] != self.img_w:
             raise ValueError(
                 "expected a (N, {}, {}, {}) batch, got {}".format(
@@ -55,7 +132,11 @@ class ArtifactModule(nn.Module):
             raise ValueError("expected a floating-point batch, got {}".format(x.dtype))
         if x.shape[0] < 1:
             raise ValueError("expected a batch of N >= 1, got N = 0")
-        return self.model(x.to(self.compute_dtype_)).float()
+        return x.to(self.compute_dtype_)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalized float (N, C, H, W) -> float32 logits (N, num_classes) or embedding (N, C)."""
+        return self.model(self.checked(x)).float()
 
     @torch.jit.export
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -64,7 +145,7 @@ class ArtifactModule(nn.Module):
 
     @torch.jit.export
     def forward_images(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, H, W, 3) RGB images of any size -> float32 logits, preprocessing included."""
+        """uint8 (N, H, W, 3) RGB images of any size -> forward's output, preprocessing included."""
         return self.forward(self.preprocess(images))
 
     @torch.jit.export
@@ -82,3 +163,33 @@ class ArtifactModule(nn.Module):
     @torch.jit.export
     def compute_dtype(self) -> str:
         return self.dtype_name
+
+    @torch.jit.export
+    def output_kind(self) -> str:
+        """``logits``, ``features`` or ``embedding``."""
+        return self.kind
+
+    @torch.jit.export
+    def output_names(self) -> List[str]:
+        """The names of forward's outputs, in order (one name for a single tensor)."""
+        return self.output_name_list
+
+
+class FeaturesArtifactModule(ArtifactModule):
+    """``forward`` returns the backbone's maps (float32 NCHW each), named by output_names()."""
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
+        return [out.float() for out in self.model.forward_backbone(self.checked(x))]
+
+    @torch.jit.export
+    def forward_images(self, images: torch.Tensor) -> List[torch.Tensor]:  # type: ignore[override]
+        return self.forward(self.preprocess(images))
+
+
+def artifact_module(model: RepMLPNet, dtype_name: str, kind: str) -> ArtifactModule:
+    """The wrapper for an output kind (the model built with that kind's arguments)."""
+    if kind == "features":
+        return FeaturesArtifactModule(model, dtype_name, kind)
+    if (kind == "logits") != (model.config.num_classes > 0):
+        raise ValueError(f"a {kind} artifact needs a model {'with' if kind == 'logits' else 'without'} a classifier")
+    return ArtifactModule(model, dtype_name, kind)

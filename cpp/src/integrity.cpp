@@ -61,6 +61,23 @@ std::string sha256_of_record(caffe2::serialize::PyTorchStreamReader& reader,
   return hex(digest, length);
 }
 
+// A record name as it may appear in a message: a corrupt file can name records with any bytes,
+// and a message must stay printable ASCII (Python turns it into a str).
+std::string printable(const std::string& name) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  for (unsigned char c : name) {
+    if (c >= 0x20 && c < 0x7f && c != '\\') {
+      out += static_cast<char>(c);
+    } else {
+      out += "\\x";
+      out += digits[c >> 4];
+      out += digits[c & 15];
+    }
+  }
+  return out;
+}
+
 std::string first_line(const std::string& text) {
   const auto end = text.find('\n');
   return end == std::string::npos ? text : text.substr(0, end);
@@ -101,16 +118,16 @@ void check_digest(const std::string& path, const std::string& digest_json) {
       seen.insert(name);
       auto it = expected.find(name);
       if (it == expected.end() || !it->is_string())
-        fail(path, "self-check failed: record '" + name + "' is not covered by the digest (the file was altered)");
+        fail(path, "self-check failed: record '" + printable(name) + "' is not covered by the digest (the file was altered)");
       if (sha256_of_record(reader, name, buffer) != it->get<std::string>())
-        fail(path, "self-check failed: record '" + name + "' does not match its SHA-256 digest (corrupt file)");
+        fail(path, "self-check failed: record '" + printable(name) + "' does not match its SHA-256 digest (corrupt file)");
     }
     for (const auto& item : expected.items())
       if (!seen.count(item.key()))
-        fail(path, "self-check failed: record '" + item.key() + "' listed in the digest is missing (corrupt file)");
+        fail(path, "self-check failed: record '" + printable(item.key()) + "' listed in the digest is missing (corrupt file)");
   } catch (const c10::Error& e) {
     fail(path, "self-check failed: cannot read the archive's records: " +
-                   first_line(e.what_without_backtrace()));
+                   printable(first_line(e.what_without_backtrace())));
   }
 }
 

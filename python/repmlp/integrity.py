@@ -65,7 +65,10 @@ class IntegrityError(ValueError):
 def probe_tolerances(dtype: str, build_device: str, build_tolerance: float) -> Dict[str, float]:
     """The per-device tolerances a build records: the table's, with the build's own tolerance
     for the device type it verified on."""
-    tolerances = dict(PROBE_TOLERANCE[dtype])
+    if dtype in PROBE_TOLERANCE:
+        tolerances = dict(PROBE_TOLERANCE[dtype])
+    else:  # int8: the bound is derived per architecture (repmlp.quantize.int8_tolerance)
+        tolerances = {"cpu": float(build_tolerance), "cuda": float(build_tolerance)}
     tolerances[torch.device(build_device).type] = float(build_tolerance)
     return tolerances
 

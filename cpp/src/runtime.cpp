@@ -311,8 +311,12 @@ int64_t Runtime::Impl::self_check(const RuntimeOptions& options, const Runtime& 
   std::string worst_method;
   try {
     for (const auto& check : probe) {
-      const at::Tensor out = check.method == "forward" ? runtime.infer_normalized(check.input)
-                                                       : runtime.infer_images(check.input);
+      // Every output, each flattened per sample and joined, as the builder stored them
+      // (the input's dtype picks the entry point: float -> forward, uint8 -> forward_images).
+      std::vector<at::Tensor> parts;
+      for (const auto& named : runtime.infer_outputs(check.input))
+        parts.push_back(named.second.flatten(1));
+      const at::Tensor out = at::cat(parts, 1);
       const double error = integrity::relative_error(out, check.output);
       if (!(error <= worst)) {
         worst = error;

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import zipfile
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -131,6 +131,14 @@ def probe_section(probe: Mapping[str, torch.Tensor], tolerances: Mapping[str, fl
     }
 
 
+def flatten_outputs(outputs: Any) -> torch.Tensor:
+    """One tensor or a list of them (features artifacts) as (N, total) float32 on the CPU:
+    each output flattened per sample and joined, the form the probe stores and the runtime
+    compares."""
+    parts = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return torch.cat([out.float().flatten(1).cpu() for out in parts], dim=1)
+
+
 def probe_errors(module, probe: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, float]:
     """Relative error of each entry point of ``module`` on the probe (the manifest's metric)."""
     errors = {}
@@ -139,7 +147,7 @@ def probe_errors(module, probe: Mapping[str, torch.Tensor], device: torch.device
             method, role = key.split("/")
             if role != "input":
                 continue
-            out = getattr(module, method)(probe[key].to(device)).float().cpu()
+            out = flatten_outputs(getattr(module, method)(probe[key].to(device)))
             ref = probe[f"{method}/output"]
             if out.shape != ref.shape:
                 raise IntegrityError(f"probe: {method} gave shape {list(out.shape)}, expected {list(ref.shape)}")

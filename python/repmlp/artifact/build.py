@@ -320,9 +320,12 @@ def make_probe(model: RepMLPNet, options: "BuildOptions") -> Dict[str, torch.Ten
     config = options.config
     transform = ImageTransform(config.preprocessing).to(options.device)
     shape = (config.in_channels, config.img_size[0], config.img_size[1])
-    return integrity.make_probe(
-        model, lambda images: model(transform(images)), shape, options.device, seed=VERIFY_SEED + 1
-    )
+    kind = options.output.kind
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return integrity.flatten_outputs(model.forward_backbone(x) if kind == "features" else model(x))
+
+    return integrity.make_probe(flat, lambda images: flat(transform(images)), shape, options.device, seed=VERIFY_SEED + 1)
 
 
 def deploy(model: RepMLPNet, options: BuildOptions) -> ArtifactModule:

@@ -24,6 +24,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 
+from .utils import output_error
+
 __all__ = [
     "PROBE_RECORD",
     "DIGEST_RECORD",
@@ -151,8 +153,7 @@ def probe_errors(module, probe: Mapping[str, torch.Tensor], device: torch.device
             ref = probe[f"{method}/output"]
             if out.shape != ref.shape:
                 raise IntegrityError(f"probe: {method} gave shape {list(out.shape)}, expected {list(ref.shape)}")
-            diff = (out.double() - ref.double()).abs().max().item()
-            errors[method] = diff / max(ref.double().abs().max().item(), 1e-12)
+            errors[method] = output_error(out, ref)[1]
     return errors
 
 

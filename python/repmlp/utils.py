@@ -3,7 +3,7 @@
 import contextlib
 import hashlib
 import warnings
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import nn
@@ -13,6 +13,13 @@ __all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "q
 
 # torch 2.13+ warns on every torch.jit.script/freeze/save/load call; only those are silenced.
 JIT_DEPRECATION_MESSAGE = r"`torch\.jit\.\w+` is deprecated"
+
+
+def output_error(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
+    """(max |out - ref|, that divided by max |ref|): the verification metric of the builder,
+    the probe and the runtime's self-check."""
+    diff = (out.double() - ref.double()).abs().max().item()
+    return diff, diff / max(ref.double().abs().max().item(), 1e-12)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ from ..checkpoints import Checkpoint, load_checkpoint, read_checkpoint
 from ..model import RepMLPNet, fuse_model, resolve_config
 from ..preprocess import ImageTransform
 from ..quantize import int8_tolerance, int8_weight_count, quantize_int8
-from ..utils import count_flops, quiet_jit, randomize_model_, sha256_file
+from ..utils import count_flops, output_error, quiet_jit, randomize_model_, sha256_file
 from ..variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, get_variant
 from .aoti import CompiledArtifact, Pt2Artifact, aoti_section, compile_programs, export_programs, write_pt2
 from .errors import BuildError
@@ -483,12 +483,6 @@ def _format(build: _Build) -> ArtifactFormat:
     return FORMATS[build.options.format]
 
 
-def _errors(out: torch.Tensor, ref: torch.Tensor) -> Tuple[float, float]:
-    diff = (out.double() - ref.double()).abs().max().item()
-    scale = ref.double().abs().max().item()
-    return diff, diff / max(scale, 1e-12)
-
-
 def _worst_output(outs: List[torch.Tensor], refs: List[torch.Tensor]) -> Tuple[float, float, int]:
     """(abs err, rel err, index) of the output with the largest relative error, each output
     measured against its own scale; a missing output or a wrong shape is a BuildError."""
@@ -498,7 +492,7 @@ def _worst_output(outs: List[torch.Tensor], refs: List[torch.Tensor]) -> Tuple[f
     for index, (out, ref) in enumerate(zip(outs, refs)):
         if out.shape != ref.shape:
             raise BuildError(f"output {index} has shape {list(out.shape)}, expected {list(ref.shape)}")
-        abs_err, rel_err = _errors(out, ref)
+        abs_err, rel_err = output_error(out, ref)
         if not rel_err <= worst[1]:  # NaN counts as the worst
             worst = (abs_err, rel_err, index)
     return worst

@@ -12,8 +12,9 @@ import runtime_helpers as helpers
 
 THREADS = 8
 # Resident-memory growth allowed over 1,000 calls after a 100-call warm-up. Measured growth on
-# the small artifact is at most 32 KiB (benchmarks/memory_growth.py, RESULTS.md); a leak of one batch's logits per call
-# (10 floats) would stay under it too, a leak of one input per call (12 KiB) would not.
+# the small artifact is at most 32 KiB (benchmarks/memory_growth.py); a leak of one batch's
+# logits per call (10 floats) would stay under it too, a leak of one input per call (12 KiB)
+# would not.
 RSS_GROWTH_LIMIT = 8 << 20
 
 

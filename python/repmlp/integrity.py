@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import zipfile
+import zlib
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -236,9 +237,12 @@ def record_digests(path: str, skip: Optional[str] = "extra/" + DIGEST_RECORD) ->
             if name == skip:
                 continue
             sha = hashlib.sha256()
-            with archive.open(info) as stream:
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    sha.update(chunk)
+            try:
+                with archive.open(info) as stream:
+                    for chunk in iter(lambda: stream.read(1 << 20), b""):
+                        sha.update(chunk)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # a CRC-32 that fails, say
+                raise IntegrityError(f"{path}: record {name} cannot be read (corrupt file): {exc}") from None
             digests[name] = sha.hexdigest()
     return digests
 

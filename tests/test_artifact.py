@@ -218,6 +218,13 @@ def test_no_arguments_in_an_empty_folder_builds_the_default(tmp_path):
     for n in range(1, 7):  # one progress line per stage, then the summary
         assert f"[{n}/6]" in result.stderr
     assert "sha256" in result.stderr
+    assert "input 3x32x32 float32 (computes in float32)" in result.stderr
+
+
+def test_summary_names_input_and_compute_dtype_apart(tmp_path):
+    result = run_build(["--dtype", "int8", "--out", str(tmp_path / "d8.pt")])
+    assert result.returncode == 0, result.stderr
+    assert "input 3x32x32 float32 (computes in int8)" in result.stderr
 
 
 def test_checkpoint_json_report_and_mmcls_deploy_layout(tmp_path):

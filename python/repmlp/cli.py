@@ -230,7 +230,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     shape = "x".join(str(v) for v in m["input"]["shape"])
     print(
         f"{PROG}: wrote {report.path}\n"
-        f"  arch {m['arch']['name']}, input {shape} {m['input']['compute_dtype']}, "
+        f"  arch {m['arch']['name']}, input {shape} {m['input']['dtype']} (computes in {m['input']['compute_dtype']}), "
         f"outputs {_describe_outputs(m)}, weights: {m['weights']['source']}\n"
         f"  params {m['model']['params_loaded']:,} loaded, {m['model']['params_deploy']:,} deployed; "
         f"{m['model']['gflop_per_image']:.3f} GFLOP/image\n"

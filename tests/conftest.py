@@ -67,6 +67,14 @@ def fake_artifact(tmp_path_factory):
     return runtime_helpers.save_fake_artifact(tmp_path_factory.mktemp("fake") / "fake.pt")
 
 
+@pytest.fixture(scope="module")
+def fake_runtime(fake_artifact):
+    """repmlp_rt.Runtime of the fake artifact, one per test module."""
+    import repmlp_rt
+
+    return repmlp_rt.Runtime(fake_artifact)
+
+
 @pytest.fixture(params=RUNTIME_ARTIFACTS)
 def artifact(request):
     from pathlib import Path

@@ -41,7 +41,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -467,10 +467,13 @@ class Worker:
 
 # ---------------------------------------------------------------------------------------------
 
-def plan(total: int) -> list[str]:
-    """The target of each case, interleaved so that any prefix covers every target."""
-    counts = {target: int(total * share) for target, share in MIX.items()}
-    counts[next(iter(MIX))] += total - sum(counts.values())
+def plan(total: int, targets: Sequence[str] = tuple(MIX)) -> list[str]:
+    """The target of each case, interleaved so that any prefix covers every target; ``targets``
+    keeps their shares of MIX relative to each other."""
+    mix = {target: MIX[target] for target in targets}
+    weight = sum(mix.values())
+    counts = {target: int(total * share / weight) for target, share in mix.items()}
+    counts[next(iter(mix))] += total - sum(counts.values())
     order: list[str] = []
     left = dict(counts)
     while any(left.values()):
@@ -482,7 +485,7 @@ def plan(total: int) -> list[str]:
 
 
 def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str], None] = print,
-         artifact: Path | None = None) -> dict:
+         artifact: Path | None = None, targets: Sequence[str] = tuple(MIX)) -> dict:
     started = time.perf_counter()
     corpus = make_corpus(work, artifact)
     (work / "corpus.json").write_text(json.dumps({k: str(v) for k, v in vars(corpus).items() if isinstance(v, Path)}))
@@ -496,7 +499,7 @@ def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str],
     counts: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     failures: list[dict] = []
     try:
-        for index, target in enumerate(plan(total)):
+        for index, target in enumerate(plan(total, targets)):
             kind = target.split(":")[0]
             rng = np.random.default_rng([seed, index])
             mutators = MUTATORS[kind]
@@ -547,6 +550,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds per case before it counts as a hang")
     parser.add_argument("--work", type=Path, help="folder for the corpus and failing cases (default: a temporary one)")
     parser.add_argument("--json", type=Path, help="also write the summary as JSON to this file")
+    parser.add_argument("--targets", nargs="+", choices=list(MIX), default=list(MIX),
+                        help="fuzz only these targets (default: all, in the shares of MIX)")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -555,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cases < 1:
         parser.error(f"--cases must be >= 1, got {args.cases}")
     work = args.work or Path(tempfile.mkdtemp(prefix="repmlp-fuzz-"))
-    summary = fuzz(args.cases, args.seed, args.timeout, work)
+    summary = fuzz(args.cases, args.seed, args.timeout, work, targets=args.targets)
     print_summary(summary)
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2))

@@ -23,6 +23,9 @@ FORMAT_VERSION = 1
 EXPORTED_METHODS = ["forward_images", "format_version", "input_shape", "labels", "compute_dtype"]
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
+# The runtime runs the artifact's own TorchScript graph, so it matches torch.jit.load of the
+# same file to float32 rounding.
+RTOL, ATOL = 1e-5, 1e-5
 
 
 class FakeRepMLP(nn.Module):
@@ -240,6 +243,11 @@ def load_reference(path: os.PathLike | str) -> torch.jit.ScriptModule:
 def write_npy(path: os.PathLike | str, array: np.ndarray) -> Path:
     np.save(str(path), array)
     return Path(path)
+
+
+def random_batch(shape, n: int = 4, seed: int = 0) -> np.ndarray:
+    """A seeded float32 (n, *shape) batch of standard normal values."""
+    return np.random.default_rng(seed).standard_normal((n, *shape)).astype(np.float32)
 
 
 def random_images(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Concurrency and memory: one Runtime shared by 8 threads (the binding releases the GIL, so the
 C++ Runtime runs concurrently) gives the single-threaded answers bit for bit, and 1,000 calls
-leave resident memory where it was (bound measured and documented in docs/ARTIFACT.md).
+leave resident memory where it was (growth measured in benchmarks/RESULTS.md, "Self-verification").
 cpp/tests/test_core.cpp has the same thread check without Python (make ctest)."""
 
 import os
@@ -12,8 +12,9 @@ import runtime_helpers as helpers
 
 THREADS = 8
 # Resident-memory growth allowed over 1,000 calls after a 100-call warm-up. Measured growth on
-# the small artifact is under 1 MiB (docs/ARTIFACT.md); a leak of one batch's logits per call
-# (10 floats) would stay under it too, a leak of one input per call (12 KiB) would not.
+# the small artifact is at most 32 KiB (benchmarks/memory_growth.py); a leak of one batch's
+# logits per call (10 floats) would stay under it too, a leak of one input per call (12 KiB)
+# would not.
 RSS_GROWTH_LIMIT = 8 << 20
 
 

@@ -29,7 +29,8 @@ import json
 import os
 import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar, overload
 
 import numpy as np
 
@@ -114,6 +115,36 @@ def _call_with_ints(call: Any, *args: Any, **ints: Any) -> Any:
         raise InputError(message) from None
 
 
+_T = TypeVar("_T")
+
+
+class _FromCore(Generic[_T]):
+    """A read-only ``Runtime`` attribute that the core runtime holds: read from the core on
+    each access, through ``convert`` where the type promised here differs (a tuple, or a list
+    of the caller's own)."""
+
+    def __init__(self, convert: Callable[[Any], _T] | None = None, doc: str | None = None) -> None:
+        self._convert = convert
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, runtime: None, owner: type | None = None) -> _FromCore[_T]: ...
+    @overload
+    def __get__(self, runtime: Runtime, owner: type | None = None) -> _T: ...
+
+    def __get__(self, runtime: Runtime | None, owner: type | None = None) -> Any:
+        if runtime is None:
+            return self
+        value = getattr(runtime._core, self._name)
+        return value if self._convert is None else self._convert(value)
+
+    def __set__(self, runtime: Runtime, value: Any) -> None:
+        raise AttributeError(f"property {self._name!r} of 'Runtime' object has no setter")
+
+
 class Runtime:
     """A loaded artifact on one device.
 
@@ -159,45 +190,20 @@ class Runtime:
                 raise ArtifactError(f"'{self.path}': manifest.json is not valid JSON: {error}") from None
         return json.loads(json.dumps(self._manifest))
 
-    @property
-    def path(self) -> str:
-        return self._core.path
-
-    @property
-    def device(self) -> str:
-        return self._core.device
-
-    @property
-    def input_shape(self) -> tuple[int, int, int]:
-        """``(C, H, W)`` that ``infer`` expects, read from the artifact."""
-        return tuple(self._core.input_shape)  # type: ignore[return-value]
-
-    @property
-    def labels(self) -> list[str]:
-        return list(self._core.labels)
-
-    @property
-    def num_classes(self) -> int:
-        return self._core.num_classes
-
-    @property
-    def compute_dtype(self) -> str:
-        return self._core.compute_dtype
-
-    @property
-    def output_kind(self) -> str:
-        """``"logits"``, ``"features"`` or ``"embedding"``: what the artifact was built to output."""
-        return self._core.output_kind
-
-    @property
-    def output_names(self) -> list[str]:
-        """The names of the artifact's outputs, in order (``["logits"]``, ``["embedding"]`` or
-        ``["stage0", ...]``)."""
-        return list(self._core.output_names)
-
-    @property
-    def format_version(self) -> int:
-        return self._core.format_version
+    # What the core runtime holds, read from it on each access.
+    path = _FromCore[str]()
+    device = _FromCore[str]()
+    input_shape = _FromCore[tuple[int, int, int]](
+        tuple, "``(C, H, W)`` that ``infer`` expects, read from the artifact.")  # type: ignore[arg-type]
+    labels = _FromCore[list[str]](list)
+    num_classes = _FromCore[int]()
+    compute_dtype = _FromCore[str]()
+    output_kind = _FromCore[str](
+        doc='``"logits"``, ``"features"`` or ``"embedding"``: what the artifact was built to output.')
+    output_names = _FromCore[list[str]](
+        list, 'The names of the artifact\'s outputs, in order (``["logits"]``, ``["embedding"]`` or '
+        '``["stage0", ...]``).')
+    format_version = _FromCore[int]()
 
     @property
     def self_check(self) -> dict[str, Any] | None:

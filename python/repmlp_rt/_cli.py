@@ -19,6 +19,17 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, logging_level="WARNING", include_dashboard=False)
 
 
+def add_ray_arguments(parser: argparse.ArgumentParser, *, worker: str, threads: int) -> None:
+    """The options of the Ray commands (serve, classify): where Ray runs, and the intra-op
+    threads and device of each ``worker`` (a Serve replica, a Ray Data actor), which reserves
+    that many CPUs or one GPU. ``init_ray(args.address, args.num_cpus)`` starts Ray from them."""
+    parser.add_argument("--address", help="Ray cluster to join (e.g. auto or HOST:6379); default: start a local Ray")
+    parser.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
+    parser.add_argument("--threads", type=positive_int, default=threads,
+                        help=f"intra-op threads (and reserved CPUs) per {worker} (default %(default)s)")
+    parser.add_argument("--device", default="cpu", help=f"cpu or cuda (each {worker} then reserves one GPU)")
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

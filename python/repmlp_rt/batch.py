@@ -28,7 +28,7 @@ import numpy as np
 
 import repmlp_rt
 
-from ._cli import current_umask, init_ray, positive_int
+from ._cli import add_ray_arguments, current_umask, init_ray, positive_int
 
 try:
     import ray
@@ -147,13 +147,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image folder, image file, or @list.txt of paths")
     p.add_argument("--out", required=True, help="JSON lines file to write (replaced at the end)")
     p.add_argument("--topk", type=positive_int, help="classes per image (default min(5, classes))")
-    p.add_argument("--address", help="Ray cluster to run on (e.g. auto or HOST:6379); default: a local Ray")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--actors", type=positive_int, default=1, help="runtime actors in the pool (default 1)")
-    p.add_argument("--threads", type=positive_int, default=1, help="intra-op threads (and CPUs) per actor")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per model call (default 32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (each actor then reserves one GPU)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+    add_ray_arguments(p, worker="actor", threads=1)
     return p
 
 

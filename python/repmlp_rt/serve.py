@@ -40,7 +40,7 @@ import numpy as np
 
 import repmlp_rt
 
-from ._cli import init_ray, positive_int
+from ._cli import add_ray_arguments, init_ray, positive_int
 
 try:
     import ray
@@ -369,11 +369,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="model name for each artifact, in order (repeat; default: the file stems)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--address", help="Ray cluster to join (e.g. auto or HOST:6379); default: start a local Ray")
-    p.add_argument("--num-cpus", type=positive_int, help="CPUs of the local Ray (default: all)")
     p.add_argument("--replicas", type=positive_int, default=defaults.replicas, help="replicas per model")
-    p.add_argument("--threads", type=positive_int, default=defaults.threads,
-                   help=f"intra-op threads (and reserved CPUs) per replica (default {defaults.threads})")
     p.add_argument("--max-batch-size", type=positive_int, default=defaults.max_batch_size)
     p.add_argument("--batch-wait-ms", type=_wait_ms, default=defaults.batch_wait_ms,
                    help="how long a batch waits to fill (default %(default)s)")
@@ -381,8 +377,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests in flight per replica (default %(default)s); must be >= --max-batch-size")
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / (1 << 20),
                    help="largest request body accepted, MiB (default %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (each replica then reserves one GPU)")
     p.add_argument("--access-log", action="store_true", help="log every request (Serve's access log)")
+    add_ray_arguments(p, worker="replica", threads=defaults.threads)
     return p
 
 

@@ -95,10 +95,8 @@ class ArtifactModule(nn.Module):
     ``forward`` returns the model's output: logits, or the embedding when the model has no
     classifier (``num_classes == 0``)."""
 
+    # The input size and channels are the model's own constants (RepMLPNet.in_chans, img_h, img_w).
     format_version_: torch.jit.Final[int]
-    in_chans: torch.jit.Final[int]
-    img_h: torch.jit.Final[int]
-    img_w: torch.jit.Final[int]
     dtype_name: torch.jit.Final[str]
     kind: torch.jit.Final[str]
     # Declared here: TorchScript cannot infer the element type of an empty list.
@@ -110,8 +108,6 @@ class ArtifactModule(nn.Module):
         cfg = model.config
         self.model = model
         self.format_version_ = ARTIFACT_FORMAT_VERSION
-        self.in_chans = cfg.in_channels
-        self.img_h, self.img_w = cfg.img_size
         self.dtype_name = dtype_name
         self.kind = kind
         # Only logits have classes to name.
@@ -122,12 +118,9 @@ class ArtifactModule(nn.Module):
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:
         """A valid normalized batch, in the compute dtype (ValueError otherwise)."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans or x.shape[2] != self.img_h or x.shape[3] != self.img_w:
-            raise ValueError(
-                "expected a (N, {}, {}, {}) batch, got {}".format(
-                    self.in_chans, self.img_h, self.img_w, list(x.shape)
-                )
-            )
+        c, h, w = self.model.in_chans, self.model.img_h, self.model.img_w
+        if x.dim() != 4 or x.shape[1] != c or x.shape[2] != h or x.shape[3] != w:
+            raise ValueError("expected a (N, {}, {}, {}) batch, got {}".format(c, h, w, list(x.shape)))
         if not x.is_floating_point():
             raise ValueError("expected a floating-point batch, got {}".format(x.dtype))
         if x.shape[0] < 1:
@@ -154,7 +147,7 @@ class ArtifactModule(nn.Module):
 
     @torch.jit.export
     def input_shape(self) -> List[int]:
-        return [self.in_chans, self.img_h, self.img_w]
+        return [self.model.in_chans, self.model.img_h, self.model.img_w]
 
     @torch.jit.export
     def labels(self) -> List[str]:

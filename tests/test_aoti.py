@@ -1,12 +1,18 @@
 """The AOTInductor format (--format aoti, a .pt2 package): built, verified, and served by the
-same C++ runtime, binding and CLI as the TorchScript artifact, with the same answers.
+same C++ runtime, binding and CLI as the TorchScript artifact, with the same answers; and
+self-verifying as the TorchScript artifact is (the probe and the digest, docs/ARTIFACT.md).
 
 Compiling is slow (tens of seconds per program on 2 cores), so each .pt2 here is built once
 per module: digits (exact resize) and SMALL_ARCH at 64x96 (short-side resize, antialiased).
 """
 
+import base64
+import hashlib
 import json
+import re
+import struct
 import subprocess
+import types
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -18,8 +24,10 @@ import runtime_helpers
 import torch
 from helpers import SMALL_ARCH, relative_close, repmlp_infer_binary
 
+from repmlp import integrity
 from repmlp.artifact import BuildError, build_artifact, default_out_path, read_manifest
-from repmlp.artifact.aoti import MANIFEST_RECORD, export_programs, is_pt2_archive
+from repmlp.artifact import build as build_module
+from repmlp.artifact.aoti import MANIFEST_RECORD, CompiledArtifact, Pt2Artifact, export_programs, is_pt2_archive
 from repmlp.artifact.build import deploy, load_weights, resolve_options
 from repmlp.preprocess import ImageTransform
 from repmlp.utils import quiet_jit
@@ -177,13 +185,20 @@ def test_exported_preprocessing_matches_eager_and_torchscript(mode, interpolatio
 # bad .pt2 files: one clear ArtifactError (binding) / exit 1 (CLI), never a crash
 
 
-def _rewrite(source: Path, target: Path, change) -> Path:
-    """A copy of the zip at ``source`` with ``change(name, data) -> data or None (drop)``."""
+def _rewrite(source: Path, target: Path, change, reseal: bool = False) -> Path:
+    """A copy of the zip at ``source`` with ``change(name, data) -> data or None (drop)``.
+    ``reseal``: the digest is computed again for the new records, as a package really built that
+    way (by another torch, for another device) would carry it."""
+    digest = "extra/" + integrity.DIGEST_RECORD
     with zipfile.ZipFile(source) as src, zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
+            if reseal and info.filename.endswith(digest):
+                continue
             data = change(info.filename, src.read(info.filename))
             if data is not None:
                 dst.writestr(info.filename, data)
+    if reseal:
+        integrity.seal(str(target))
     return target
 
 
@@ -215,13 +230,13 @@ BAD_PT2 = {
     "foreign": (lambda good, path: _rewrite(good, path, lambda n, d: None if n.endswith(MANIFEST_RECORD) else d),
                 "not a RepMLP artifact: an AOTInductor package without extra/manifest.json"),
     "other_torch": (lambda good, path: _rewrite(good, path, _edit_manifest(
-        lambda m: m["aoti"].update(torch_version="2.99.0+cpu"))),
+        lambda m: m["aoti"].update(torch_version="2.99.0+cpu")), reseal=True),
         "compiled by torch 2.99.0+cpu, but this runtime runs torch"),
-    "other_device": (lambda good, path: _rewrite(good, path, _set_device_key),
+    "other_device": (lambda good, path: _rewrite(good, path, _set_device_key, reseal=True),
                      "compiled for device type 'cuda'"),
     "format_version": (lambda good, path: _rewrite(good, path, _edit_manifest(
-        lambda m: m.update(format_version=2))), "format version 2"),
-    "bad_manifest": (lambda good, path: _rewrite(good, path, _edit_manifest(lambda m: m.pop("input"))),
+        lambda m: m.update(format_version=2)), reseal=True), "format version 2"),
+    "bad_manifest": (lambda good, path: _rewrite(good, path, _edit_manifest(lambda m: m.pop("input")), reseal=True),
                      "extra/manifest.json is not a valid manifest"),
 }
 
@@ -274,3 +289,261 @@ def test_a_failed_aoti_build_leaves_nothing(tmp_path, monkeypatch):
 def test_optimize_is_for_torchscript_only(digits_pt2):
     with pytest.raises(repmlp_rt.InputError, match="optimize applies to TorchScript artifacts"):
         repmlp_rt.Runtime(str(digits_pt2), optimize=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# self-verification: the probe and the digest, checked by the builder's reload and at load
+
+
+@pytest.fixture(scope="module")
+def digits_eager():
+    """The digits model's eager fused form (what the .pt2 was compiled from)."""
+    options = resolve_options("digits", out="unused.pt2")
+    model, _, _ = load_weights(options)
+    return deploy(model, options)
+
+
+def _members(path: Path) -> dict:
+    """Record name (without the archive's top folder) -> ZipInfo."""
+    with zipfile.ZipFile(path) as archive:
+        return {info.filename.split("/", 1)[1]: info for info in archive.infolist()}
+
+
+def _record_data_span(path: Path, name: str):
+    """(offset of the record's bytes in the file, their size); the record is stored, not deflated."""
+    info = _members(path)[name]
+    assert info.compress_type == zipfile.ZIP_STORED
+    with open(path, "rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _library(path: Path, program: str = "forward") -> str:
+    """The record name of a program's compiled shared library."""
+    [name] = [n for n in _members(path) if n.startswith(f"data/aotinductor/{program}/") and n.endswith(".so")]
+    return name
+
+
+def _flipped(source: Path, target: Path, offset: int) -> Path:
+    data = bytearray(source.read_bytes())
+    data[offset] ^= 0xFF
+    target.write_bytes(bytes(data))
+    return target
+
+
+def _probe(path: Path) -> dict:
+    """The probe stored in a .pt2, decoded here without repmlp.integrity's record reader."""
+    with zipfile.ZipFile(path) as archive:
+        text = archive.read(next(n for n in archive.namelist() if n.endswith("extra/probe.pt.b64")))
+    return integrity.load_probe(base64.b64decode(text, validate=True))
+
+
+def _x(n=2, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, 3, 32, 32)).astype(np.float32)
+
+
+def test_an_intact_pt2_carries_the_probe_and_the_digest_and_passes(digits_pt2, tmp_path_factory):
+    members = _members(digits_pt2)
+    with zipfile.ZipFile(digits_pt2) as archive:
+        digest = json.loads(archive.read(members["extra/digest.json"]))
+        for name, sha in digest["records"].items():
+            assert hashlib.sha256(archive.read(members[name])).hexdigest() == sha, name
+    assert digest["algorithm"] == "sha256"
+    assert set(digest["records"]) == set(members) - {"extra/digest.json"}
+    assert {"extra/manifest.json", "extra/probe.pt.b64", _library(digits_pt2), _library(digits_pt2, "preprocess")} \
+        <= set(digest["records"])
+    integrity.check_digest(str(digits_pt2))
+
+    # The same seeded probe as the TorchScript artifact of the same model: both are the loaded
+    # model's outputs, computed before either format's steps.
+    pt = _build(tmp_path_factory, "digits", "torchscript")
+    script_probe = integrity.load_probe(integrity.read_record(str(pt), "extra/probe.pt"))
+    probe = _probe(digits_pt2)
+    assert set(probe) == set(script_probe) == {
+        "forward/input", "forward/output", "forward_images/input", "forward_images/output"}
+    for key in probe:
+        torch.testing.assert_close(probe[key], script_probe[key], rtol=0, atol=0)
+
+    manifest, script_manifest = read_manifest(str(digits_pt2)), read_manifest(str(pt))
+    assert manifest["digest"] == script_manifest["digest"]
+    assert manifest["probe"]["record"] == "probe.pt.b64"
+    assert manifest["probe"]["format"].startswith("base64 of torch.save")
+    for key in ("entry_points", "reference", "metric", "tolerance"):
+        assert manifest["probe"][key] == script_manifest["probe"][key], key
+
+    runtime = repmlp_rt.Runtime(str(digits_pt2))
+    check = runtime.self_check
+    assert check["tolerance"] == manifest["probe"]["tolerance"]["cpu"] == 1e-4
+    assert 0 <= check["error"] <= check["tolerance"]
+    info = _run_cli("--info", digits_pt2)
+    assert info.returncode == 0 and "self-check:     passed (digest of every record" in info.stdout, info.stderr
+
+    # torch's own PT2 reader still reads the package: every extra/ record is UTF-8 text.
+    from torch.export.pt2_archive._package import load_pt2
+
+    assert set(load_pt2(str(digits_pt2)).extra_files) == {"manifest.json", "probe.pt.b64", "digest.json"}
+
+
+@pytest.fixture()
+def weight_flipped(digits_pt2, digits_eager, tmp_path):
+    """The digits .pt2 with one byte flipped in a classifier weight inside the compiled forward
+    library (AOTInductor embeds the weights there, as raw float32)."""
+    name = _library(digits_pt2)
+    offset, size = _record_data_span(digits_pt2, name)
+    weights = digits_eager.model.head.weight.detach().contiguous().numpy()
+    with open(digits_pt2, "rb") as fh:
+        fh.seek(offset)
+        library = fh.read(size)
+    at = library.find(weights.tobytes())
+    assert at >= 0 and library.find(weights.tobytes(), at + 1) < 0, "the head weights are not in the library once"
+    element = weights.size // 2 * 4 + 3  # the sign and exponent byte of a float32 in the middle
+    return _flipped(digits_pt2, tmp_path / "flipped.pt2", offset + at + element), name
+
+
+def test_a_flipped_weight_byte_in_a_pt2_fails_the_self_check_everywhere(weight_flipped, digits_pt2, tmp_path):
+    path, record = weight_flipped
+    x = _x()
+    npy = runtime_helpers.write_npy(tmp_path / "x.npy", x)
+    message = f"self-check failed: record '{record}' does not match its SHA-256 digest"
+    result = _run_cli(path, npy)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("repmlp_infer: error: ") and message in result.stderr, result.stderr
+    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
+        repmlp_rt.Runtime(str(path))
+    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
+        repmlp_rt.infer(str(path), x)
+
+    # Without the digest, the probe sees this flip.
+    probe_message = "self-check failed: worst relative error"
+    with pytest.raises(repmlp_rt.ArtifactError, match=probe_message):
+        repmlp_rt.Runtime(str(path), verify_digest=False)
+    result = _run_cli(path, npy, "--no-verify-digest")
+    assert result.returncode == 1 and probe_message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+    # Turning verification off is the user's choice: the file loads and answers without a word,
+    # with the corrupted weights (torch's own loader agrees) instead of the built ones.
+    result = _run_cli(path, npy, "--no-verify")
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+    runtime = repmlp_rt.Runtime(str(path), verify=False)
+    assert runtime.self_check is None
+    answer = torch.from_numpy(runtime.infer(x))
+    relative_close(torch.from_numpy(repmlp_rt.infer(str(path), x, verify=False)), answer)
+    with torch.no_grad():
+        relative_close(answer, Pt2Artifact(str(path), torch.device("cpu")).forward(torch.from_numpy(x)))
+    intact = torch.from_numpy(repmlp_rt.Runtime(str(digits_pt2)).infer(x))
+    assert (answer - intact).abs().max() > 1e-2 * intact.abs().max()
+
+
+def test_a_flipped_byte_in_the_compiled_library_is_refused_before_it_is_loaded(digits_pt2, tmp_path):
+    """A changed ELF header: with the digest on, the library is never handed to the loader
+    (whose error would be another); with verification off, the loader's own error."""
+    name = _library(digits_pt2)
+    offset, _ = _record_data_span(digits_pt2, name)
+    path = _flipped(digits_pt2, tmp_path / "elf.pt2", offset + 1)  # the "E" of "\x7fELF"
+    x = _x()
+    npy = runtime_helpers.write_npy(tmp_path / "x.npy", x)
+    message = f"self-check failed: record '{name}' does not match its SHA-256 digest"
+    result = _run_cli(path, npy)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("repmlp_infer: error: ") and message in result.stderr, result.stderr
+    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
+        repmlp_rt.Runtime(str(path))
+    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
+        repmlp_rt.infer(str(path), x)
+    with pytest.raises(repmlp_rt.ArtifactError, match="cannot load its program 'forward'"):
+        repmlp_rt.Runtime(str(path), verify=False)
+
+
+def test_a_pt2_without_its_digest_or_probe_is_refused_with_verification_on(digits_pt2, tmp_path):
+    x = _x()
+    npy = runtime_helpers.write_npy(tmp_path / "x.npy", x)
+    intact = repmlp_rt.Runtime(str(digits_pt2)).infer(x)
+    refused = "has no digest.json record, so it cannot be verified"
+    no_digest = _rewrite(digits_pt2, tmp_path / "no-digest.pt2",
+                         lambda n, d: None if n.endswith("extra/digest.json") else d)
+    # As a package built before self-verification: neither record.
+    old = _rewrite(digits_pt2, tmp_path / "old.pt2",
+                   lambda n, d: None if n.endswith(("extra/digest.json", "extra/probe.pt.b64")) else d)
+    for path in (no_digest, old):
+        with pytest.raises(repmlp_rt.ArtifactError, match=refused) as raised:
+            repmlp_rt.Runtime(str(path))
+        assert "--no-verify, verify=False" in str(raised.value)
+        with pytest.raises(repmlp_rt.ArtifactError, match=refused):
+            repmlp_rt.infer(str(path), x)
+        result = _run_cli(path, npy)
+        assert result.returncode == 1 and refused in result.stderr and result.stderr.count("\n") == 1, result.stderr
+        unverified = repmlp_rt.Runtime(str(path), verify=False)
+        relative_close(torch.from_numpy(unverified.infer(x)), torch.from_numpy(intact))
+    # The probe alone still holds for the first; the second has none to run.
+    check = repmlp_rt.Runtime(str(no_digest), verify_digest=False).self_check
+    assert 0 <= check["error"] <= check["tolerance"] == 1e-4
+    with pytest.raises(repmlp_rt.ArtifactError, match="has no probe.pt.b64 record"):
+        repmlp_rt.Runtime(str(old), verify_digest=False)
+
+
+def _skewed(source: Path, target: Path) -> Path:
+    """The .pt2 with forward_images' stored output 1% off, sealed again: every record intact,
+    as a machine that computes 1% off would see it."""
+    def change(name, data):
+        if not name.endswith("extra/probe.pt.b64"):
+            return data
+        probe = integrity.load_probe(base64.b64decode(data))
+        out = probe["forward_images/output"].clone()
+        out[0, 0] += 0.01 * out.abs().max()
+        return integrity.probe_text({**probe, "forward_images/output": out}).encode()
+    return _rewrite(source, target, change, reseal=True)
+
+
+def test_a_pt2_probe_beyond_the_tolerance_is_refused(digits_pt2, tmp_path):
+    path = _skewed(digits_pt2, tmp_path / "skewed.pt2")
+    stored = _probe(path)
+    with torch.no_grad():  # the expected error, from torch's own loader and the stored probe
+        got = Pt2Artifact(str(path), torch.device("cpu")).forward_images(stored["forward_images/input"])
+    ref = stored["forward_images/output"]
+    expected = ((got.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    with pytest.raises(repmlp_rt.ArtifactError, match="self-check failed") as raised:
+        repmlp_rt.Runtime(str(path))
+    found = re.search(r"worst relative error (\S+) in forward_images\(\), tolerance (\S+) \(float32 on cpu\)",
+                      str(raised.value))
+    assert found, str(raised.value)
+    assert float(found.group(1)) == pytest.approx(expected, rel=1e-2)
+    assert float(found.group(2)) == 1e-4
+    assert repmlp_rt.Runtime(str(path), verify=False).self_check is None
+
+
+def test_the_builders_reload_checks_the_pt2_digest_then_its_probe(digits_pt2, weight_flipped, tmp_path):
+    """The reload step's check (build._load_checked) on the built file, a skewed probe and a
+    flipped weight."""
+    build = types.SimpleNamespace(options=types.SimpleNamespace(device=torch.device("cpu"), format="aoti"))
+    written = CompiledArtifact({})
+    manifest = read_manifest(str(digits_pt2))
+    reloaded = build_module._load_checked(build, str(digits_pt2), manifest, written)
+    errors = integrity.probe_errors(reloaded, _probe(digits_pt2), torch.device("cpu"))
+    assert set(errors) == {"forward", "forward_images"} and max(errors.values()) <= 1e-4
+    with pytest.raises(BuildError, match=r"the stored probe's forward_images: relative error \S+ exceeds the tolerance"):
+        build_module._load_checked(build, str(_skewed(digits_pt2, tmp_path / "skewed.pt2")), manifest, written)
+    path, record = weight_flipped
+    # Python's zip reader checks each record's CRC-32 first: the flip is caught there.
+    with pytest.raises(BuildError, match=re.escape(f"the written file fails its own digest: {path}: record {record} "
+                                                   "cannot be read (corrupt file): Bad CRC-32")):
+        build_module._load_checked(build, str(path), manifest, written)
+
+
+def test_the_published_pt2_is_the_verified_file(tmp_path, monkeypatch):
+    """The builder checks the digest of the very bytes it then renames into place, and
+    reports their sha256."""
+    checked = []
+    real_check = integrity.check_digest
+
+    def hashing_check(path):
+        checked.append(hashlib.sha256(open(path, "rb").read()).hexdigest())
+        return real_check(path)
+
+    monkeypatch.setattr(build_module.integrity, "check_digest", hashing_check)
+    out = tmp_path / "digits.pt2"
+    report = build_artifact(out=str(out), format="aoti")
+    published = hashlib.sha256(out.read_bytes()).hexdigest()
+    assert len(checked) == 2 and checked[-1] == published == report.sha256  # reload, then the final file
+    real_check(str(out))
+    assert [p.name for p in tmp_path.iterdir()] == ["digits.pt2"]

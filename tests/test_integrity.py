@@ -192,3 +192,38 @@ def test_the_digest_covers_every_record(small_artifact):
             assert hashlib.sha256(archive.read(member)).hexdigest() == sha
     assert set(digest["records"]) == names - {"extra/digest.json"}
     assert {"extra/manifest.json", "extra/probe.pt", "constants.pkl"} <= set(digest["records"])
+
+
+@pytest.mark.parametrize("names", [
+    ["archive/archive_format", "archive/extra/manifest.json", "archive/data/w.bin"],  # a top folder (both formats)
+    ["archive_format", "extra/manifest.json", "data/w.bin"],  # none
+    ["extra/manifest.json", "archive_format", "data/w.bin"],  # none, a folder first
+])
+def test_seal_and_check_digest_read_either_record_layout(tmp_path, names):
+    path = tmp_path / "a.zip"
+    contents = [b"pt2", b"{}", bytes(range(256)) * 4]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in zip(names, contents):
+            archive.writestr(name, data)
+    top = "archive/" if names[0].startswith("archive/") else ""
+    bare = [name[len(top):] for name in names]
+    digests = integrity.seal(str(path))
+    assert digests == {name: hashlib.sha256(data).hexdigest() for name, data in zip(bare, contents)}
+    with zipfile.ZipFile(path) as archive:
+        assert archive.namelist()[-1] == f"{top}extra/digest.json"  # beside the other records
+        assert json.loads(archive.read(f"{top}extra/digest.json"))["records"] == digests
+    integrity.check_digest(str(path))
+    assert integrity.read_record(str(path), "data/w.bin") == contents[2]
+
+    changed = tmp_path / "changed.zip"  # another w.bin, a CRC-32 that holds, the old digest
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(changed, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, b"other" if info.filename.endswith("w.bin") else src.read(info))
+    with pytest.raises(integrity.IntegrityError, match=re.escape("records differ from digest.json: ['data/w.bin']")):
+        integrity.check_digest(str(changed))
+
+    data = bytearray(path.read_bytes())
+    data[data.find(contents[2]) + 100] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(integrity.IntegrityError, match="record data/w.bin cannot be read"):  # its CRC-32
+        integrity.check_digest(str(path))

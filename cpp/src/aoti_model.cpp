@@ -1,7 +1,8 @@
 // The AOTInductor artifact format (docs/FORMATS.md): a PT2 archive (.pt2) with two programs
 // compiled by AOTInductor, "forward" (the fused network, dynamic batch) and "preprocess"
-// (the image preprocessing, dynamic batch and image size), and extra/manifest.json. The
-// manifest is the only source of the metadata: a compiled program has no methods to ask.
+// (the image preprocessing, dynamic batch and image size), extra/manifest.json and the
+// self-check records extra/probe.pt.b64 and extra/digest.json. The manifest is the only source
+// of the metadata: a compiled program has no methods to ask.
 #include <c10/util/Exception.h>
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
@@ -12,6 +13,7 @@
 #include <sstream>
 #include <unordered_map>
 
+#include "integrity.hpp"
 #include "model.hpp"
 #include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/runtime.hpp"
@@ -24,6 +26,7 @@ namespace repmlp_rt::detail {
 namespace {
 
 constexpr const char* kManifestRecord = "extra/manifest.json";
+const std::string kProbeRecord = std::string("extra/") + integrity::kProbeTextRecord;
 constexpr const char* kForwardProgram = "forward";
 constexpr const char* kPreprocessProgram = "preprocess";
 
@@ -74,9 +77,12 @@ std::string missing_cpu_features(const std::string& isa) {
 
 class AotiModel final : public Model {
  public:
-  AotiModel(const std::string& path, c10::Device device) : path_(path) {
-    read_manifest();
+  AotiModel(const std::string& path, c10::Device device,
+            const std::function<void()>& before_loading_code)
+      : path_(path) {
+    read_records();
     if (metadata_.format_version != kFormatVersion) return;  // Runtime reports it
+    before_loading_code();
     check_compatible(device);
     const c10::DeviceIndex index = device.is_cuda() ? device.index() : -1;
     forward_ = load_program(kForwardProgram, index);
@@ -100,7 +106,8 @@ class AotiModel final : public Model {
     return ArtifactError("'" + path_ + "': " + why);
   }
 
-  void read_manifest() {
+  // The manifest and the probe (absent from packages built before self-verification).
+  void read_records() {
     std::string text;
     try {
       caffe2::serialize::PyTorchStreamReader reader(path_);
@@ -108,6 +115,8 @@ class AotiModel final : public Model {
         throw ArtifactError("'" + path_ + "' is not a RepMLP artifact: an AOTInductor package "
                             "without " + kManifestRecord);
       text = read_record(reader, kManifestRecord);
+      if (reader.hasRecord(kProbeRecord)) metadata_.probe = read_record(reader, kProbeRecord);
+      metadata_.probe_base64 = true;
     } catch (const c10::Error& e) {
       throw ArtifactError("cannot load artifact '" + path_ + "': " + clean_message(e));
     }
@@ -142,6 +151,8 @@ class AotiModel final : public Model {
           path_, kForwardProgram);
     } catch (const c10::Error& e) {
       throw error("cannot read the compiled program's metadata: " + clean_message(e));
+    } catch (const std::exception& e) {  // its JSON parser's errors, with verification off
+      throw error("cannot read the compiled program's metadata: " + clean_message(e.what()));
     }
     const std::string compiled_for = compiled.count("AOTI_DEVICE_KEY") ? compiled["AOTI_DEVICE_KEY"] : device_type_;
     const std::string wanted = device.is_cuda() ? "cuda" : "cpu";
@@ -163,6 +174,8 @@ class AotiModel final : public Model {
           path_, name, /*run_single_threaded=*/false, /*num_runners=*/1, index);
     } catch (const c10::Error& e) {
       throw error(std::string("cannot load its program '") + name + "': " + clean_message(e));
+    } catch (const std::exception& e) {
+      throw error(std::string("cannot load its program '") + name + "': " + clean_message(e.what()));
     }
   }
 
@@ -195,8 +208,9 @@ bool is_aoti_package(const std::string& path) {
   }
 }
 
-std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device) {
-  return std::make_unique<AotiModel>(path, device);
+std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device,
+                                       const std::function<void()>& before_loading_code) {
+  return std::make_unique<AotiModel>(path, device, before_loading_code);
 }
 
 }  // namespace repmlp_rt::detail

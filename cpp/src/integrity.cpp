@@ -14,6 +14,7 @@
 #include <limits>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 
 #include "repmlp_rt/errors.hpp"
@@ -83,7 +84,30 @@ std::string first_line(const std::string& text) {
   return end == std::string::npos ? text : text.substr(0, end);
 }
 
+// Standard base64 with padding, as Python's base64.b64encode writes it; nullopt when `text` is
+// not that.
+std::optional<std::string> decode_base64(const std::string& text) {
+  if (text.size() % 4 != 0 || text.size() > static_cast<size_t>(std::numeric_limits<int>::max()))
+    return std::nullopt;
+  std::string out(text.size() / 4 * 3, '\0');
+  const int decoded = EVP_DecodeBlock(reinterpret_cast<unsigned char*>(out.data()),
+                                      reinterpret_cast<const unsigned char*>(text.data()),
+                                      static_cast<int>(text.size()));
+  if (decoded < 0 || static_cast<size_t>(decoded) != out.size()) return std::nullopt;
+  // EVP_DecodeBlock decodes the padding as zero bytes.
+  size_t padding = 0;
+  while (padding < 2 && padding < text.size() && text[text.size() - 1 - padding] == '=') ++padding;
+  out.resize(out.size() - padding);
+  return out;
+}
+
 }  // namespace
+
+std::string no_digest_message(const std::string& path) {
+  return "'" + path + "' has no " + std::string(kDigestRecord) +
+         " record, so it cannot be verified (built before self-verifying artifacts?): rebuild "
+         "it, or load it with verification off (--no-verify, verify=False)";
+}
 
 std::string read_digest_record(const std::string& path) {
   try {
@@ -131,11 +155,20 @@ void check_digest(const std::string& path, const std::string& digest_json) {
   }
 }
 
-std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_bytes) {
-  if (probe_bytes.empty())
-    fail(path, "has no " + std::string(kProbeRecord) +
+std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_record,
+                                  bool base64) {
+  if (probe_record.empty())
+    fail(path, "has no " + std::string(base64 ? kProbeTextRecord : kProbeRecord) +
                    " record, so it cannot be verified (built before self-verifying artifacts?): "
                    "rebuild it, or load it with verification off (--no-verify, verify=False)");
+  std::optional<std::string> decoded;
+  if (base64) {
+    decoded = decode_base64(probe_record);
+    if (!decoded)
+      fail(path, "self-check failed: the probe record " + std::string(kProbeTextRecord) +
+                     " is not base64 (corrupt file)");
+  }
+  const std::string& probe_bytes = base64 ? *decoded : probe_record;
   c10::IValue value;
   try {
     value = torch::jit::pickle_load(std::vector<char>(probe_bytes.begin(), probe_bytes.end()));

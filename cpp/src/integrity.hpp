@@ -10,9 +10,15 @@
 
 namespace repmlp_rt::integrity {
 
-// Extra-file names; TorchScript keeps extra files under extra/ inside the archive.
+// Extra-file names; both formats keep extra files under extra/ inside the archive. A PT2
+// archive holds the probe's torch.save bytes in base64 (torch's PT2 loader reads extra/ as text).
 inline constexpr const char* kProbeRecord = "probe.pt";
+inline constexpr const char* kProbeTextRecord = "probe.pt.b64";
 inline constexpr const char* kDigestRecord = "digest.json";
+
+// The message for an artifact without the digest record (built before self-verifying
+// artifacts), naming the opt-out.
+std::string no_digest_message(const std::string& path);
 
 // Reads the archive's digest.json record. Returns "" when the file is not a readable zip
 // archive or has no such record (the caller decides what that means).
@@ -29,9 +35,11 @@ struct ProbeCase {
   at::Tensor output;  // float32, what the eager model gave at build time
 };
 
-// The probe.pt record (torch.save of a dict of tensors), one case per entry point, in a
-// fixed order. Throws ArtifactError when it is unreadable or incomplete.
-std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_bytes);
+// The probe record (torch.save of a dict of tensors; `base64`: probe.pt.b64, those bytes in
+// base64), one case per entry point, in a fixed order. Throws ArtifactError when it is absent,
+// unreadable or incomplete.
+std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_record,
+                                  bool base64 = false);
 
 // The tolerance the manifest's probe section gives for `device_type` ("cpu", "cuda").
 // Throws ArtifactError when the manifest has none.

@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,6 +27,7 @@ const char* entry_point_name(EntryPoint entry_point) noexcept;
 struct ModelMetadata {
   std::string manifest_json;  // manifest.json, verbatim ("" when the file has none)
   std::string probe;          // the self-check probe record, verbatim ("" when absent)
+  bool probe_base64 = false;  // `probe` is probe.pt.b64 (a PT2 archive), not probe.pt
   int64_t format_version = 0;
   std::vector<int64_t> input_shape;
   std::vector<std::string> labels;
@@ -52,8 +54,12 @@ std::unique_ptr<Model> load_torchscript_model(const std::string& path, c10::Devi
 // True when `path` is a PT2 archive (by its content: an archive_format record saying "pt2").
 bool is_aoti_package(const std::string& path);
 
-// Loads an AOTInductor package (.pt2, docs/FORMATS.md) for `device`. Throws ArtifactError.
-std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device);
+// Loads an AOTInductor package (.pt2, docs/FORMATS.md) for `device`. Its programs are shared
+// libraries, and loading one runs its code: `before_loading_code` runs first, once the manifest
+// has been read and says this format version (Runtime checks the digest there). Throws
+// ArtifactError, or whatever `before_loading_code` throws.
+std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device,
+                                       const std::function<void()>& before_loading_code);
 
 // c10::Error and loader messages carry backtraces and long explanations: the first
 // meaningful line.

@@ -167,7 +167,6 @@ struct Runtime::Impl {
   std::unique_ptr<detail::Model> model;
   at::ScalarType compute_dtype = at::kFloat;
   bool digest_checked = false;
-  bool aoti = false;  // an AOTInductor package: it carries no probe or digest yet
   bool verified = false;
   double self_check_error = std::numeric_limits<double>::quiet_NaN();
   double self_check_tolerance = std::numeric_limits<double>::quiet_NaN();
@@ -219,14 +218,35 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
 }
 
 // Loads the file; with verification, every record is checked against the artifact's digest
-// (docs/ARTIFACT.md, "Self-verification") on a second thread while the loader reads it:
-// hashing B224's 273 MB takes about a third of a load on one core (benchmarks/RESULTS.md).
-// Its verdict is awaited before anything runs on the loaded graph, and it is the better
-// explanation when the loader fails. A file without a digest is refused in self_check, once
-// the loader and check_metadata have said whether it is an artifact at all.
+// (docs/ARTIFACT.md, "Self-verification").
+//
+// An AOTInductor package's programs are shared libraries: loading one runs its code, and a
+// corrupt one can crash the process. Its digest is checked first, once the manifest has said
+// it is an artifact of this format version, and a package without a digest is refused there.
+//
+// A TorchScript file is only parsed, so its digest is checked on a second thread while the
+// loader reads it: hashing B224's 273 MB takes about a third of a load on one core
+// (benchmarks/RESULTS.md). Its verdict is awaited before anything runs on the loaded graph,
+// and it is the better explanation when the loader fails. A file without a digest is refused
+// in self_check, once the loader and check_metadata have said whether it is an artifact at all.
 void Runtime::Impl::load(const RuntimeOptions& options) {
+  const bool check_digest = options.verify && options.verify_digest;
+  // The format is told from the content: a .pt2 renamed .pt is still an AOTInductor package.
+  if (detail::is_aoti_package(path)) {
+    if (options.optimize)
+      throw InputError("optimize applies to TorchScript artifacts; '" + path +
+                       "' is an AOTInductor package, compiled already");
+    model = detail::load_aoti_model(path, device, [this, check_digest] {
+      if (!check_digest) return;
+      const std::string digest = integrity::read_digest_record(path);
+      if (digest.empty()) throw ArtifactError(integrity::no_digest_message(path));
+      integrity::check_digest(path, digest);
+      digest_checked = true;
+    });
+    return;
+  }
   std::future<void> digest_check;
-  if (options.verify && options.verify_digest) {
+  if (check_digest) {
     std::string digest = integrity::read_digest_record(path);
     if (!digest.empty())
       digest_check = std::async(std::launch::async, [file = path, digest = std::move(digest)] {
@@ -234,16 +254,7 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
       });
   }
   try {
-    // The format is told from the content: a .pt2 renamed .pt is still an AOTInductor package.
-    if (detail::is_aoti_package(path)) {
-      if (options.optimize)
-        throw InputError("optimize applies to TorchScript artifacts; '" + path +
-                         "' is an AOTInductor package, compiled already");
-      aoti = true;
-      model = detail::load_aoti_model(path, device);
-    } else {
-      model = detail::load_torchscript_model(path, device, options.optimize);
-    }
+    model = detail::load_torchscript_model(path, device, options.optimize);
   } catch (...) {
     if (digest_check.valid()) digest_check.get();
     throw;
@@ -296,15 +307,10 @@ void Runtime::Impl::check_metadata() {
 // device type. Returns the warm-up calls still to make.
 int64_t Runtime::Impl::self_check(const RuntimeOptions& options, const Runtime& runtime) {
   int64_t warmup = options.warmup.value_or(device.is_cpu() ? 1 : 2);
-  // .pt2 packages do not carry the self-check records yet (docs/ARTIFACT.md): only
-  // TorchScript artifacts are verified.
-  if (!options.verify || aoti) return warmup;
+  if (!options.verify) return warmup;
   if (options.verify_digest && !digest_checked)
-    throw ArtifactError("'" + path + "' has no " + integrity::kDigestRecord +
-                        " record, so it cannot be verified (built before self-verifying "
-                        "artifacts?): rebuild it, or load it with verification off "
-                        "(--no-verify, verify=False)");
-  const auto probe = integrity::read_probe(path, metadata().probe);
+    throw ArtifactError(integrity::no_digest_message(path));
+  const auto probe = integrity::read_probe(path, metadata().probe, metadata().probe_base64);
   self_check_tolerance =
       integrity::probe_tolerance(path, metadata().manifest_json, device.is_cpu() ? "cpu" : "cuda");
   double worst = 0;

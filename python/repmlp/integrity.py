@@ -11,16 +11,20 @@
   (labels, preprocessing constants, the manifest, a weight bit below the tolerance) cannot
   change silently either.
 
-Both are format-neutral: any zip-based artifact (TorchScript, a torch.export ``.pt2``) can carry
-them. docs/ARTIFACT.md describes the records; the C++ runtime checks them at load
-(cpp/src/integrity.cpp).
+Both formats carry them under ``extra/``: a TorchScript file the probe as ``probe.pt``, a PT2
+archive (``.pt2``) as ``probe.pt.b64``, the same bytes in base64, because torch's PT2 loader
+reads every ``extra/`` record as UTF-8 text. docs/ARTIFACT.md describes the records; the C++
+runtime checks them at load (cpp/src/integrity.cpp).
 """
 
+import base64
+import binascii
 import hashlib
 import io
 import json
 import zipfile
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple
+import zlib
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,12 +32,15 @@ from .utils import output_error
 
 __all__ = [
     "PROBE_RECORD",
+    "PROBE_TEXT_RECORD",
     "DIGEST_RECORD",
     "IntegrityError",
     "probe_tolerances",
     "make_probe",
     "probe_bytes",
+    "probe_text",
     "load_probe",
+    "read_probe_record",
     "probe_section",
     "digest_section",
     "probe_errors",
@@ -43,8 +50,9 @@ __all__ = [
     "check_digest",
 ]
 
-# Extra-file names (TorchScript stores them as extra/<name> inside the archive).
-PROBE_RECORD = "probe.pt"
+# Extra-file names (both formats store them as extra/<name> inside the archive).
+PROBE_RECORD = "probe.pt"  # TorchScript: the torch.save bytes
+PROBE_TEXT_RECORD = "probe.pt.b64"  # PT2: the same bytes in base64 (its extra/ records are text)
 DIGEST_RECORD = "digest.json"
 PROBE_BATCH = 1  # the runtime's default warm-up batch: the probe replaces that call
 DIGEST_ALGORITHM = "sha256"
@@ -104,6 +112,11 @@ def probe_bytes(probe: Mapping[str, torch.Tensor]) -> bytes:
     return buffer.getvalue()
 
 
+def probe_text(probe: Mapping[str, torch.Tensor]) -> str:
+    """The probe as the PT2 archive stores it: :func:`probe_bytes` in base64."""
+    return base64.b64encode(probe_bytes(probe)).decode("ascii")
+
+
 def load_probe(data: bytes) -> Dict[str, torch.Tensor]:
     try:
         probe = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
@@ -114,8 +127,10 @@ def load_probe(data: bytes) -> Dict[str, torch.Tensor]:
     return probe
 
 
-def probe_section(probe: Mapping[str, torch.Tensor], tolerances: Mapping[str, float], reference: str) -> Dict:
-    """The manifest's ``probe`` section."""
+def probe_section(
+    probe: Mapping[str, torch.Tensor], tolerances: Mapping[str, float], reference: str, record: str = PROBE_RECORD
+) -> Dict:
+    """The manifest's ``probe`` section (``record``: PROBE_RECORD or PROBE_TEXT_RECORD)."""
     entry_points: Dict[str, Dict] = {}
     for key, tensor in probe.items():
         method, role = key.split("/")
@@ -124,8 +139,9 @@ def probe_section(probe: Mapping[str, torch.Tensor], tolerances: Mapping[str, fl
             "dtype": str(tensor.dtype).replace("torch.", ""),
         }
     return {
-        "record": PROBE_RECORD,
-        "format": "torch.save of a dict of tensors, '<entry point>/input' and '<entry point>/output'",
+        "record": record,
+        "format": ("base64 of " if record == PROBE_TEXT_RECORD else "")
+        + "torch.save of a dict of tensors, '<entry point>/input' and '<entry point>/output'",
         "entry_points": entry_points,
         "reference": reference,
         "metric": METRIC,
@@ -166,11 +182,23 @@ def digest_section() -> Dict[str, str]:
     }
 
 
+def _top_folder(names: Sequence[str]) -> str:
+    """The folder every record is under, with its slash, as torch's zip reader finds it (the
+    first name up to its first "/": "archive/" in a PT2 archive, the file's stem in a TorchScript
+    one); "" when the records are not all under one folder (names are then taken as they are)."""
+    if not names or "/" not in names[0]:
+        return ""
+    top = names[0].split("/", 1)[0] + "/"
+    return top if all(name.startswith(top) for name in names) else ""
+
+
 def _records(archive: zipfile.ZipFile) -> Dict[str, zipfile.ZipInfo]:
     """Records by name without the archive's top folder, as the C++ reader names them."""
+    infos = archive.infolist()
+    top = _top_folder([info.filename for info in infos])
     records = {}
-    for info in archive.infolist():
-        name = info.filename.split("/", 1)[1] if "/" in info.filename else info.filename
+    for info in infos:
+        name = info.filename[len(top):]
         if name in records:
             raise IntegrityError(f"the archive has two records named {name}")
         records[name] = info
@@ -186,6 +214,21 @@ def read_record(path: str, name: str) -> bytes:
         return archive.read(info)
 
 
+def read_probe_record(path: str) -> bytes:
+    """The probe's torch.save bytes from either format's record (``extra/probe.pt``, or
+    ``extra/probe.pt.b64`` decoded)."""
+    with zipfile.ZipFile(path) as archive:
+        records = _records(archive)
+        if "extra/" + PROBE_RECORD in records:
+            return archive.read(records["extra/" + PROBE_RECORD])
+        if "extra/" + PROBE_TEXT_RECORD in records:
+            try:
+                return base64.b64decode(archive.read(records["extra/" + PROBE_TEXT_RECORD]), validate=True)
+            except binascii.Error as exc:
+                raise IntegrityError(f"{path}: the probe record {PROBE_TEXT_RECORD} is not base64: {exc}") from None
+    raise IntegrityError(f"{path} has no probe record ({PROBE_RECORD} or {PROBE_TEXT_RECORD})")
+
+
 def record_digests(path: str, skip: Optional[str] = "extra/" + DIGEST_RECORD) -> Dict[str, str]:
     """SHA-256 of every record of the zip archive at ``path`` (except ``skip``), by name."""
     digests = {}
@@ -194,9 +237,12 @@ def record_digests(path: str, skip: Optional[str] = "extra/" + DIGEST_RECORD) ->
             if name == skip:
                 continue
             sha = hashlib.sha256()
-            with archive.open(info) as stream:
-                for chunk in iter(lambda: stream.read(1 << 20), b""):
-                    sha.update(chunk)
+            try:
+                with archive.open(info) as stream:
+                    for chunk in iter(lambda: stream.read(1 << 20), b""):
+                        sha.update(chunk)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:  # a CRC-32 that fails, say
+                raise IntegrityError(f"{path}: record {name} cannot be read (corrupt file): {exc}") from None
             digests[name] = sha.hexdigest()
     return digests
 
@@ -206,10 +252,10 @@ def seal(path: str) -> Dict[str, str]:
     ``path``, in place and stored uncompressed; returns the record digests."""
     digests = record_digests(path)
     with zipfile.ZipFile(path) as archive:
-        top = archive.infolist()[0].filename.split("/", 1)[0]
+        top = _top_folder(archive.namelist())  # the new record goes where the others are
     body = json.dumps({"algorithm": DIGEST_ALGORITHM, "records": digests}, indent=1, sort_keys=True)
     with zipfile.ZipFile(path, "a", compression=zipfile.ZIP_STORED) as archive:
-        info = zipfile.ZipInfo(f"{top}/extra/{DIGEST_RECORD}", date_time=(1980, 1, 1, 0, 0, 0))
+        info = zipfile.ZipInfo(f"{top}extra/{DIGEST_RECORD}", date_time=(1980, 1, 1, 0, 0, 0))
         archive.writestr(info, body)
     return digests
 

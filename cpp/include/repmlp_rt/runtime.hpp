@@ -49,14 +49,15 @@ struct RuntimeOptions {
   // Run torch::jit::optimize_for_inference on the loaded module (in memory only, never
   // saved). Off by default: see benchmarks/RESULTS.md for measurements.
   bool optimize = false;
-  // Self-verification at load (docs/ARTIFACT.md): every record of the file must match the
-  // SHA-256 digest it carries, and the stored probe, run as the first warm-up call, must give
-  // the build's outputs within the manifest's tolerance for this device. A failure throws
+  // Self-verification at load (docs/ARTIFACT.md), for both formats: every record of the file
+  // must match the SHA-256 digest it carries (for a .pt2, checked before its compiled libraries
+  // are loaded), and the stored probe, run as the first warm-up call, must give the build's
+  // outputs within the manifest's tolerance for this device. A failure throws
   // ArtifactError ("self-check failed"). Turning it off loads corrupt files without a word:
   // only for those who must load fastest and trust their storage and hardware.
   bool verify = true;
   // With verify: the digest half of the check. Hashing every record costs about 30% of a
-  // B224 load on one core (it runs alongside the loader; benchmarks/RESULTS.md), so it can be
+  // B224 load on one core (alongside the TorchScript loader; benchmarks/RESULTS.md), so it can be
   // turned off alone; the probe still runs. Without it, bytes the probe cannot see (labels,
   // the manifest, a weight bit below the tolerance) may change unnoticed.
   bool verify_digest = true;

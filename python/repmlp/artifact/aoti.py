@@ -6,7 +6,8 @@ The archive holds two compiled programs and the manifest (docs/FORMATS.md):
   dynamic batch N >= 1;
 - ``preprocess``: the image preprocessing (:class:`~repmlp.preprocess.ImageTransform`), uint8
   (N, H, W, 3) with dynamic N, H and W;
-- ``extra/manifest.json``: the manifest, with an ``aoti`` section.
+- ``extra/manifest.json``: the manifest, with an ``aoti`` section;
+- ``extra/probe.pt.b64`` and ``extra/digest.json``: the self-check records (:mod:`repmlp.integrity`).
 
 ``forward_images`` is ``forward(preprocess(images))``, composed by whoever reads the package
 (the C++ runtime, :class:`Pt2Artifact`), so the weights are compiled into one program only.
@@ -97,6 +98,9 @@ class _Composed:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x.float().contiguous())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # the entry point's name, as the probe calls it
+        return self(x)
+
     def forward_images(self, images: torch.Tensor) -> torch.Tensor:
         return self(self._preprocess(images.contiguous()))
 
@@ -146,12 +150,16 @@ def compile_programs(exported: ExportedArtifact) -> CompiledArtifact:
     return CompiledArtifact(files)
 
 
-def write_pt2(compiled: CompiledArtifact, path: str, manifest_text: str) -> None:
-    """One PT2 archive at ``path``: both programs' files and ``extra/manifest.json``."""
+def write_pt2(compiled: CompiledArtifact, path: str, extra_files: Dict[str, str]) -> None:
+    """One PT2 archive at ``path``: both programs' files and ``extra/<name>`` for each of
+    ``extra_files`` (``manifest.json`` among them). Text only: torch's PT2 loader decodes every
+    extra record as UTF-8."""
     from torch.export.pt2_archive._package import package_pt2
 
+    if MANIFEST_NAME not in extra_files:
+        raise BuildError(f"a RepMLP .pt2 needs extra/{MANIFEST_NAME}")
     with open(path, "wb") as fh:  # a file object: package_pt2 wants a .pt2 name otherwise
-        package_pt2(fh, aoti_files=compiled.files, extra_files={MANIFEST_NAME: manifest_text})
+        package_pt2(fh, aoti_files=compiled.files, extra_files=dict(extra_files))
 
 
 class Pt2Artifact(_Composed):

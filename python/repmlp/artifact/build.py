@@ -425,8 +425,8 @@ class Step:
     verify: bool = True  # compare the new form's outputs with the reference
 
 
-def _write_torchscript(module: Any, path: str, manifest: str) -> None:
-    torch.jit.save(module, path, _extra_files={MANIFEST_NAME: manifest})
+def _write_torchscript(module: Any, path: str, extra_files: Dict[str, Any]) -> None:
+    torch.jit.save(module, path, _extra_files=extra_files)
 
 
 def _load_torchscript(path: str, device: torch.device, written: Any) -> Tuple[Any, str]:
@@ -438,8 +438,8 @@ def _load_torchscript(path: str, device: torch.device, written: Any) -> Tuple[An
     return reloaded, extra[MANIFEST_NAME]
 
 
-def _write_pt2(form: Any, path: str, manifest: str) -> None:
-    write_pt2(form.compiled if isinstance(form, Pt2Artifact) else form, path, manifest)
+def _write_pt2(form: Any, path: str, extra_files: Dict[str, Any]) -> None:
+    write_pt2(form.compiled if isinstance(form, Pt2Artifact) else form, path, extra_files)
 
 
 def _load_pt2(path: str, device: torch.device, written: Any) -> Tuple[Any, str]:
@@ -456,8 +456,9 @@ class ArtifactFormat:
     suffix: str  # of the default output path
     temp_suffix: str  # of the temporary file it is written to first
     steps: Tuple[Step, ...]  # after "deploy" (the eager fused wrapper), in order
-    write: Callable[[Any, str, str], None]  # (form, path, manifest text)
+    write: Callable[[Any, str, Dict[str, Any]], None]  # (form, path, extra files: name -> contents)
     load: Callable[[str, torch.device, Any], Tuple[Any, str]]  # (path, device, form written) -> (form, manifest text)
+    probe_record: str  # the probe's extra-file name: integrity.PROBE_RECORD (bytes) or PROBE_TEXT_RECORD
 
 
 FORMATS: Dict[str, ArtifactFormat] = {
@@ -467,6 +468,7 @@ FORMATS: Dict[str, ArtifactFormat] = {
         (Step("script", _script), Step("freeze", _freeze), Step("save", _save, verify=False), Step("reload", _reload)),
         _write_torchscript,
         _load_torchscript,
+        integrity.PROBE_RECORD,
     ),
     # torch.export + AOTInductor: one .pt2 archive with two compiled programs (aoti.py).
     "aoti": ArtifactFormat(
@@ -475,6 +477,7 @@ FORMATS: Dict[str, ArtifactFormat] = {
         (Step("export", _export), Step("compile", _compile, verify=False), Step("save", _save, verify=False), Step("reload", _reload)),
         _write_pt2,
         _load_pt2,
+        integrity.PROBE_TEXT_RECORD,  # torch's PT2 loader reads extra records as UTF-8 text
     ),
 }
 
@@ -535,39 +538,35 @@ def _record(
 
 
 def _write(build: _Build, form: Any, path: str, manifest: Dict[str, Any]) -> None:
-    """Write a form in the build's format. A TorchScript file also gets the self-check probe,
-    then the digest of every record is appended (sealed) before anything reads it back;
-    .pt2 packages carry neither yet (docs/ARTIFACT.md)."""
-    if build.options.format != "torchscript":
-        _format(build).write(form, path, manifest_text(manifest))
-        return
-    torch.jit.save(form, path, _extra_files={
-        MANIFEST_NAME: manifest_text(manifest),
-        integrity.PROBE_RECORD: integrity.probe_bytes(build.probe),
-    })
+    """Write a form in the build's format with its manifest and self-check probe, then append
+    the digest of every record (seal) before anything reads it back (docs/ARTIFACT.md)."""
+    fmt = _format(build)
+    if fmt.probe_record == integrity.PROBE_TEXT_RECORD:
+        probe: Any = integrity.probe_text(build.probe)
+    else:
+        probe = integrity.probe_bytes(build.probe)
+    fmt.write(form, path, {MANIFEST_NAME: manifest_text(manifest), fmt.probe_record: probe})
     integrity.seal(path)
 
 
 def _load_checked(build: _Build, path: str, manifest: Dict[str, Any], written: Any) -> Any:
-    """Reload a written file; its manifest (and methods) must be the ones written. A
-    TorchScript file is read back as the runtime will: every record against its digest, the
-    stored probe within its tolerance."""
-    torchscript = build.options.format == "torchscript"
-    if torchscript:
-        try:
-            integrity.check_digest(path)
-        except integrity.IntegrityError as exc:
-            raise BuildError(f"the written file fails its own digest: {exc}") from None
+    """Reload a written file as the runtime will: every record against its digest first (a
+    .pt2's programs are shared libraries, loaded only once their bytes are known to be the
+    ones written), then the file itself, whose manifest (and methods) must be the ones
+    written, and the stored probe within its tolerance."""
+    try:
+        integrity.check_digest(path)
+    except integrity.IntegrityError as exc:
+        raise BuildError(f"the written file fails its own digest: {exc}") from None
     reloaded, text = _format(build).load(path, build.options.device, written)
     if json.loads(text) != manifest:
         raise BuildError("the manifest read back differs from the one written")
-    if torchscript:
-        device = build.options.device
-        tolerance = manifest["probe"]["tolerance"][device.type]
-        probe = integrity.load_probe(integrity.read_record(path, "extra/" + integrity.PROBE_RECORD))
-        for method, rel in integrity.probe_errors(reloaded, probe, device).items():
-            if not rel <= tolerance:
-                raise BuildError(f"the stored probe's {method}: relative error {rel:.3e} exceeds the tolerance {tolerance:.1e}")
+    device = build.options.device
+    tolerance = manifest["probe"]["tolerance"][device.type]
+    probe = integrity.load_probe(integrity.read_probe_record(path))
+    for method, rel in integrity.probe_errors(reloaded, probe, device).items():
+        if not rel <= tolerance:
+            raise BuildError(f"the stored probe's {method}: relative error {rel:.3e} exceeds the tolerance {tolerance:.1e}")
     return reloaded
 
 
@@ -697,10 +696,9 @@ def _manifest(
     manifest["file_format"] = opts.format
     if opts.format == "aoti":
         manifest["aoti"] = aoti_section(opts.device)
-    else:
-        tolerances = integrity.probe_tolerances(opts.dtype, str(opts.device), opts.tolerance)
-        manifest["probe"] = integrity.probe_section(
-            probe, tolerances, f"the loaded model in eval mode, float32, on {opts.device}"
-        )
-        manifest["digest"] = integrity.digest_section()
+    tolerances = integrity.probe_tolerances(opts.dtype, str(opts.device), opts.tolerance)
+    manifest["probe"] = integrity.probe_section(
+        probe, tolerances, f"the loaded model in eval mode, float32, on {opts.device}", FORMATS[opts.format].probe_record
+    )
+    manifest["digest"] = integrity.digest_section()
     return manifest

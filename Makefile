@@ -81,6 +81,7 @@ LATEST_PY    := $(LATEST_VENV)/bin/python
 test-torch-latest: $(STAMP)/system
 	@[ -x $(LATEST_PY) ] || $(PYTHON) -m venv $(LATEST_VENV)
 	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q torch==$(TORCH_LATEST) $(filter-out torch==%,$(PY_DEPS))
+	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q -r requirements-serve.txt
 	REPMLP_CMAKE_BUILD_DIR=build/cmake-torch-latest PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q --no-build-isolation .
 	PATH=$(abspath $(LATEST_VENV)/bin):$$PATH $(LATEST_PY) -m pytest
 

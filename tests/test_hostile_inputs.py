@@ -98,6 +98,25 @@ def test_garbage_and_truncated_jpegs(fake_artifact, tmp_path, small_jpeg):
         assert_error(run_cli(fake_artifact, path), 1, "cannot decode image")
 
 
+def test_a_corrupt_jpeg_that_decodes_always_decodes_the_same(fake_artifact, tmp_path):
+    # A JPEG from the fuzz suite (tests/fuzz.py, seed 0, case 138: 13 bytes overwritten at
+    # offset 16) that stb_image still decodes while reading memory it never wrote: before its
+    # allocations were zeroed, each decode gave other pixels and the CLI other logits.
+    path = os.path.join(os.path.dirname(__file__), "data", "corrupt_decodable.jpg")
+    first = repmlp_rt.decode_image(path)
+    for round_ in range(8):
+        junk = [bytearray(os.urandom(1)) * (4096 + 512 * i) for i in range(32)]  # dirty the heap
+        del junk
+        np.testing.assert_array_equal(repmlp_rt.decode_image(path), first, err_msg=f"decode {round_ + 2}")
+    runtime = repmlp_rt.Runtime(fake_artifact)
+    expected = runtime.infer(first[None])
+    for _ in range(2):
+        out = tmp_path / "logits.npy"
+        result = run_cli(fake_artifact, path, "--output", str(out))
+        assert result.returncode == 0, result.stderr
+        np.testing.assert_array_equal(np.load(out), expected)
+
+
 def test_npy_header_claiming_a_huge_shape_allocates_nothing(fake_artifact, tmp_path):
     # (10^12, 3, 32, 32) floats would be 12 PB: refused from the header and the file size.
     header = "{'descr': '<f4', 'fortran_order': False, 'shape': (1000000000000, 3, 32, 32), }"

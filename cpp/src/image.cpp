@@ -9,12 +9,30 @@
 #include <utility>
 
 #if defined(REPMLP_RT_WITH_STB)
-#if defined(REPMLP_RT_STB_HEADER_ONLY)
-// Only the header was found (e.g. unpacked with cpp/scripts/unpack_header_deps.sh): compile
-// the implementation here, with internal linkage.
+#include <cstdlib>
+#include <cstring>
+
+namespace {
+// stb_image reads memory it never wrote when some corrupt JPEGs still decode (valgrind:
+// "conditional jump depends on uninitialised value" inside its JPEG decoder), so the same
+// file gave different pixels from one call to the next. Every buffer it allocates or grows
+// starts zeroed: a corrupt file that decodes always decodes to the same image.
+void* stb_zeroed_realloc(void* old, size_t old_size, size_t new_size) {
+  void* grown = std::realloc(old, new_size);
+  if (grown && new_size > old_size)
+    std::memset(static_cast<char*>(grown) + old_size, 0, new_size - old_size);
+  return grown;
+}
+}  // namespace
+
+// The implementation is compiled here, with internal linkage, rather than taken from a shared
+// libstb, so that these allocators apply.
+#define STBI_MALLOC(size) std::calloc(1, size)
+#define STBI_REALLOC(pointer, size) std::realloc(pointer, size)
+#define STBI_REALLOC_SIZED(pointer, old_size, new_size) stb_zeroed_realloc(pointer, old_size, new_size)
+#define STBI_FREE(pointer) std::free(pointer)
 #define STB_IMAGE_STATIC
 #define STB_IMAGE_IMPLEMENTATION
-#endif
 #include <stb/stb_image.h>
 #endif
 #if defined(REPMLP_RT_WITH_ZLIB)

@@ -77,13 +77,14 @@ fuzz: install
 TORCH_LATEST ?= 2.15.0
 LATEST_VENV  := .venv-torch-latest
 LATEST_PY    := $(LATEST_VENV)/bin/python
+LATEST_BUILD := build/cmake-torch-latest
 
 test-torch-latest: $(STAMP)/system
 	@[ -x $(LATEST_PY) ] || $(PYTHON) -m venv $(LATEST_VENV)
 	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q torch==$(TORCH_LATEST) $(filter-out torch==%,$(PY_DEPS))
 	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q -r requirements-serve.txt
-	REPMLP_CMAKE_BUILD_DIR=build/cmake-torch-latest PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q --no-build-isolation .
-	PATH=$(abspath $(LATEST_VENV)/bin):$$PATH $(LATEST_PY) -m pytest
+	REPMLP_CMAKE_BUILD_DIR=$(LATEST_BUILD) PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q --no-build-isolation .
+	REPMLP_CMAKE_BUILD_DIR=$(LATEST_BUILD) PATH=$(abspath $(LATEST_VENV)/bin):$$PATH $(LATEST_PY) -m pytest
 
 bench: install
 	$(PIP) install -q $(BENCH_DEPS)

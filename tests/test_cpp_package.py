@@ -16,7 +16,8 @@ import pytest
 from helpers import repmlp_infer_binary
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILD_TREE = ROOT / "build" / "cmake"
+# The CMake build folder setup.py used (make test-torch-latest builds in another one).
+BUILD_TREE = ROOT / os.environ.get("REPMLP_CMAKE_BUILD_DIR", "build/cmake")
 DIGITS = sorted((ROOT / "examples" / "digits" / "images").glob("*.png"))
 HEADERS = ["errors.hpp", "image.hpp", "npy.hpp", "runtime.hpp"]
 
@@ -104,7 +105,7 @@ def test_each_public_header_compiles_alone(prefix, tmp_path):
     (source / "CMakeLists.txt").write_text(
         "cmake_minimum_required(VERSION 3.21)\n"
         "project(repmlp_rt_headers LANGUAGES CXX)\n"
-        "set(CMAKE_CXX_STANDARD 17)\n"
+        "set(CMAKE_CXX_STANDARD 17)\n"  # older than the headers need: the package raises it
         "find_package(repmlp_rt CONFIG REQUIRED)\n"
         f"add_library(headers OBJECT {' '.join(f'{h}.cpp' for h in HEADERS)})\n"
         "target_link_libraries(headers PRIVATE repmlp_rt::runtime)\n")

@@ -401,10 +401,9 @@ def weight_flipped(digits_pt2, digits_eager, tmp_path):
     return _flipped(digits_pt2, tmp_path / "flipped.pt2", offset + at + element), name
 
 
-def test_a_flipped_weight_byte_in_a_pt2_fails_the_self_check_everywhere(weight_flipped, digits_pt2, tmp_path):
-    path, record = weight_flipped
-    x = _x()
-    npy = runtime_helpers.write_npy(tmp_path / "x.npy", x)
+def _assert_digest_refusal_everywhere(path, npy, x, record):
+    """repmlp_infer (exit 1, one line), repmlp_rt.Runtime and repmlp_rt.infer all refuse the
+    file because ``record`` no longer matches its digest."""
     message = f"self-check failed: record '{record}' does not match its SHA-256 digest"
     result = _run_cli(path, npy)
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
@@ -413,6 +412,13 @@ def test_a_flipped_weight_byte_in_a_pt2_fails_the_self_check_everywhere(weight_f
         repmlp_rt.Runtime(str(path))
     with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
         repmlp_rt.infer(str(path), x)
+
+
+def test_a_flipped_weight_byte_in_a_pt2_fails_the_self_check_everywhere(weight_flipped, digits_pt2, tmp_path):
+    path, record = weight_flipped
+    x = _x()
+    npy = runtime_helpers.write_npy(tmp_path / "x.npy", x)
+    _assert_digest_refusal_everywhere(path, npy, x, record)
 
     # Without the digest, the probe sees this flip.
     probe_message = "self-check failed: worst relative error"
@@ -443,14 +449,7 @@ def test_a_flipped_byte_in_the_compiled_library_is_refused_before_it_is_loaded(d
     path = _flipped(digits_pt2, tmp_path / "elf.pt2", offset + 1)  # the "E" of "\x7fELF"
     x = _x()
     npy = runtime_helpers.write_npy(tmp_path / "x.npy", x)
-    message = f"self-check failed: record '{name}' does not match its SHA-256 digest"
-    result = _run_cli(path, npy)
-    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
-    assert result.stderr.startswith("repmlp_infer: error: ") and message in result.stderr, result.stderr
-    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
-        repmlp_rt.Runtime(str(path))
-    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
-        repmlp_rt.infer(str(path), x)
+    _assert_digest_refusal_everywhere(path, npy, x, name)
     with pytest.raises(repmlp_rt.ArtifactError, match="cannot load its program 'forward'"):
         repmlp_rt.Runtime(str(path), verify=False)
 

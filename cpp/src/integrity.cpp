@@ -103,8 +103,8 @@ std::optional<std::string> decode_base64(const std::string& text) {
 
 }  // namespace
 
-std::string no_digest_message(const std::string& path) {
-  return "'" + path + "' has no " + std::string(kDigestRecord) +
+std::string missing_record_message(const std::string& path, const std::string& record) {
+  return "'" + path + "' has no " + record +
          " record, so it cannot be verified (built before self-verifying artifacts?): rebuild "
          "it, or load it with verification off (--no-verify, verify=False)";
 }
@@ -158,9 +158,7 @@ void check_digest(const std::string& path, const std::string& digest_json) {
 std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_record,
                                   bool base64) {
   if (probe_record.empty())
-    fail(path, "has no " + std::string(base64 ? kProbeTextRecord : kProbeRecord) +
-                   " record, so it cannot be verified (built before self-verifying artifacts?): "
-                   "rebuild it, or load it with verification off (--no-verify, verify=False)");
+    throw ArtifactError(missing_record_message(path, base64 ? kProbeTextRecord : kProbeRecord));
   std::optional<std::string> decoded;
   if (base64) {
     decoded = decode_base64(probe_record);

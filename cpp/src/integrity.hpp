@@ -16,9 +16,9 @@ inline constexpr const char* kProbeRecord = "probe.pt";
 inline constexpr const char* kProbeTextRecord = "probe.pt.b64";
 inline constexpr const char* kDigestRecord = "digest.json";
 
-// The message for an artifact without the digest record (built before self-verifying
-// artifacts), naming the opt-out.
-std::string no_digest_message(const std::string& path);
+// The message for an artifact without one of the self-check records (built before
+// self-verifying artifacts), naming the opt-out.
+std::string missing_record_message(const std::string& path, const std::string& record);
 
 // Reads the archive's digest.json record. Returns "" when the file is not a readable zip
 // archive or has no such record (the caller decides what that means).

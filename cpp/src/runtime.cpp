@@ -239,7 +239,8 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
     model = detail::load_aoti_model(path, device, [this, check_digest] {
       if (!check_digest) return;
       const std::string digest = integrity::read_digest_record(path);
-      if (digest.empty()) throw ArtifactError(integrity::no_digest_message(path));
+      if (digest.empty())
+        throw ArtifactError(integrity::missing_record_message(path, integrity::kDigestRecord));
       integrity::check_digest(path, digest);
       digest_checked = true;
     });
@@ -309,7 +310,7 @@ int64_t Runtime::Impl::self_check(const RuntimeOptions& options, const Runtime& 
   int64_t warmup = options.warmup.value_or(device.is_cpu() ? 1 : 2);
   if (!options.verify) return warmup;
   if (options.verify_digest && !digest_checked)
-    throw ArtifactError(integrity::no_digest_message(path));
+    throw ArtifactError(integrity::missing_record_message(path, integrity::kDigestRecord));
   const auto probe = integrity::read_probe(path, metadata().probe, metadata().probe_base64);
   self_check_tolerance =
       integrity::probe_tolerance(path, metadata().manifest_json, device.is_cpu() ? "cpu" : "cuda");

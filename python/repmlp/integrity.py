@@ -39,6 +39,7 @@ __all__ = [
     "make_probe",
     "probe_bytes",
     "probe_text",
+    "probe_record_contents",
     "load_probe",
     "read_probe_record",
     "probe_section",
@@ -115,6 +116,12 @@ def probe_bytes(probe: Mapping[str, torch.Tensor]) -> bytes:
 def probe_text(probe: Mapping[str, torch.Tensor]) -> str:
     """The probe as the PT2 archive stores it: :func:`probe_bytes` in base64."""
     return base64.b64encode(probe_bytes(probe)).decode("ascii")
+
+
+def probe_record_contents(probe: Mapping[str, torch.Tensor], record: str) -> Any:
+    """What a format writes under ``record`` (PROBE_RECORD: bytes, PROBE_TEXT_RECORD: base64
+    text); :func:`read_probe_record` reads either back."""
+    return probe_text(probe) if record == PROBE_TEXT_RECORD else probe_bytes(probe)
 
 
 def load_probe(data: bytes) -> Dict[str, torch.Tensor]:

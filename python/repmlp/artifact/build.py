@@ -541,10 +541,7 @@ def _write(build: _Build, form: Any, path: str, manifest: Dict[str, Any]) -> Non
     """Write a form in the build's format with its manifest and self-check probe, then append
     the digest of every record (seal) before anything reads it back (docs/ARTIFACT.md)."""
     fmt = _format(build)
-    if fmt.probe_record == integrity.PROBE_TEXT_RECORD:
-        probe: Any = integrity.probe_text(build.probe)
-    else:
-        probe = integrity.probe_bytes(build.probe)
+    probe = integrity.probe_record_contents(build.probe, fmt.probe_record)
     fmt.write(form, path, {MANIFEST_NAME: manifest_text(manifest), fmt.probe_record: probe})
     integrity.seal(path)
 

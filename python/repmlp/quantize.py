@@ -1,20 +1,20 @@
 """int8 weights with dynamically quantized activations for the fused RepMLPNet (``--dtype int8``).
 
-Each large GEMM of the fused model (both FFN layers of every unit, and fc3 where a stage has one
-shareset) becomes an :class:`Int8Linear`: the weight is stored as int8 with one symmetric scale
-per output channel, and at every call each row of the activation matrix (one pixel's channels,
-or one channel's map for fc3) is scaled by its own max |value| to int8, multiplied with
-``torch._int_mm`` (int8 x int8 -> int32; oneDNN on x86, VNNI/AMX where the CPU has them), and
-the int32 sums are rescaled to float32. Scales per row make the result of an image independent of
-what else is in the batch. Everything else (the embedding convs, the global perceptron, fc3 of
-stages with several sharesets, the head) stays float32.
+Each large GEMM of the fused model (both FFN layers of every unit, and fc3 in stages with at most
+``MAX_INT8_SHARESETS`` sharesets, one GEMM per shareset) runs in int8: the weight is stored as
+int8 with one symmetric scale per output channel, and at every call each row of the activation
+matrix (one pixel's channels, or one channel's map for fc3) is scaled by its own max |value| to
+int8, multiplied with ``torch._int_mm`` (int8 x int8 -> int32; oneDNN on x86, VNNI/AMX where the
+CPU has them), and the int32 sums are rescaled to float32. Scales per row make the result of an
+image independent of what else is in the batch. Everything else (the embedding convs, the global
+perceptron, fc3 of stages with more sharesets, the head) stays float32.
 
 Plain int8 tensors and an ATen op, rather than ``torch.ao.quantization`` or quantized tensors
 (both deprecated in torch 2.13 and announced for removal): the scripted, frozen graph holds
 ordinary int8 constants, and the C++ runtime runs it like any float32 artifact.
 """
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,7 +36,43 @@ __all__ = [
 
 # Symmetric int8: values in [-127, 127] (the -128 code is left out so that scales are symmetric).
 INT8_LEVELS = 127
+# fc3 runs one int8 GEMM per shareset; past this many, each is too small for its quantization
+# passes and call overhead to pay (B224's last stage, 128 sets of 49x49: no faster than float32,
+# 1 thread, batch 1 and 8, benchmarks/RESULTS.md); its first three stages (1-32 sets) gain.
+MAX_INT8_SHARESETS = 32
 ACTIVATION_SCHEME = "dynamic, symmetric int8 per row (each pixel or map row scaled by its own max |value| at call time)"
+
+
+def _quantize_rows(x: torch.Tensor, levels: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, per-row step) of a float matrix, each row scaled by its own max |value|."""
+    # Each pass measured (TorchScript fuses nothing on CPU): amax and amin beat abs().amax()
+    # and aminmax; scale, round and cast are the three passes left.
+    row_max = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg()).clamp_min_(1e-30)
+    return (x * (levels / row_max)).round_().to(torch.int8), row_max / levels
+
+
+def _int8_matmul(
+    codes: torch.Tensor,
+    row_step: torch.Tensor,
+    weight_t: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor,
+    out: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """``codes @ weight_t`` rescaled to float32, plus bias; written into ``out`` when given."""
+    # Dequantized in place: the int32 -> float32 cast, the row scale, then the column scale and
+    # the bias in one addcmul (8% faster on B224 than an out-of-place mul and two passes).
+    y = torch._int_mm(codes, weight_t).float().mul_(row_step)
+    return torch.addcmul(bias, y, weight_scale, out=y if out is None else out)
+
+
+def _quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of (..., out, in) weights: symmetric int8, one scale per output row."""
+    weight = weight.detach().double()
+    scale = weight.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_LEVELS
+    codes = torch.round(weight / scale.unsqueeze(-1)).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    # (..., in, out) contiguous: the layout torch._int_mm measured fastest with (K-major B).
+    return codes.transpose(-1, -2).contiguous(), scale.float()
 
 
 class Int8Linear(nn.Module):
@@ -47,23 +83,14 @@ class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         super().__init__()
         self.levels = float(INT8_LEVELS)
-        weight = weight.detach().double()
-        scale = weight.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_LEVELS
-        q = torch.round(weight / scale[:, None]).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
-        # (in, out) contiguous: the layout torch._int_mm measured fastest with (K-major B).
-        self.register_buffer("weight_t", q.t().contiguous())
-        self.register_buffer("weight_scale", scale.float())
+        codes, scale = _quantize_weight(weight)
+        self.register_buffer("weight_t", codes)
+        self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias.detach().float())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Few passes over memory (TorchScript fuses nothing on CPU), each variant measured:
-        # amax and amin (faster than abs().amax() or aminmax), scale-round-cast of x, then one
-        # int32 x float32 multiply (the cast happens in the same pass) and two in-place passes.
-        x = x.float()
-        row_max = torch.maximum(x.amax(1, keepdim=True), x.amin(1, keepdim=True).neg()).clamp_min_(1e-30)
-        xq = (x * (self.levels / row_max)).round_().to(torch.int8)
-        acc = torch._int_mm(xq, self.weight_t)
-        return torch.mul(acc, row_max / self.levels).mul_(self.weight_scale).add_(self.bias)
+    def forward(self, x: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        codes, row_step = _quantize_rows(x, self.levels)
+        return _int8_matmul(codes, row_step, self.weight_t, self.weight_scale, self.bias, out)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The (out, in) float weight the int8 codes stand for."""
@@ -87,39 +114,60 @@ class Int8ConvFFN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         tokens = x.permute(0, 2, 3, 1).reshape(n * h * w, c)
-        rows = tokens.shape[0]
-        chunks: List[torch.Tensor] = []
-        for start in range(0, max(rows, 1), self.chunk_rows):
-            chunks.append(self.fc2(self.act(self.fc1(tokens[start : start + self.chunk_rows]))))
-        out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        # Each chunk's result goes straight into its rows of the output (no cat pass).
+        out = torch.empty(n * h * w, c, dtype=torch.float32, device=x.device)
+        for start in range(0, max(n * h * w, 1), self.chunk_rows):
+            stop = start + self.chunk_rows
+            self.fc2(self.act(self.fc1(tokens[start:stop])), out[start:stop])
         return out.reshape(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class Int8RepMLPBlock(nn.Module):
-    """A reparameterized :class:`RepMLPBlock` with one shareset, fc3 in int8 (rows: channel maps)."""
+    """A reparameterized :class:`RepMLPBlock` with fc3 in int8: one GEMM per shareset, whose
+    rows are the channel maps of that shareset (channels ``s, s + sets, ...``)."""
+
+    levels: torch.jit.Final[float]
+    num_sharesets: torch.jit.Final[int]
 
     def __init__(self, block: RepMLPBlock) -> None:
         super().__init__()
-        assert block.is_reparameterized and block.num_sharesets == 1
-        area = block.partition_h * block.partition_w
-        assert block.fc3.bias is not None
+        assert block.is_reparameterized and block.fc3.bias is not None
+        sets, area = block.num_sharesets, block.partition_h * block.partition_w
+        self.levels = float(INT8_LEVELS)
+        self.num_sharesets = sets
         self.gp = block.gp
-        self.fc3 = Int8Linear(block.fc3.weight.reshape(area, area), block.fc3.bias)
+        codes, scale = _quantize_weight(block.fc3.weight.reshape(sets, area, area))
+        self.register_buffer("weight_t", codes)  # (sets, in, out)
+        self.register_buffer("weight_scale", scale)  # (sets, out)
+        self.register_buffer("bias", block.fc3.bias.detach().float().reshape(sets, area))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
         gate = self.gp(x)
-        return self.fc3(x.reshape(n * c, h * w)).reshape(n, c, h, w) * gate
+        sets = self.num_sharesets
+        codes, row_step = _quantize_rows(x.reshape(n * c, h * w), self.levels)
+        codes, row_step = codes.reshape(-1, sets, h * w), row_step.reshape(-1, sets, 1)
+        out = torch.empty(n, c, h, w, dtype=torch.float32, device=x.device)
+        rows = out.view(-1, sets, h * w)
+        for s in range(sets):
+            _int8_matmul(codes[:, s], row_step[:, s], self.weight_t[s], self.weight_scale[s], self.bias[s], rows[:, s])
+        return out.mul_(gate)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The (sets, out, in) float fc3 matrices the int8 codes stand for."""
+        return self.weight_t.transpose(1, 2).float() * self.weight_scale[:, :, None]
 
 
 def quantize_int8(fused: RepMLPNet) -> RepMLPNet:
-    """Replace the large GEMMs of a fused model by :class:`Int8Linear` layers, in place."""
+    """Replace the large GEMMs of a fused model by int8 ones, in place: both FFN GEMMs of every
+    unit (:class:`Int8ConvFFN`) and fc3 of the stages with at most ``MAX_INT8_SHARESETS``
+    sharesets (:class:`Int8RepMLPBlock`)."""
     if fused.form != "fused":
         raise ValueError(f"int8 quantization needs the fused model (repmlp.fuse_model), got the {fused.form} form")
     for unit in fused.modules():
         if not isinstance(unit, RepMLPNetUnit):
             continue
-        if unit.repmlp_block.num_sharesets == 1:
+        if unit.repmlp_block.num_sharesets <= MAX_INT8_SHARESETS:
             unit.repmlp_block = Int8RepMLPBlock(unit.repmlp_block)
         unit.ffn_block = Int8ConvFFN(unit.ffn_block)
     return fused
@@ -127,13 +175,15 @@ def quantize_int8(fused: RepMLPNet) -> RepMLPNet:
 
 def int8_weight_count(model: nn.Module) -> int:
     """Weights held as int8 codes (buffers, so ``parameters()`` does not count them)."""
-    return sum(m.weight_t.numel() + m.bias.numel() for m in model.modules() if isinstance(m, Int8Linear))
+    layers = (Int8Linear, Int8RepMLPBlock)
+    return sum(m.weight_t.numel() + m.bias.numel() for m in model.modules() if isinstance(m, layers))
 
 
 def int8_gemm_count(config: ArchConfig) -> int:
     """How many int8 GEMMs an image passes through, one after the other (they are all in
-    sequence): two per FFN, one per fc3 of a single-shareset stage."""
-    return sum(depth * (2 + (sets == 1)) for depth, sets in zip(config.depths, config.sharesets))
+    sequence): two per FFN, one per fc3 with at most ``MAX_INT8_SHARESETS`` sharesets (the
+    GEMMs of its sharesets run side by side, on different channels)."""
+    return sum(depth * (2 + (sets <= MAX_INT8_SHARESETS)) for depth, sets in zip(config.depths, config.sharesets))
 
 
 def int8_tolerance(config: ArchConfig) -> float:
@@ -149,16 +199,21 @@ def int8_tolerance(config: ArchConfig) -> float:
     return int8_gemm_count(config) / INT8_LEVELS
 
 
+def _stage_list(stages: List[int]) -> str:
+    return ", ".join(str(i) for i in stages) if stages else "(none)"
+
+
 def quantization_record(config: ArchConfig) -> Dict[str, Any]:
     """The manifest's ``quantization`` entry of an int8 artifact."""
     return {
         "weights": "int8, symmetric, one scale per output channel (max |w| / 127)",
         "activations": ACTIVATION_SCHEME,
         "calibration": "none (scales are computed from each input at call time)",
-        "int8_layers": "both FFN GEMMs of every unit; fc3 of single-shareset stages",
+        "int8_layers": "both FFN GEMMs of every unit; fc3 (one GEMM per shareset) of stages "
+        + _stage_list([i for i, sets in enumerate(config.sharesets) if sets <= MAX_INT8_SHARESETS]),
         "int8_gemms_per_image": int8_gemm_count(config),
-        "kept_float": "float32: patch embedding and downsampling convs, global perceptron, fc3 of "
-        "multi-shareset stages, BNs, GELU, head",
+        "kept_float": "float32: patch embedding and downsampling convs, global perceptron, BNs, GELU, head; fc3 of "
+        "stages " + _stage_list([i for i, sets in enumerate(config.sharesets) if sets > MAX_INT8_SHARESETS]),
         "kernel": "torch._int_mm (int8 x int8 -> int32, ATen); no torch.ao.quantization, no quantized tensors",
     }
 

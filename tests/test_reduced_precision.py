@@ -18,7 +18,7 @@ from repmlp import fuse_model
 from repmlp.artifact import build_artifact
 from repmlp.preprocess import ImageTransform
 from repmlp.model import RepMLPBlock
-from repmlp.quantize import ACTIVATION_SCHEME, INT8_LEVELS, Int8Linear, Int8RepMLPBlock, quantize_int8
+from repmlp.quantize import ACTIVATION_SCHEME, GELU_MIN, INT8_LEVELS, Int8Linear, Int8RepMLPBlock, quantize_int8
 from repmlp.utils import randomize_model_
 from repmlp.variants import get_variant
 
@@ -116,6 +116,24 @@ def fake_quantized_rows(x: torch.Tensor) -> torch.Tensor:
     """Each row rounded to int8 steps of its own max |value| / 127, in float64."""
     step = x.double().abs().amax(1, keepdim=True) / INT8_LEVELS
     return torch.round(x.double() / step) * step
+
+
+def test_int8_layer_on_gelu_outputs_needs_no_row_minimum():
+    """fc2 takes GELU's minimum as its inputs' lower bound instead of reading each row's minimum:
+    the same numbers whenever a row's max reaches |GELU_MIN|, and steps of |GELU_MIN| / 127
+    (no clipping) for rows below it."""
+    grid = torch.nn.functional.gelu(torch.linspace(-20, 20, 4_000_001))
+    assert grid.min() >= GELU_MIN
+    gen = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(32, 96, generator=gen), torch.randn(32, generator=gen)
+    reads_min, bounded = Int8Linear(weight, bias), Int8Linear(weight, bias, input_lower_bound=GELU_MIN)
+    x = torch.nn.functional.gelu(torch.randn(64, 96, generator=gen) * 3)
+    assert (x.amax(1) >= -GELU_MIN).all()
+    torch.testing.assert_close(bounded(x), reads_min(x), rtol=0, atol=0)
+    small = torch.nn.functional.gelu(torch.randn(4, 96, generator=gen) * 0.05)  # every value < 0.17
+    step = -GELU_MIN / INT8_LEVELS
+    expected = torch.round(small.double() / step) * step @ bounded.dequantized_weight().double().t() + bias.double()
+    relative_close(bounded(small).double(), expected, rtol=1e-5)
 
 
 def test_int8_fc3_with_several_sharesets_matches_a_float64_model_of_its_rounding():

@@ -167,7 +167,7 @@ def flatten_outputs(outputs: Any) -> torch.Tensor:
 def probe_errors(module, probe: Mapping[str, torch.Tensor], device: torch.device) -> Dict[str, float]:
     """Relative error of each entry point of ``module`` on the probe (the manifest's metric)."""
     errors = {}
-    with torch.no_grad():
+    with torch.no_grad(), torch.jit.optimized_execution(False):  # as the C++ runtime runs TorchScript
         for key in probe:
             method, role = key.split("/")
             if role != "input":

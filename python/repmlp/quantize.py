@@ -166,7 +166,9 @@ class Int8RepMLPBlock(nn.Module):
         n, c, h, w = x.shape
         gate = self.gp(x)
         sets = self.num_sharesets
-        codes, row_step = _quantize_rows(x.reshape(n * c, h * w), self.levels, None)
+        # Row-major maps: with a channels-last x (what forward_images produces), reshape gives a
+        # column-major view, and _int_mm on column slices of its codes ran ~100x slower.
+        codes, row_step = _quantize_rows(x.reshape(n * c, h * w).contiguous(), self.levels, None)
         codes, row_step = codes.reshape(-1, sets, h * w), row_step.reshape(-1, sets, 1)
         out = torch.empty(n, c, h, w, dtype=torch.float32, device=x.device)
         rows = out.view(-1, sets, h * w)

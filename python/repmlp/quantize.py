@@ -41,8 +41,8 @@ __all__ = [
 # Symmetric int8: values in [-127, 127] (the -128 code is left out so that scales are symmetric).
 INT8_LEVELS = 127
 # fc3 runs one int8 GEMM per shareset; past this many, each is too small for its quantization
-# passes and call overhead to pay (B224's last stage, 128 sets of 49x49: no faster than float32,
-# 1 thread, batch 1 and 8, benchmarks/RESULTS.md); its first three stages (1-32 sets) gain.
+# passes and call overhead to pay: B224's last stage (128 sets of 49x49) in int8 gave no
+# consistent gain (benchmarks/RESULTS.md), its first three stages (1-32 sets) did.
 MAX_INT8_SHARESETS = 32
 # GELU(x) >= -0.16997 (its minimum, at x = -0.7518); rounded down so that the bound holds.
 GELU_MIN = -0.17

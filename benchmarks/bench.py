@@ -23,8 +23,8 @@ Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN stat
                 bf16 and int8 (the ceilings of the bf16 and int8 rows); 4096^3 each
 
 Noise control (the machine is shared): for each (threads, batch) cell the configurations run
-in interleaved rounds (round r runs every configuration once for its iterations), and the
-reported latency is the median of all per-call latencies of that configuration in that cell.
+in interleaved rounds (round r runs every configuration once for its iterations, starting
+one configuration later than round r - 1), and the reported latency is the median of all per-call latencies of that configuration in that cell.
 After each ONNX Runtime configuration the round waits --ort-settle seconds: ORT's threads spin
 after a run and would otherwise slow whatever runs next. Outputs of (a), (c), (f), (g) are
 checked against (b) before anything is timed, the reduced-precision ones at their build tolerance.
@@ -680,7 +680,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for r in range(rounds):
                     for kind, value in gemm_rates.sample(t).items():
                         gemm[t][kind].append(value)
-                    for c in cell:
+                    # Each round starts one configuration later: the slot right after the GEMM
+                    # samples ran slower (float32 repmlp_rt, always first before, measured
+                    # 15-35% slower at 2 threads than in an order-balanced A/B; RESULTS.md).
+                    shift = r % len(cell)
+                    for c in cell[shift:] + cell[:shift]:
                         torch.set_num_threads(t)
                         if c == "e":
                             if r != rounds // 2:  # one process per cell (its load dominates), mid-run
@@ -848,7 +852,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 - command: `{command}`
 - machine: {machine_md}
 - model: {args.arch}, fp32 unless the row says otherwise, random weights (seed {args.seed}, randomized BN stats); {flops / 1e9:.2f} GFLOP/image ({flop_note})
-- method: per (threads, batch) cell, {rounds} interleaved round(s) of {', '.join(f'{per_round_for(b)} call(s) at batch {b}' for b in args.batches)} per configuration, after {args.warmup} warm-up call(s) per configuration in the cell; medians of per-call latency. (e) is one process per cell, launched in the middle round, reporting its own p50 (--iters {'/'.join(str(iters_for(b)) for b in args.batches)} --warmup {args.warmup}). The round pauses {args.ort_settle:g} s after each ONNX Runtime configuration (its threads spin after a run).
+- method: per (threads, batch) cell, {rounds} interleaved round(s) (each starting one configuration later) of {', '.join(f'{per_round_for(b)} call(s) at batch {b}' for b in args.batches)} per configuration, after {args.warmup} warm-up call(s) per configuration in the cell; medians of per-call latency. (e) is one process per cell, launched in the middle round, reporting its own p50 (--iters {'/'.join(str(iters_for(b)) for b in args.batches)} --warmup {args.warmup}). The round pauses {args.ort_settle:g} s after each ONNX Runtime configuration (its threads spin after a run).
 - output checks before timing (max|diff| / max|logit| vs (b)): {err_md}
 - GEMM rates 4096^3, GFLOP/s (int8: GOP/s): {mm_line}
 - peak RSS of repmlp_infer --bench (GNU time -v): {', '.join(f'{t} thr batch {b}: {v:.0f} MiB' for (t, b), v in sorted(cli_rss.items())) or 'n/a'}

@@ -24,9 +24,10 @@ Configurations, all fp32 on CPU, same random weights (seed 0, randomized BN stat
 
 Noise control (the machine is shared): for each (threads, batch) cell the configurations run
 in interleaved rounds (round r runs every configuration once for its iterations, starting
-one configuration later than round r - 1), and the reported latency is the median of all per-call latencies of that configuration in that cell.
-After each ONNX Runtime configuration the round waits --ort-settle seconds: ORT's threads spin
-after a run and would otherwise slow whatever runs next. Outputs of (a), (c), (f), (g) are
+one configuration later than round r - 1), and the reported latency is the median of all
+per-call latencies of that configuration in that cell. After each ONNX Runtime configuration
+the round waits --ort-settle seconds: ORT's threads spin after a run and would otherwise slow
+whatever runs next. Outputs of (a), (c), (f), (g) are
 checked against (b) before anything is timed, the reduced-precision ones at their build tolerance.
 
 Usage (from the repository root):

@@ -682,8 +682,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                     for kind, value in gemm_rates.sample(t).items():
                         gemm[t][kind].append(value)
                     # Each round starts one configuration later: the slot right after the GEMM
-                    # samples ran slower (float32 repmlp_rt, always first before, measured
-                    # 15-35% slower at 2 threads than in an order-balanced A/B; RESULTS.md).
+                    # samples runs slow (float32 repmlp_rt, always first before, was 21-43%
+                    # slower at 2 threads than with the order rotated; RESULTS.md, run 3).
                     shift = r % len(cell)
                     for c in cell[shift:] + cell[:shift]:
                         torch.set_num_threads(t)

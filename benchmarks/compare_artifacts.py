@@ -46,14 +46,15 @@ def main() -> int:
         x = torch.randint(0, 256, (args.batch, 231, 227, 3), dtype=torch.uint8)
     else:
         x = torch.randn(args.batch, *shapes.pop())
-    seconds = {name: [] for name in modules}
+    calls = {name: module.forward_images if args.images else module for name, module in modules.items()}
+    seconds = {name: [] for name in calls}
     with torch.inference_mode(), torch.jit.optimized_execution(False):
-        for module in modules.values():  # warm-up
-            (module.forward_images if args.images else module)(x)
+        for call in calls.values():  # warm-up
+            call(x)
         for _ in range(args.rounds):
-            for name, module in modules.items():
+            for name, call in calls.items():
                 start = time.perf_counter()
-                (module.forward_images if args.images else module)(x)
+                call(x)
                 seconds[name].append(time.perf_counter() - start)
     base_median, base_min = statistics.median(seconds[named[0][0]]), min(seconds[named[0][0]])
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}, {args.rounds} rounds, "

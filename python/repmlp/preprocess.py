@@ -81,9 +81,9 @@ class ImageTransform(nn.Module):
         top = (dh + (dh // 2) % 2) // 2
         left = (dw + (dw // 2) % 2) // 2
         x = x[:, :, top : top + self.crop_h, left : left + self.crop_w]
-        # Contiguous NCHW, the layout forward is fastest in: the channels-last layout the image
-        # arrives in made B224 take 10-40% longer (per-shareset GEMM loops, a conv weight
-        # re-laid out on every call), the int8 artifact far more.
+        # Contiguous NCHW, the layout forward is fastest in: kept in the channels-last layout the
+        # image arrives in, B224's fc3 fell back to one GEMM per shareset and a conv weight was
+        # re-laid out on every call (10% slower at batch 1, 2 threads; benchmarks/RESULTS.md).
         return ((x - self.mean) / self.std).contiguous()
 
 

@@ -31,6 +31,7 @@ __all__ = [
     "Int8ConvFFN",
     "Int8Linear",
     "Int8RepMLPBlock",
+    "fc3_in_int8",
     "int8_gemm_count",
     "int8_weight_count",
     "int8_tolerance",
@@ -46,6 +47,13 @@ INT8_LEVELS = 127
 MAX_INT8_SHARESETS = 32
 # GELU(x) >= -0.16997 (its minimum, at x = -0.7518); rounded down so that the bound holds.
 GELU_MIN = -0.17
+
+
+def fc3_in_int8(num_sharesets: int) -> bool:
+    """Whether fc3 of a stage with this many sharesets runs in int8 (``MAX_INT8_SHARESETS``)."""
+    return num_sharesets <= MAX_INT8_SHARESETS
+
+
 ACTIVATION_SCHEME = (
     "dynamic, symmetric int8 per row (each pixel or map row scaled by its own max |value| at call time; "
     "rows of GELU outputs by max(row max, 0.17), GELU being >= -0.17)"
@@ -171,9 +179,8 @@ class Int8RepMLPBlock(nn.Module):
         n, c, h, w = x.shape
         gate = self.gp(x)
         sets = self.num_sharesets
-        # Row-major maps: with a channels-last x (what forward_images passed on before the image
-        # transform returned NCHW), reshape gives a column-major view, and _int_mm on column
-        # slices of its codes ran ~100x slower.
+        # Row-major maps: for a channels-last x, reshape gives a column-major view, and _int_mm
+        # on column slices of its codes ran ~100x slower.
         codes, row_step = _quantize_rows(x.reshape(n * c, h * w).contiguous(), self.levels, None)
         codes, row_step = codes.reshape(-1, sets, h * w), row_step.reshape(-1, sets, 1)
         out = torch.empty(n, c, h, w, dtype=torch.float32, device=x.device)
@@ -196,7 +203,7 @@ def quantize_int8(fused: RepMLPNet) -> RepMLPNet:
     for unit in fused.modules():
         if not isinstance(unit, RepMLPNetUnit):
             continue
-        if unit.repmlp_block.num_sharesets <= MAX_INT8_SHARESETS:
+        if fc3_in_int8(unit.repmlp_block.num_sharesets):
             unit.repmlp_block = Int8RepMLPBlock(unit.repmlp_block)
         unit.ffn_block = Int8ConvFFN(unit.ffn_block)
     return fused
@@ -212,7 +219,7 @@ def int8_gemm_count(config: ArchConfig) -> int:
     """How many int8 GEMMs an image passes through, one after the other (they are all in
     sequence): two per FFN, one per fc3 with at most ``MAX_INT8_SHARESETS`` sharesets (the
     GEMMs of its sharesets run side by side, on different channels)."""
-    return sum(depth * (2 + (sets <= MAX_INT8_SHARESETS)) for depth, sets in zip(config.depths, config.sharesets))
+    return sum(depth * (2 + fc3_in_int8(sets)) for depth, sets in zip(config.depths, config.sharesets))
 
 
 def int8_tolerance(config: ArchConfig) -> float:
@@ -239,10 +246,10 @@ def quantization_record(config: ArchConfig) -> Dict[str, Any]:
         "activations": ACTIVATION_SCHEME,
         "calibration": "none (scales are computed from each input at call time)",
         "int8_layers": "both FFN GEMMs of every unit; fc3 (one GEMM per shareset) of stages "
-        + _stage_list([i for i, sets in enumerate(config.sharesets) if sets <= MAX_INT8_SHARESETS]),
+        + _stage_list([i for i, sets in enumerate(config.sharesets) if fc3_in_int8(sets)]),
         "int8_gemms_per_image": int8_gemm_count(config),
         "kept_float": "float32: patch embedding and downsampling convs, global perceptron, BNs, GELU, head; fc3 of "
-        "stages " + _stage_list([i for i, sets in enumerate(config.sharesets) if sets > MAX_INT8_SHARESETS]),
+        "stages " + _stage_list([i for i, sets in enumerate(config.sharesets) if not fc3_in_int8(sets)]),
         "kernel": "torch._int_mm (int8 x int8 -> int32, ATen); no torch.ao.quantization, no quantized tensors",
     }
 

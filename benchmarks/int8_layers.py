@@ -1,0 +1,209 @@
+#!/usr/bin/env python
+"""Where the int8 artifact's time goes, per GEMM of B224 at batch 8, against the int8 kernels
+torch offers on CPU.
+
+For each int8 GEMM shape of the B224 int8 artifact at batch 8 (x: M x K rows, W: N x K):
+
+  fp32     addmm(b, x, W.t()): what the float32 artifact runs
+  ours     repmlp.quantize.Int8Linear: per-row int8 quantization of x, torch._int_mm, int32 ->
+           float32 rescale and bias: what the int8 artifact runs
+  gemm     torch._int_mm on codes quantized beforehand: the int8 GEMM alone, the floor any
+           quantize-dequantize scheme around this kernel has
+  fbgemm   torch.ops.quantized.linear_dynamic (what torch.ao's dynamic quantization runs): one
+           fused kernel that quantizes x while packing it and rescales in the GEMM's epilogue;
+           one scale for the whole x (so an image's result depends on the rest of its batch)
+           and quantized tensors, which torch 2.13 deprecates: measured for reference only
+
+Prints ms per call and the speed-up over fp32 (interleaved rounds, medians), and each int8
+path's error against a float64 product (max |err| / max |exact|).
+
+``--stages`` instead times whole models (random weights, randomized BN statistics, frozen
+TorchScript, executor optimization off as in the C++ runtime) that put different stages in
+int8: float32; the shipped choice (``repmlp.quantize.quantize_int8``); FFNs of 96 channels or
+fewer kept float32; fc3 in int8 only up to 4 sharesets; both. Each with its error against
+float32 (max |err| / max |logit|) and ms per image.
+
+A side study behind the int8 analysis in benchmarks/RESULTS.md; it changes nothing in the project.
+
+  .venv/bin/python benchmarks/int8_layers.py [--rounds 15] [--threads 1 2] [--shape M,K,N ...]
+  .venv/bin/python benchmarks/int8_layers.py --stages [--arch B224] [--batch 8] [--rounds 10]
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+from repmlp.model import RepMLPNetUnit, create_model, fuse_model  # noqa: E402
+from repmlp.quantize import (  # noqa: E402
+    INT8_LEVELS,
+    MAX_INT8_SHARESETS,
+    Int8ConvFFN,
+    Int8Linear,
+    Int8RepMLPBlock,
+    _quantize_rows,
+)
+from repmlp.utils import randomize_model_  # noqa: E402
+
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+
+# (M, K, N) at batch 8: each stage's two FFN GEMMs on 512-row chunks (the last stage's 392 rows
+# are one chunk), and stage 0's fc3 (one shareset: 8 x 96 maps of 56 x 56).
+SHAPES = [
+    (512, 96, 384),
+    (512, 384, 96),
+    (512, 192, 768),
+    (512, 768, 192),
+    (512, 384, 1536),
+    (512, 1536, 384),
+    (392, 768, 3072),
+    (392, 3072, 768),
+    (768, 3136, 3136),
+]
+
+
+def fbgemm_linear(weight: torch.Tensor, bias: torch.Tensor) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """torch.ao's fused dynamic int8 linear on this weight, or None where this torch lacks it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions.*deprecated")
+            scale = weight.abs().amax(1).clamp_min(1e-12) / INT8_LEVELS
+            zero = torch.zeros(weight.shape[0], dtype=torch.long)
+            qweight = torch.quantize_per_channel(weight, scale, zero, 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qweight, bias)
+    except (RuntimeError, AttributeError) as exc:
+        print(f"  fbgemm: not available ({str(exc).splitlines()[0]})")
+        return None
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
+    gen = torch.Generator().manual_seed(m * k + n)
+    # Rows of different scales, as pixel vectors are; weights at a conv's init scale.
+    x = torch.randn(m, k, generator=gen) * torch.rand(m, 1, generator=gen).add_(0.1)
+    weight, bias = torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen) * 0.1
+    ours = Int8Linear(weight, bias)
+    codes, _ = _quantize_rows(x, float(INT8_LEVELS), None)
+    calls: Dict[str, Callable[[], torch.Tensor]] = {
+        "fp32": lambda: torch.addmm(bias, x, weight.t()),
+        "ours": lambda: ours(x),
+        "gemm": lambda: torch._int_mm(codes, ours.weight_t),
+    }
+    fused = fbgemm_linear(weight, bias)
+    if fused is not None:
+        calls["fbgemm"] = lambda: fused(x)
+    exact = torch.addmm(bias.double(), x.double(), weight.double().t())
+    errors = {}
+    with torch.inference_mode():
+        for name in ("fp32", "ours", "fbgemm"):
+            if name in calls:
+                errors[name] = float((calls[name]().double() - exact).abs().max() / exact.abs().max())
+        times: Dict[str, list] = {name: [] for name in calls}
+        names = list(calls)
+        for r in range(rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # each leads once in turn
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
+    return {name: {"s": statistics.median(t), "err": errors.get(name, float("nan"))} for name, t in times.items()}
+
+
+# name: (FFNs in int8 from this many input channels, fc3 in int8 up to this many sharesets)
+STAGE_CHOICES = {
+    "float32": (None, 0),
+    "shipped": (0, MAX_INT8_SHARESETS),
+    "ffn>96": (97, MAX_INT8_SHARESETS),
+    "fc3<=4": (0, 4),
+    "ffn>96,fc3<=4": (97, 4),
+}
+
+
+def int8_variant(fused: nn.Module, min_ffn_channels: Optional[int], max_sets: int) -> torch.jit.ScriptModule:
+    """A frozen copy of the fused model with the chosen units' GEMMs in int8."""
+    import copy
+
+    model = copy.deepcopy(fused)
+    for unit in model.modules():
+        if not isinstance(unit, RepMLPNetUnit):
+            continue
+        if unit.repmlp_block.num_sharesets <= max_sets:
+            unit.repmlp_block = Int8RepMLPBlock(unit.repmlp_block)
+        if min_ffn_channels is not None and unit.ffn_block.ffn_fc1.conv.in_channels >= min_ffn_channels:
+            unit.ffn_block = Int8ConvFFN(unit.ffn_block)
+    with torch.no_grad():
+        return torch.jit.freeze(torch.jit.script(model.eval()))
+
+
+def compare_stage_choices(arch: str, batch: int, rounds: int, threads: list) -> None:
+    fused = fuse_model(randomize_model_(create_model(arch), seed=0).eval())
+    variants = {name: int8_variant(fused, *choice) for name, choice in STAGE_CHOICES.items()}
+    x = torch.randn(batch, 3, *fused.config.img_size, generator=torch.Generator().manual_seed(0))
+    names = list(variants)
+    with torch.inference_mode(), torch.jit.optimized_execution(False):
+        reference = variants["float32"](x)
+        errors = {n: float((m(x) - reference).abs().max() / reference.abs().max()) for n, m in variants.items()}
+        for count in threads:
+            torch.set_num_threads(count)
+            times: Dict[str, list] = {name: [] for name in names}
+            for r in range(rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    start = time.perf_counter()
+                    variants[name](x)
+                    times[name].append((time.perf_counter() - start) / batch)
+            base = statistics.median(times["float32"])
+            cells = [f"{n} {statistics.median(t) * 1e3:.1f} ({base / statistics.median(t):.2f}x, err {errors[n]:.1e})"
+                     for n, t in times.items()]
+            print(f"{arch} batch {batch}, {count} thr, ms per image:  " + "  ".join(cells), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--shape", action="append", metavar="M,K,N", help="GEMM shape(s) to measure instead of B224's")
+    parser.add_argument("--stages", action="store_true", help="time whole models with different stages in int8")
+    parser.add_argument("--arch", default="B224")
+    parser.add_argument("--batch", type=int, default=8)
+    args = parser.parse_args()
+    if args.rounds < 1 or args.batch < 1 or any(t < 1 for t in args.threads):
+        parser.error(f"--rounds, --batch and --threads must be >= 1, got {args.rounds}, {args.batch}, {args.threads}")
+    if args.stages:
+        print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; medians of {args.rounds} rounds")
+        compare_stage_choices(args.arch, args.batch, args.rounds, args.threads)
+        return
+    shapes = SHAPES
+    if args.shape:
+        try:
+            shapes = [tuple(int(v) for v in s.split(",")) for s in args.shape]
+        except ValueError:
+            shapes = []
+        if not shapes or any(len(s) != 3 or min(s) < 1 for s in shapes):
+            parser.error(f"--shape takes M,K,N (three positive integers), got {args.shape}")
+    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; "
+          f"ms per call (speed-up over fp32), median of {args.rounds} interleaved rounds; "
+          "error: max |err| / max |exact| against float64")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        totals: Dict[str, float] = {}
+        for m, k, n in shapes:
+            result = measure(m, k, n, args.rounds)
+            base = result["fp32"]["s"]
+            cells = []
+            for name, r in result.items():
+                totals[name] = totals.get(name, 0.0) + r["s"]
+                err = "" if r["err"] != r["err"] else f" err {r['err']:.1e}"
+                cells.append(f"{name} {r['s'] * 1e3:6.2f} ({base / r['s']:.2f}x{err})")
+            print(f"{threads} thr  M={m:4d} K={k:4d} N={n:4d}:  " + "  ".join(cells), flush=True)
+        print(f"{threads} thr  sum over the shapes: "
+              + "  ".join(f"{name} {s * 1e3:.1f} ms ({totals['fp32'] / s:.2f}x)" for name, s in totals.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,15 @@ from repmlp import fuse_model
 from repmlp.artifact import build_artifact
 from repmlp.preprocess import ImageTransform
 from repmlp.model import RepMLPBlock
-from repmlp.quantize import ACTIVATION_SCHEME, GELU_MIN, INT8_LEVELS, Int8Linear, Int8RepMLPBlock, quantize_int8
+from repmlp.quantize import (
+    ACTIVATION_SCHEME,
+    GELU_MIN,
+    INT8_LEVELS,
+    WEIGHT_LEVELS,
+    Int8Linear,
+    Int8RepMLPBlock,
+    quantize_int8,
+)
 from repmlp.utils import randomize_model_
 from repmlp.variants import get_variant
 
@@ -87,11 +95,13 @@ def test_int8_manifest_states_quantization_and_tolerance(digits_builds):
     assert quant["activations"] == ACTIVATION_SCHEME
     assert "float32" in quant["kept_float"]
     # digits: depths (1, 1, 2, 1), sharesets (1, 2, 4, 8), all at most MAX_INT8_SHARESETS: 2 FFN
-    # GEMMs and fc3 per unit -> 3 + 3 + 6 + 3 GEMMs in sequence, each allowed 1/127 of the logit scale.
+    # GEMMs and fc3 per unit -> 3 + 3 + 6 + 3 GEMMs in sequence, each allowed half an activation
+    # step (1/254) plus half a weight step (1/128) of the logit scale.
     assert quant["int8_gemms_per_image"] == 15
     assert quant["int8_layers"].endswith("stages 0, 1, 2, 3")
+    assert "[-64, 64]" in quant["weights"]
     verification = manifest["verification"]
-    assert verification["tolerance"] == pytest.approx(15 / 127)
+    assert verification["tolerance"] == pytest.approx(15 * (1 / 254 + 1 / 128))
     assert "float32" in verification["reference"]
     worst = max(s["max_rel_err"] for s in verification["stages"] if s["max_rel_err"] is not None)
     assert 0 < worst <= verification["tolerance"]
@@ -104,10 +114,10 @@ def test_int8_linear_matches_a_float64_model_of_its_rounding():
     x = torch.randn(7, 96, generator=gen) * torch.rand(7, 1, generator=gen) * 10  # rows of different scales
     layer = Int8Linear(weight, bias)
     codes = layer.weight_t.t().double()
-    assert codes.abs().max() <= INT8_LEVELS and torch.equal(codes, codes.round())
+    assert codes.abs().max() == WEIGHT_LEVELS and torch.equal(codes, codes.round())
     w_deq = codes * layer.weight_scale.double()[:, None]
-    # half a step per weight: the per-channel scale is max |w| / 127
-    assert ((w_deq - weight.double()).abs() <= weight.double().abs().amax(1, keepdim=True) / (2 * INT8_LEVELS) + 1e-7).all()
+    # half a step per weight: the per-channel scale is max |w| / 64
+    assert ((w_deq - weight.double()).abs() <= weight.double().abs().amax(1, keepdim=True) / (2 * WEIGHT_LEVELS) + 1e-7).all()
     expected = fake_quantized_rows(x) @ w_deq.t() + bias.double()
     relative_close(layer(x).double(), expected, rtol=1e-5)
 
@@ -148,7 +158,8 @@ def test_int8_fc3_with_several_sharesets_matches_a_float64_model_of_its_rounding
     weights = layer.dequantized_weight().double()  # (sets, out, in)
     assert torch.equal(layer.weight_t.double(), layer.weight_t.double().round())
     w_true = block.fc3.weight.double().reshape(sets, 15, 15)
-    assert ((weights - w_true).abs() <= w_true.abs().amax(2, keepdim=True) / (2 * INT8_LEVELS) + 1e-7).all()
+    assert weights.abs().amax() > 0 and layer.weight_t.abs().max() == WEIGHT_LEVELS
+    assert ((weights - w_true).abs() <= w_true.abs().amax(2, keepdim=True) / (2 * WEIGHT_LEVELS) + 1e-7).all()
     rows = fake_quantized_rows(x.reshape(-1, 15)).reshape(2, channels, 15)
     bias = layer.bias.double()
     expected = torch.stack([rows[:, c] @ weights[c % sets].t() + bias[c % sets] for c in range(channels)], 1)
@@ -181,6 +192,56 @@ def test_int8_result_does_not_depend_on_the_rest_of_the_batch():
         together = model(x)
         alone = model(x[:1])
     relative_close(alone, together[:1], rtol=1e-5)
+
+
+# oneDNN capped below VNNI: the int8 GEMM kernels of an AVX2 CPU (or AVX-512 without VNNI),
+# which add pairs of u8 x s8 products in 16 bits. The cap is read once, at oneDNN's start: a
+# child process. A no-op on a CPU without VNNI, which runs those kernels anyway.
+NO_VNNI = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+
+EXACT_WITHOUT_VNNI = """
+import torch
+from repmlp.quantize import INT8_LEVELS, _quantize_weight
+
+
+def exact(acts, codes):
+    return torch.equal(torch._int_mm(acts, codes).long(), acts.long() @ codes.long())
+
+
+gen = torch.Generator().manual_seed(0)
+# Weights at the largest code magnitude in both signs, activations at +-127: the pair sums that
+# overflow 16 bits when weight codes reach 65 or more.
+codes, _ = _quantize_weight(torch.randn(256, 384, generator=gen).sign())
+acts = [torch.full((64, 384), INT8_LEVELS), torch.randint(-INT8_LEVELS, INT8_LEVELS + 1, (64, 384), generator=gen)]
+acts = [a.to(torch.int8) for a in acts]
+full_range = torch.full((384, 256), INT8_LEVELS, dtype=torch.int8)
+print("full-range codes exact:", exact(acts[0], full_range))
+print("weight codes exact:", all(exact(a, codes) for a in acts))
+"""
+
+
+def test_int8_weight_codes_are_exact_in_the_int8_gemm_of_cpus_without_vnni():
+    result = subprocess.run([sys.executable, "-c", EXACT_WITHOUT_VNNI], env=NO_VNNI, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    if "full-range codes exact: True" in result.stdout:
+        pytest.skip("this torch's int8 GEMM has no 16-bit pair sums under the cap (full-range codes are exact)")
+    assert "full-range codes exact: False" in result.stdout, result.stdout
+    assert "weight codes exact: True" in result.stdout, result.stdout
+
+
+def test_int8_artifact_gives_the_same_answers_without_vnni(digits_builds, tmp_path):
+    """The same int8 artifact through repmlp_infer with and without VNNI kernels: its load-time
+    self-check passes and the outputs agree to float32 rounding (the int8 sums are exact in both)."""
+    x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    outputs = {}
+    for name, env in (("native", os.environ), ("no_vnni", NO_VNNI)):
+        out = tmp_path / f"{name}.npy"
+        run = subprocess.run([repmlp_infer_binary(), digits_builds["int8"], str(tmp_path / "x.npy"), "--output", str(out)],
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, f"{name}: {run.stderr}"
+        outputs[name] = torch.from_numpy(np.load(out))
+    relative_close(outputs["no_vnni"], outputs["native"], rtol=1e-4)
 
 
 def test_int8_needs_the_fused_model():

@@ -2,9 +2,9 @@
 
 Each large GEMM of the fused model (both FFN layers of every unit, and fc3 in stages with at most
 ``MAX_INT8_SHARESETS`` sharesets, one GEMM per shareset) runs in int8: the weight is stored as
-int8 with one symmetric scale per output channel, and at every call each row of the activation
-matrix (one pixel's channels, or one channel's map for fc3) is scaled by its own max |value| to
-int8, multiplied with ``torch._int_mm`` (int8 x int8 -> int32; oneDNN on x86, VNNI/AMX where the
+int8 codes in [-64, 64] (``WEIGHT_LEVELS``: exact on CPUs without VNNI) with one symmetric scale
+per output channel, and at every call each row of the activation matrix (one pixel's channels,
+or one channel's map for fc3) is scaled by its own max |value| to int8, multiplied with ``torch._int_mm`` (int8 x int8 -> int32; oneDNN on x86, VNNI/AMX where the
 CPU has them), and the int32 sums are rescaled to float32. Scales per row make the result of an
 image independent of what else is in the batch. Everything else (the embedding convs, the global
 perceptron, fc3 of stages with more sharesets, the head) stays float32.
@@ -27,6 +27,7 @@ __all__ = [
     "ACTIVATION_SCHEME",
     "GELU_MIN",
     "INT8_LEVELS",
+    "WEIGHT_LEVELS",
     "MAX_INT8_SHARESETS",
     "Int8ConvFFN",
     "Int8Linear",
@@ -39,8 +40,15 @@ __all__ = [
     "quantize_int8",
 ]
 
-# Symmetric int8: values in [-127, 127] (the -128 code is left out so that scales are symmetric).
+# Activations: symmetric int8, codes in [-127, 127] (-128 is left out so that scales are symmetric).
 INT8_LEVELS = 127
+# Weights: symmetric, codes in [-64, 64]. On x86 CPUs without VNNI (AVX2, AVX-512 without VNNI)
+# oneDNN's int8 GEMM (behind torch._int_mm) shifts the activations by +128 to unsigned bytes and
+# adds pairs of u8 x s8 products in signed 16 bits (vpmaddubsw), which saturates unless
+# 2 * 255 * |w| <= 32767, i.e. |w| <= 64: with codes up to 127 such CPUs return wrong sums (the
+# digits artifact's self-check measured a 0.62 relative error with oneDNN capped at AVX2). These
+# codes are exact on every CPU, for twice the weight's rounding step.
+WEIGHT_LEVELS = 64
 # fc3 runs one int8 GEMM per shareset; past this many, each is too small for its quantization
 # passes and call overhead to pay: B224's last stage (128 sets of 49x49) in int8 gave no
 # consistent gain (benchmarks/RESULTS.md), its first three stages (1-32 sets) did.
@@ -94,10 +102,11 @@ def _int8_matmul(
 
 
 def _quantize_weight(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(codes, scale) of (..., out, in) weights: symmetric int8, one scale per output row."""
+    """(codes, scale) of (..., out, in) weights: codes in [-WEIGHT_LEVELS, WEIGHT_LEVELS], one
+    scale per output row."""
     weight = weight.detach().double()
-    scale = weight.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / INT8_LEVELS
-    codes = torch.round(weight / scale.unsqueeze(-1)).clamp(-INT8_LEVELS, INT8_LEVELS).to(torch.int8)
+    scale = weight.abs().amax(-1).clamp_min(torch.finfo(torch.float32).tiny) / WEIGHT_LEVELS
+    codes = torch.round(weight / scale.unsqueeze(-1)).clamp(-WEIGHT_LEVELS, WEIGHT_LEVELS).to(torch.int8)
     # (..., in, out) contiguous: the layout torch._int_mm measured fastest with (K-major B).
     return codes.transpose(-1, -2).contiguous(), scale.float()
 
@@ -225,14 +234,14 @@ def int8_gemm_count(config: ArchConfig) -> int:
 def int8_tolerance(config: ArchConfig) -> float:
     """The builder's verification tolerance for an int8 artifact (max |err| / max |logit|).
 
-    Derived, not fitted: rounding to int8 moves each operand of a GEMM by at most half a step,
-    1 / (2 * 127) of its row's largest magnitude, so one GEMM with both operands rounded is off
-    by about 2 / 254 = 1 / 127 of its output's scale; to first order these relative errors add
-    up over the GEMMs in sequence (no gain or loss assumed through the layers in between). A
-    kernel or scale mistake gives errors of order 1, far above this; the accuracy cost itself
-    is bounded by the digits tests (tests/test_reduced_precision.py).
+    Derived, not fitted: rounding moves each operand of a GEMM by at most half a step, of its
+    row's largest magnitude 1 / (2 * 127) for an activation and 1 / (2 * 64) for a weight, so
+    one GEMM is off by about 1 / 254 + 1 / 128 of its output's scale; to first order these
+    relative errors add up over the GEMMs in sequence (no gain or loss assumed through the
+    layers in between). A kernel or scale mistake gives errors of order 1, above this; the
+    accuracy cost itself is bounded by the digits tests (tests/test_reduced_precision.py).
     """
-    return int8_gemm_count(config) / INT8_LEVELS
+    return int8_gemm_count(config) * (1 / (2 * INT8_LEVELS) + 1 / (2 * WEIGHT_LEVELS))
 
 
 def _stage_list(stages: List[int]) -> str:
@@ -242,7 +251,8 @@ def _stage_list(stages: List[int]) -> str:
 def quantization_record(config: ArchConfig) -> Dict[str, Any]:
     """The manifest's ``quantization`` entry of an int8 artifact."""
     return {
-        "weights": "int8, symmetric, one scale per output channel (max |w| / 127)",
+        "weights": "int8 codes in [-64, 64] (exact in the 16-bit pair sums of CPUs without VNNI), symmetric, "
+        "one scale per output channel (max |w| / 64)",
         "activations": ACTIVATION_SCHEME,
         "calibration": "none (scales are computed from each input at call time)",
         "int8_layers": "both FFN GEMMs of every unit; fc3 (one GEMM per shareset) of stages "

@@ -16,7 +16,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install serve-deps demo test test-fast test-torch-latest bench ctest clean fuzz
+.PHONY: all setup install serve-deps demo test test-fast test-avx2 test-torch-latest bench ctest clean fuzz
 
 all: demo
 
@@ -62,6 +62,13 @@ test: install serve-deps
 
 test-fast: install serve-deps
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
+
+# The suite with torch's kernel libraries (ATen, oneDNN, MKL) capped at AVX2: the code paths of
+# a CPU without AVX-512 or VNNI (int8 sums, last-bit differences between kernels), on any x86 host.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+
+test-avx2: install serve-deps
+	$(AVX2_ONLY) PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
 # Seeded fuzzing of artifacts, checkpoints, .npy, PNG and JPEG through repmlp_infer, repmlp_rt
 # and the builder: 1,000 cases, counts by outcome; exit 1 on any crash, hang, unclean error or

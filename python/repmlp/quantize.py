@@ -4,10 +4,11 @@ Each large GEMM of the fused model (both FFN layers of every unit, and fc3 in st
 ``MAX_INT8_SHARESETS`` sharesets, one GEMM per shareset) runs in int8: the weight is stored as
 int8 codes in [-64, 64] (``WEIGHT_LEVELS``: exact on CPUs without VNNI) with one symmetric scale
 per output channel, and at every call each row of the activation matrix (one pixel's channels,
-or one channel's map for fc3) is scaled by its own max |value| to int8, multiplied with ``torch._int_mm`` (int8 x int8 -> int32; oneDNN on x86, VNNI/AMX where the
-CPU has them), and the int32 sums are rescaled to float32. Scales per row make the result of an
-image independent of what else is in the batch. Everything else (the embedding convs, the global
-perceptron, fc3 of stages with more sharesets, the head) stays float32.
+or one channel's map for fc3) is scaled by its own max |value| to int8, multiplied with
+``torch._int_mm`` (int8 x int8 -> int32; oneDNN on x86, VNNI/AMX where the CPU has them), and
+the int32 sums are rescaled to float32. Scales per row make the result of an image independent
+of what else is in the batch. Everything else (the embedding convs, the global perceptron, fc3 of
+stages with more sharesets, the head) stays float32.
 
 Plain int8 tensors and an ATen op, rather than ``torch.ao.quantization`` or quantized tensors
 (both deprecated in torch 2.13 and announced for removal): the scripted, frozen graph holds
@@ -47,7 +48,8 @@ INT8_LEVELS = 127
 # adds pairs of u8 x s8 products in signed 16 bits (vpmaddubsw), which saturates unless
 # 2 * 255 * |w| <= 32767, i.e. |w| <= 64: with codes up to 127 such CPUs return wrong sums (the
 # digits artifact's self-check measured a 0.62 relative error with oneDNN capped at AVX2). These
-# codes are exact on every x86 ISA level (checked: SSE4.1 to AVX-512 VNNI), for twice the weight's rounding step.
+# codes are exact at every x86 ISA level (checked from SSE4.1 to AVX-512 VNNI), for twice the
+# weight's rounding step.
 WEIGHT_LEVELS = 64
 # fc3 runs one int8 GEMM per shareset; past this many, each is too small for its quantization
 # passes and call overhead to pay: B224's last stage (128 sets of 49x49) in int8 gave no

@@ -414,3 +414,37 @@ def test_bad_preprocessing_override(tmp_path):
     assert os.listdir(tmp_path) == []
     result = run_build(["--mean", "1,2", "--out", str(tmp_path / "a.pt")])
     assert result.returncode == 2 and "three comma-separated finite numbers" in result.stderr
+
+
+def test_scripting_survives_stale_ids_in_torchscripts_builtin_table():
+    """torch.jit._builtins keys its builtin functions by id() without keeping every object alive:
+    once a freed op's id was taken by a module's list, torch.jit.script failed with "builtin
+    cannot be used as a value" (once in the suite, after the AOTInductor tests). The stale entry
+    is planted here; the builder's script_module drops such entries before scripting."""
+    from repmlp.utils import quiet_jit, script_module
+
+    table = torch.jit._builtins._get_builtin_table()
+
+    def model_with_a_stale_entry():
+        model = make_model().eval()
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        key = id(conv._reversed_padding_repeated_twice)
+        table[key] = "aten::add"  # as a freed op object at that address would have left it
+        return model, key
+
+    model, key = model_with_a_stale_entry()
+    try:
+        with quiet_jit(), pytest.raises(RuntimeError, match="builtin cannot be used as a value"):
+            torch.jit.script(model)
+    finally:
+        table.pop(key, None)
+    model, key = model_with_a_stale_entry()
+    try:
+        with quiet_jit():
+            scripted = script_module(model)
+        assert key not in table
+    finally:
+        table.pop(key, None)
+    x = torch.randn(2, 3, *model.config.img_size)
+    with torch.no_grad():
+        relative_close(scripted(x), model(x))

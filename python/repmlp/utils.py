@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "quiet_jit", "is_exporting"]
+__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "quiet_jit", "is_exporting", "script_module"]
 
 # torch 2.13+ warns on every torch.jit.script/freeze/save/load call; only those are silenced.
 JIT_DEPRECATION_MESSAGE = r"`torch\.jit\.\w+` is deprecated"
@@ -30,6 +30,26 @@ def quiet_jit() -> Iterator[None]:
         for category in (DeprecationWarning, FutureWarning):
             warnings.filterwarnings("ignore", category=category, message=JIT_DEPRECATION_MESSAGE)
         yield
+
+
+def script_module(module: nn.Module) -> torch.jit.ScriptModule:
+    """``torch.jit.script(module)``, after dropping stale entries of TorchScript's builtin table.
+
+    ``torch.jit._builtins`` keys its table of builtin functions by ``id()`` without holding
+    every object: when operators are registered (torch.export does), ``torch.ops`` replaces op
+    objects and the freed ones leave their ids behind. A list or number of a module created
+    later at such an address is then taken for a builtin, and scripting fails with "builtin
+    cannot be used as a value" (seen once in the test suite, after the AOTInductor tests). A
+    module's data attributes are never builtins, so their ids in the table are stale entries.
+    """
+    builtin_table = getattr(getattr(torch.jit, "_builtins", None), "_get_builtin_table", None)
+    if builtin_table is not None:
+        by_id = builtin_table()
+        for sub in module.modules():
+            for value in vars(sub).values():
+                if not callable(value):
+                    by_id.pop(id(value), None)
+    return torch.jit.script(module)
 
 
 def is_exporting() -> bool:

@@ -25,7 +25,7 @@ from ..checkpoints import Checkpoint, load_checkpoint, read_checkpoint
 from ..model import RepMLPNet, fuse_model, resolve_config
 from ..preprocess import ImageTransform
 from ..quantize import int8_tolerance, int8_weight_count, quantize_int8
-from ..utils import count_flops, output_error, quiet_jit, randomize_model_, sha256_file
+from ..utils import count_flops, output_error, quiet_jit, randomize_model_, script_module, sha256_file
 from ..variants import DEFAULT_ARCH, ArchConfig, Preprocessing, canonical_name, get_variant
 from .aoti import CompiledArtifact, Pt2Artifact, aoti_section, compile_programs, export_programs, write_pt2
 from .errors import BuildError
@@ -393,7 +393,7 @@ class _Build:
 
 
 def _script(build: _Build, module: Any) -> Any:
-    return torch.jit.script(module)
+    return script_module(module)
 
 
 def _freeze(build: _Build, module: Any) -> Any:

@@ -36,11 +36,12 @@ def script_module(module: nn.Module) -> torch.jit.ScriptModule:
     """``torch.jit.script(module)``, after dropping stale entries of TorchScript's builtin table.
 
     ``torch.jit._builtins`` keys its table of builtin functions by ``id()`` without holding
-    every object: when operators are registered (torch.export does), ``torch.ops`` replaces op
-    objects and the freed ones leave their ids behind. A list or number of a module created
-    later at such an address is then taken for a builtin, and scripting fails with "builtin
-    cannot be used as a value" (seen once in the test suite, after the AOTInductor tests). A
-    module's data attributes are never builtins, so their ids in the table are stale entries.
+    every object: when an operator gains overloads (an AOTInductor compile adds some to
+    ``quantized_decomposed`` ops), ``torch.ops`` replaces its op object and the freed one leaves
+    its id behind, soon the address of another object. A list or number of a module created at
+    such an address is taken for a builtin, and scripting fails with "builtin cannot be used as
+    a value" (seen once in the test suite, after the AOTInductor tests). A module's data
+    attributes are never builtins, so their ids in the table are stale entries.
     """
     builtin_table = getattr(getattr(torch.jit, "_builtins", None), "_get_builtin_table", None)
     if builtin_table is not None:

@@ -30,12 +30,14 @@ A side study behind the int8 analysis in benchmarks/RESULTS.md; it changes nothi
 """
 
 import argparse
+import copy
+import functools
 import os
 import statistics
 import sys
 import time
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -50,7 +52,7 @@ from repmlp.quantize import (  # noqa: E402
     Int8RepMLPBlock,
     _quantize_rows,
 )
-from repmlp.utils import randomize_model_  # noqa: E402
+from repmlp.utils import output_error, randomize_model_  # noqa: E402
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 
@@ -84,6 +86,19 @@ def fbgemm_linear(weight: torch.Tensor, bias: torch.Tensor) -> Optional[Callable
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
+def time_interleaved(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
+    """Seconds per call of each callable, one call each per round; each round starts one callable
+    later, so that every one leads once in turn (the slot after a switch can run slow)."""
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
     gen = torch.Generator().manual_seed(m * k + n)
     # Rows of different scales, as pixel vectors are; weights at a conv's init scale.
@@ -100,18 +115,9 @@ def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
     if fused is not None:
         calls["fbgemm"] = lambda: fused(x)
     exact = torch.addmm(bias.double(), x.double(), weight.double().t())
-    errors = {}
     with torch.inference_mode():
-        for name in ("fp32", "ours", "fbgemm"):
-            if name in calls:
-                errors[name] = float((calls[name]().double() - exact).abs().max() / exact.abs().max())
-        times: Dict[str, list] = {name: [] for name in calls}
-        names = list(calls)
-        for r in range(rounds):
-            for name in names[r % len(names) :] + names[: r % len(names)]:  # each leads once in turn
-                start = time.perf_counter()
-                calls[name]()
-                times[name].append(time.perf_counter() - start)
+        errors = {name: output_error(calls[name](), exact)[1] for name in ("fp32", "ours", "fbgemm") if name in calls}
+        times = time_interleaved(calls, rounds)
     return {name: {"s": statistics.median(t), "err": errors.get(name, float("nan"))} for name, t in times.items()}
 
 
@@ -127,8 +133,6 @@ STAGE_CHOICES = {
 
 def int8_variant(fused: nn.Module, min_ffn_channels: Optional[int], max_sets: int) -> torch.jit.ScriptModule:
     """A frozen copy of the fused model with the chosen units' GEMMs in int8."""
-    import copy
-
     model = copy.deepcopy(fused)
     for unit in model.modules():
         if not isinstance(unit, RepMLPNetUnit):
@@ -145,21 +149,15 @@ def compare_stage_choices(arch: str, batch: int, rounds: int, threads: list) -> 
     fused = fuse_model(randomize_model_(create_model(arch), seed=0).eval())
     variants = {name: int8_variant(fused, *choice) for name, choice in STAGE_CHOICES.items()}
     x = torch.randn(batch, 3, *fused.config.img_size, generator=torch.Generator().manual_seed(0))
-    names = list(variants)
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         reference = variants["float32"](x)
-        errors = {n: float((m(x) - reference).abs().max() / reference.abs().max()) for n, m in variants.items()}
+        errors = {n: output_error(m(x), reference)[1] for n, m in variants.items()}
+        calls = {name: functools.partial(module, x) for name, module in variants.items()}
         for count in threads:
             torch.set_num_threads(count)
-            times: Dict[str, list] = {name: [] for name in names}
-            for r in range(rounds):
-                for name in names[r % len(names) :] + names[: r % len(names)]:
-                    start = time.perf_counter()
-                    variants[name](x)
-                    times[name].append((time.perf_counter() - start) / batch)
-            base = statistics.median(times["float32"])
-            cells = [f"{n} {statistics.median(t) * 1e3:.1f} ({base / statistics.median(t):.2f}x, err {errors[n]:.1e})"
-                     for n, t in times.items()]
+            per_image = {n: statistics.median(t) / batch for n, t in time_interleaved(calls, rounds).items()}
+            base = per_image["float32"]
+            cells = [f"{n} {t * 1e3:.1f} ({base / t:.2f}x, err {errors[n]:.1e})" for n, t in per_image.items()]
             print(f"{arch} batch {batch}, {count} thr, ms per image:  " + "  ".join(cells), flush=True)
 
 

@@ -253,8 +253,8 @@ def _stage_list(stages: List[int]) -> str:
 def quantization_record(config: ArchConfig) -> Dict[str, Any]:
     """The manifest's ``quantization`` entry of an int8 artifact."""
     return {
-        "weights": "int8 codes in [-64, 64] (exact in the 16-bit pair sums of CPUs without VNNI), symmetric, "
-        "one scale per output channel (max |w| / 64)",
+        "weights": f"int8 codes in [-{WEIGHT_LEVELS}, {WEIGHT_LEVELS}] (exact in the 16-bit pair sums of CPUs "
+        f"without VNNI), symmetric, one scale per output channel (max |w| / {WEIGHT_LEVELS})",
         "activations": ACTIVATION_SCHEME,
         "calibration": "none (scales are computed from each input at call time)",
         "int8_layers": "both FFN GEMMs of every unit; fc3 (one GEMM per shareset) of stages "

@@ -1,13 +1,18 @@
 #!/usr/bin/env python
-"""Per-operator time of the B224 artifact (torch profiler) next to ONNX Runtime's (its profiler).
+"""Per-operator time of B224 artifacts (torch profiler) next to ONNX Runtime's and OpenVINO's.
 
-Both sides run the same fused graph at batch 1 with the same thread count: the artifact via
-torch.jit.load, executor optimization off as in the C++ runtime; ONNX Runtime on the ONNX export
-of the fused model (bench.py's (g)). Prints the most expensive (operator, input shapes) rows of
-each, in ms per image. bench.py leaves both files in benchmarks/.cache:
+Every side runs the same fused graph on the same input with the same thread count and batch:
+each artifact via torch.jit.load, executor optimization off as in the C++ runtime; ONNX Runtime
+on the ONNX export of the fused model (bench.py's (g)); OpenVINO's CPU plugin on the same ONNX
+with each precision hint given (its per-node counters, grouped by node type and the kernel it
+chose, which shows the precision each layer really ran in). Prints the most expensive rows of
+each, in ms per image. bench.py leaves the files in benchmarks/.cache:
 
   .venv/bin/python benchmarks/profile_ops.py --artifact benchmarks/.cache/B224-<hash>.pt \\
-      --onnx benchmarks/.cache/B224-fused-b1-<hash>.onnx --threads 2
+      --onnx benchmarks/.cache/B224-fused-dynamic-<hash>.onnx --threads 2
+  .venv/bin/python benchmarks/profile_ops.py --batch 8 --threads 1 --by-op \\
+      --artifact benchmarks/.cache/B224-<hash>.pt --artifact benchmarks/.cache/B224-bfloat16-<hash>.pt \\
+      --onnx benchmarks/.cache/B224-fused-dynamic-<hash>.onnx --openvino f32 bf16 --no-ort
 """
 
 import argparse
@@ -22,25 +27,36 @@ import torch
 
 warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
 
+# (time in ms summed over the profiled runs, calls summed over them) per row key.
+Rows = dict
 
-def profile_torch(path: str, runs: int, rows: int) -> None:
+
+def print_rows(title: str, groups: Rows, runs: int, batch: int, rows: int) -> None:
+    scale = runs * batch
+    total = sum(ms for ms, _ in groups.values()) / scale
+    print(f"{title}: operator time {total:.1f} ms per image")
+    for key, (ms, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:rows]:
+        print(f"  {ms / scale:7.2f}  {key[0]:28s} x{count // runs:<3d} {key[1]}")
+
+
+def profile_torch(path: str, x: np.ndarray, runs: int, by_op: bool) -> Rows:
     module = torch.jit.load(path).eval()
-    x = torch.randn(1, *module.input_shape())
+    inputs = torch.from_numpy(x)
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         for _ in range(2):
-            module(x)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            module(inputs)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    record_shapes=not by_op) as prof:
             for _ in range(runs):
-                module(x)
-    events = prof.key_averages(group_by_input_shape=True)
-    total = sum(e.self_cpu_time_total for e in events) / runs / 1e3
-    print(f"torch {torch.__version__}: operator time {total:.1f} ms per image")
-    for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:rows]:
-        shapes = [s for s in e.input_shapes if s][:4]
-        print(f"  {e.self_cpu_time_total / runs / 1e3:7.2f}  {e.key:28s} x{e.count // runs:<3d} {shapes}")
+                module(inputs)
+    groups: Rows = {}
+    for e in prof.key_averages(group_by_input_shape=not by_op):
+        shapes = "" if by_op else str([s for s in e.input_shapes if s][:4])
+        groups[(e.key, shapes)] = (e.self_cpu_time_total / 1e3, e.count)
+    return groups
 
 
-def profile_ort(path: str, threads: int, runs: int, rows: int) -> None:
+def profile_ort(path: str, x: np.ndarray, threads: int, runs: int, by_op: bool) -> Rows:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -52,7 +68,6 @@ def profile_ort(path: str, threads: int, runs: int, rows: int) -> None:
     options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    x = np.random.default_rng(0).standard_normal(session.get_inputs()[0].shape).astype(np.float32)
     for _ in range(2 + runs):  # the first two are dropped below
         session.run(None, {name: x})
     with open(session.end_profiling()) as fh:
@@ -62,31 +77,83 @@ def profile_ort(path: str, threads: int, runs: int, rows: int) -> None:
     per_run = per_run[2 * nodes_per_run:]
     groups: dict = collections.defaultdict(lambda: [0.0, 0])
     for e in per_run:
-        shapes = [list(d.values())[0] for d in e["args"].get("input_type_shape", [])][:2]
-        key = (e["args"]["op_name"], json.dumps(shapes))
-        groups[key][0] += e["dur"]
+        shapes = "" if by_op else json.dumps(
+            [list(d.values())[0] for d in e["args"].get("input_type_shape", [])][:2])
+        key = (e["args"]["op_name"], shapes)
+        groups[key][0] += e["dur"] / 1e3
         groups[key][1] += 1
-    total = sum(g[0] for g in groups.values()) / runs / 1e3
-    print(f"onnxruntime {ort.__version__}: operator time {total:.1f} ms per image")
-    for (op, shapes), (dur, count) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:rows]:
-        print(f"  {dur / runs / 1e3:7.2f}  {op:28s} x{count // runs:<3d} {shapes}")
+    return {k: (ms, count) for k, (ms, count) in groups.items()}
+
+
+def profile_openvino(path: str, x: np.ndarray, threads: int, runs: int, precision: str) -> Rows:
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(path), "CPU", {
+        "INFERENCE_NUM_THREADS": threads,
+        "NUM_STREAMS": 1,
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision,
+        "PERF_COUNT": True,
+    })
+    request = compiled.create_infer_request()
+    for _ in range(2):
+        request.infer({0: x})
+    groups: dict = collections.defaultdict(lambda: [0.0, 0])
+    for _ in range(runs):
+        request.infer({0: x})
+        for node in request.profiling_info:  # counters of the last inference only
+            key = (node.node_type, node.exec_type)
+            groups[key][0] += node.real_time.total_seconds() * 1e3
+            groups[key][1] += 1
+    return {k: (ms, count) for k, (ms, count) in groups.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", required=True)
-    parser.add_argument("--onnx", required=True)
+    parser.add_argument("--artifact", action="append", default=[], help="a .pt artifact (repeatable)")
+    parser.add_argument("--onnx", help="the fused model's ONNX export (for ONNX Runtime and OpenVINO)")
+    parser.add_argument("--openvino", nargs="*", default=[], metavar="HINT",
+                        help="OpenVINO precision hints to profile on --onnx (f32, bf16)")
+    parser.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rows", type=int, default=16)
+    parser.add_argument("--by-op", action="store_true", help="one row per operator, shapes merged")
     args = parser.parse_args()
-    for path in (args.artifact, args.onnx):
+    if not args.artifact and not args.onnx:
+        parser.error("give --artifact and/or --onnx")
+    if args.openvino and not args.onnx:
+        parser.error("--openvino profiles the --onnx file: give it")
+    for hint in args.openvino:
+        if hint not in ("f32", "bf16", "f16"):
+            parser.error(f"--openvino takes f32, bf16 or f16, got {hint!r}")
+    for path in args.artifact + ([args.onnx] if args.onnx else []):
         if not os.path.isfile(path):
             parser.error(f"no such file: {path} (run benchmarks/bench.py once to create it)")
+    if args.batch < 1 or args.threads < 1 or args.runs < 1:
+        parser.error("--batch, --threads and --runs must be positive")
     torch.set_num_threads(args.threads)
-    print(f"batch 1, {args.threads} thread(s), {args.runs} runs; ms per image, self time per (op, shapes)")
-    profile_torch(args.artifact, args.runs, args.rows)
-    profile_ort(args.onnx, args.threads, args.runs, args.rows)
+    shape = (3, 224, 224)  # B224's; an artifact says its own
+    if args.artifact:
+        shape = tuple(torch.jit.load(args.artifact[0]).input_shape())
+    x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
+    print(f"batch {args.batch}, {args.threads} thread(s), {args.runs} runs; ms per image, self time per row")
+    for path in args.artifact:
+        groups = profile_torch(path, x, args.runs, args.by_op)
+        print_rows(f"torch {torch.__version__}, {os.path.basename(path)}", groups, args.runs, args.batch, args.rows)
+    if args.onnx and not args.no_ort:
+        import onnxruntime as ort
+
+        groups = profile_ort(args.onnx, x, args.threads, args.runs, args.by_op)
+        print_rows(f"onnxruntime {ort.__version__}", groups, args.runs, args.batch, args.rows)
+    for hint in args.openvino:
+        import openvino as ov
+
+        groups = profile_openvino(args.onnx, x, args.threads, args.runs, hint)
+        print_rows(f"openvino {ov.__version__}, {hint} hint (node type, kernel)", groups,
+                   args.runs, args.batch, args.rows)
 
 
 if __name__ == "__main__":

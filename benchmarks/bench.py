@@ -63,6 +63,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from repmlp.model import create_model, fuse_model  # noqa: E402
+from repmlp.quantize import WEIGHT_LEVELS  # noqa: E402
 from repmlp.utils import count_flops, randomize_model_  # noqa: E402
 from locate import find_repmlp_infer  # noqa: E402
 from upstream_reference import from_project_model  # noqa: E402
@@ -323,8 +324,10 @@ class GemmRates:
         a, b = torch.randn(n, n), torch.randn(n, n)
         a_dnn, b_dnn, bias_dnn = a.to_mkldnn(), b.to_mkldnn(), torch.zeros(n).to_mkldnn()
         a16, b16 = a.bfloat16(), b.bfloat16()
+        # The weight operand in the artifact's range (WEIGHT_LEVELS): with full-range codes a CPU
+        # without VNNI runs the same kernel but its 16-bit pair sums overflow.
         a8 = torch.randint(-127, 128, (n, n), dtype=torch.int8)
-        b8 = torch.randint(-127, 128, (n, n), dtype=torch.int8)
+        b8 = torch.randint(-WEIGHT_LEVELS, WEIGHT_LEVELS + 1, (n, n), dtype=torch.int8)
         self.calls = {
             "mkl_fp32": lambda: torch.mm(a, b),
             "onednn_fp32": lambda: torch._C._nn.mkldnn_linear(a_dnn, b_dnn, bias_dnn),

@@ -546,3 +546,77 @@ def test_the_published_pt2_is_the_verified_file(tmp_path, monkeypatch):
     assert len(checked) == 2 and checked[-1] == published == report.sha256  # reload, then the final file
     real_check(str(out))
     assert [p.name for p in tmp_path.iterdir()] == ["digits.pt2"]
+
+
+# ---------------------------------------------------------------------------------------------
+# unpacking: each program goes into a private directory under $TMPDIR, removed once loaded on
+# CPU and on every failure
+
+
+@pytest.fixture
+def unpack_dir(tmp_path, monkeypatch) -> Path:
+    """An empty directory that TMPDIR points at, for the runtime (and the CLI it starts)."""
+    where = tmp_path / "tmpdir"
+    where.mkdir()
+    monkeypatch.setenv("TMPDIR", str(where))
+    return where
+
+
+def test_a_loaded_pt2_leaves_no_files_behind_and_answers_as_before(digits_pt2, unpack_dir, monkeypatch):
+    x = _x()
+    images = np.random.default_rng(1).integers(0, 256, (2, 40, 50, 3), dtype=np.uint8)
+    runtime = repmlp_rt.Runtime(str(digits_pt2))
+    assert list(unpack_dir.iterdir()) == []  # removed while the runtime lives
+    # ... after the libraries were loaded from there (they stay mapped, their files deleted).
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(unpack_dir) in line]
+    assert mapped and all(line.endswith("(deleted)") for line in mapped), mapped
+    logits, (scores, indices) = runtime.infer(x), runtime.classify(images, topk=3)
+    monkeypatch.delenv("TMPDIR")
+    reference = repmlp_rt.Runtime(str(digits_pt2))
+    np.testing.assert_array_equal(logits, reference.infer(x))
+    ref_scores, ref_indices = reference.classify(images, topk=3)
+    np.testing.assert_array_equal(scores, ref_scores)
+    np.testing.assert_array_equal(indices, ref_indices)
+
+
+def test_tmpdir_chooses_where_a_pt2_is_unpacked(digits_pt2, tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-dir"
+    monkeypatch.setenv("TMPDIR", str(missing))
+    message = f"cannot create a directory in '{missing}': No such file or directory; set TMPDIR"
+    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(message)):
+        repmlp_rt.Runtime(str(digits_pt2), verify=False)
+    result = _run_cli(digits_pt2, runtime_helpers.write_npy(tmp_path / "x.npy", _x()))
+    assert result.returncode == 1 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_pt2_that_fails_to_load_leaves_no_files_behind(digits_pt2, tmp_path, unpack_dir, verify):
+    """The library replaced by bytes that are no shared library: refused by the digest before
+    loading, or by the loader itself with verification off (the case where torch's own loader
+    leaves its extraction directory behind)."""
+    library = _library(digits_pt2)
+    path = _rewrite(digits_pt2, tmp_path / "not-elf.pt2", lambda n, d: b"no shared library" if n.endswith(library) else d)
+    expected = "does not match its SHA-256 digest" if verify else "cannot load its program 'forward'"
+    with pytest.raises(repmlp_rt.ArtifactError, match=re.escape(expected)) as raised:
+        repmlp_rt.Runtime(str(path), verify=verify)
+    if not verify:
+        assert "TMPDIR chooses where" in str(raised.value)
+    assert list(unpack_dir.iterdir()) == []
+
+
+def test_a_record_named_outside_the_archive_is_refused(digits_pt2, tmp_path, unpack_dir):
+    """A record whose name climbs out of the unpack directory is refused before anything is
+    written, with or without verification."""
+    library = _members(digits_pt2)[_library(digits_pt2)].filename
+    escape = library.rsplit("/", 1)[0] + "/../../../../../escape.txt"
+    path = tmp_path / "climbing.pt2"
+    with zipfile.ZipFile(digits_pt2) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+        dst.writestr(escape, b"outside")
+    for verify in (True, False):
+        with pytest.raises(repmlp_rt.ArtifactError, match="not a plain relative path inside the archive"):
+            repmlp_rt.Runtime(str(path), verify=verify)
+    assert list(unpack_dir.iterdir()) == []
+    assert not list(tmp_path.rglob("escape.txt"))

@@ -10,8 +10,20 @@
 
 #include <nlohmann/json.hpp>
 
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <optional>
 #include <sstream>
 #include <unordered_map>
+
+#include <fcntl.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include "integrity.hpp"
 #include "model.hpp"
@@ -75,18 +87,170 @@ std::string missing_cpu_features(const std::string& isa) {
 #endif
 }
 
+// The directory programs are unpacked in: $TMPDIR when set, as for any temporary file.
+std::string temp_base() {
+  const char* base = std::getenv("TMPDIR");
+  return base != nullptr && *base != '\0' ? base : "/tmp";
+}
+
+// A record name from the archive as a relative path inside the unpack directory: every part
+// non-empty and not "." or "..", so that no record can be written outside it.
+bool is_safe_relative(const std::string& name) {
+  if (name.empty() || name.front() == '/' || name.find('\\') != std::string::npos) return false;
+  std::istringstream parts(name);
+  std::string part;
+  while (std::getline(parts, part, '/'))
+    if (part.empty() || part == "." || part == "..") return false;
+  return name.back() != '/';
+}
+
+// One compiled program's files (data/aotinductor/<program>/...) unpacked from the package into
+// a private directory that torch's package loader then opens as an unpacked package.
+//
+// Owning the directory (instead of letting the loader extract the whole archive under /tmp)
+// means: it is removed on every failure (the loader's own directory stays behind when its
+// constructor throws), and on CPU right after the load, so that a killed process leaves no
+// model-sized copy behind; $TMPDIR chooses where it goes (a noexec /tmp cannot hold shared
+// libraries); and the bytes are hashed as they are written, for the digest check.
+class UnpackedProgram {
+ public:
+  UnpackedProgram(caffe2::serialize::PyTorchStreamReader& reader, const std::string& path,
+                  const std::string& program, integrity::RecordHashes* hashes) {
+    const std::string base = temp_base();
+    std::string dir = base + "/repmlp_rt-XXXXXX";
+    if (mkdtemp(dir.data()) == nullptr)
+      throw ArtifactError("cannot unpack '" + path + "': cannot create a directory in '" + base +
+                          "': " + std::strerror(errno) + "; set TMPDIR to a writable directory");
+    // As /proc/self/maps will name the loaded libraries (TMPDIR may be a symbolic link).
+    std::error_code ignored;
+    const std::filesystem::path resolved = std::filesystem::canonical(dir, ignored);
+    dir_ = resolved.empty() ? dir : resolved.string();
+    try {
+      unpack(reader, path, program, hashes);
+    } catch (...) {
+      remove();
+      throw;
+    }
+  }
+  ~UnpackedProgram() { remove(); }
+  UnpackedProgram(const UnpackedProgram&) = delete;
+  UnpackedProgram& operator=(const UnpackedProgram&) = delete;
+
+  const std::string& dir() const noexcept { return dir_; }
+
+  // Asks the kernel to drop this process's resident pages of the loaded library's data
+  // segments. The loader has copied the weights out of the library into tensors, so its
+  // mapped copy (about the weights' size, left resident by that copy) is never read again;
+  // code segments are left alone. Advice only: pages not yet written back to disk stay (B224:
+  // about half of them; forcing the write-back first measured ~170 ms more per load).
+  void release_library_pages() const {
+#if defined(__linux__) && defined(MADV_PAGEOUT)
+    std::ifstream maps("/proc/self/maps");
+    std::string line;
+    const std::string prefix = dir_ + "/";
+    while (std::getline(maps, line)) {
+      // start-end perms offset dev inode path
+      std::istringstream fields(line);
+      std::string range, perms, offset, dev, inode, file;
+      if (!(fields >> range >> perms >> offset >> dev >> inode)) continue;
+      std::getline(fields >> std::ws, file);
+      if (file.compare(0, prefix.size(), prefix) != 0 || perms.find('x') != std::string::npos)
+        continue;
+      const auto dash = range.find('-');
+      if (dash == std::string::npos) continue;
+      const uintptr_t start = std::strtoull(range.substr(0, dash).c_str(), nullptr, 16);
+      const uintptr_t end = std::strtoull(range.substr(dash + 1).c_str(), nullptr, 16);
+      if (end > start) madvise(reinterpret_cast<void*>(start), end - start, MADV_PAGEOUT);
+    }
+#endif
+  }
+
+  // The loaded library stays mapped; its file is not needed once a CPU program is loaded.
+  void remove() noexcept {
+    if (dir_.empty()) return;
+    std::error_code ignored;
+    std::filesystem::remove_all(dir_, ignored);
+    dir_.clear();
+  }
+
+ private:
+  void unpack(caffe2::serialize::PyTorchStreamReader& reader, const std::string& path,
+              const std::string& program, integrity::RecordHashes* hashes) {
+    const std::string prefix = "data/aotinductor/" + program + "/";
+    constexpr size_t kChunk = size_t{1} << 20;
+    std::vector<char> buffer(kChunk);
+    bool any = false;
+    for (const std::string& name : reader.getAllRecords()) {
+      if (name.compare(0, prefix.size(), prefix) != 0) continue;
+      if (!is_safe_relative(name))
+        throw ArtifactError("'" + path + "' has a record whose name is not a plain relative "
+                            "path inside the archive: refused (corrupt or altered file)");
+      const std::filesystem::path target = std::filesystem::path(dir_) / name;
+      std::filesystem::create_directories(target.parent_path());
+      std::optional<integrity::Sha256> hash;
+      if (hashes != nullptr) hash.emplace();
+      const int fd = ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+      if (fd < 0) write_failed(path, target, errno);
+      const size_t size = reader.getRecordSize(name);
+      if (size > 0) {
+        auto chunks = reader.createChunkReaderIter(name, size, kChunk);
+        for (size_t done = 0; done < size;) {
+          const size_t got = chunks.next(buffer.data());
+          if (got == 0) break;
+          if (hash) hash->update(buffer.data(), got);
+          for (size_t written = 0; written < got;) {
+            const ssize_t n = ::write(fd, buffer.data() + written, got - written);
+            if (n < 0 && errno == EINTR) continue;
+            if (n <= 0) {
+              const int why = n < 0 ? errno : ENOSPC;
+              ::close(fd);
+              write_failed(path, target, why);
+            }
+            written += static_cast<size_t>(n);
+          }
+          done += got;
+        }
+      }
+      if (::close(fd) != 0) write_failed(path, target, errno);
+      if (hash) (*hashes)[name] = hash->hex_digest();
+      any = true;
+    }
+    if (!any)
+      throw ArtifactError("'" + path + "' has no compiled program '" + program +
+                          "' (a RepMLP .pt2 holds 'forward' and 'preprocess')");
+  }
+
+  [[noreturn]] void write_failed(const std::string& path, const std::filesystem::path& target,
+                                 int why) const {
+    throw ArtifactError("cannot unpack '" + path + "' into '" + dir_ + "': writing " +
+                        target.filename().string() + " failed: " + std::strerror(why) +
+                        "; set TMPDIR to a writable directory with room for the model");
+  }
+
+  std::string dir_;
+};
+
 class AotiModel final : public Model {
  public:
-  AotiModel(const std::string& path, c10::Device device,
-            const std::function<void()>& before_loading_code)
+  AotiModel(const std::string& path, c10::Device device, bool hash_records,
+            const std::function<void(const integrity::RecordHashes&)>& before_loading_code)
       : path_(path) {
     read_records();
     if (metadata_.format_version != kFormatVersion) return;  // Runtime reports it
-    before_loading_code();
+    integrity::RecordHashes hashes;
+    unpack_programs(hash_records ? &hashes : nullptr);
+    before_loading_code(hashes);
     check_compatible(device);
     const c10::DeviceIndex index = device.is_cuda() ? device.index() : -1;
-    forward_ = load_program(kForwardProgram, index);
-    preprocess_ = load_program(kPreprocessProgram, index);
+    forward_ = load_program(kForwardProgram, *forward_files_, index);
+    preprocess_ = load_program(kPreprocessProgram, *preprocess_files_, index);
+    // A CUDA program may read its kernel binaries from the directory later; a CPU one does not.
+    if (device.is_cpu()) {
+      for (auto* files : {forward_files_.get(), preprocess_files_.get()}) {
+        files->release_library_pages();
+        files->remove();
+      }
+    }
   }
 
   std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const override {
@@ -104,6 +268,19 @@ class AotiModel final : public Model {
  private:
   ArtifactError error(const std::string& why) const {
     return ArtifactError("'" + path_ + "': " + why);
+  }
+
+  void unpack_programs(integrity::RecordHashes* hashes) {
+    try {
+      caffe2::serialize::PyTorchStreamReader reader(path_);
+      forward_files_ = std::make_unique<UnpackedProgram>(reader, path_, kForwardProgram, hashes);
+      preprocess_files_ = std::make_unique<UnpackedProgram>(reader, path_, kPreprocessProgram, hashes);
+    } catch (const c10::Error& e) {
+      throw ArtifactError("cannot unpack artifact '" + path_ + "': " + clean_message(e));
+    } catch (const std::filesystem::filesystem_error& e) {
+      throw ArtifactError("cannot unpack artifact '" + path_ + "': " + e.code().message() +
+                          " (" + e.path1().string() + "); set TMPDIR to a writable directory");
+    }
   }
 
   // The manifest and the probe (absent from packages built before self-verification).
@@ -167,15 +344,17 @@ class AotiModel final : public Model {
     }
   }
 
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_program(const char* name,
-                                                                         c10::DeviceIndex index) const {
+  // The loader opens the unpacked directory (it then neither extracts nor removes anything).
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> load_program(
+      const char* name, const UnpackedProgram& files, c10::DeviceIndex index) const {
+    const std::string where = " (unpacked in '" + files.dir() + "'; TMPDIR chooses where)";
     try {
       return std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-          path_, name, /*run_single_threaded=*/false, /*num_runners=*/1, index);
+          files.dir(), name, /*run_single_threaded=*/false, /*num_runners=*/1, index);
     } catch (const c10::Error& e) {
-      throw error(std::string("cannot load its program '") + name + "': " + clean_message(e));
+      throw error(std::string("cannot load its program '") + name + "': " + clean_message(e) + where);
     } catch (const std::exception& e) {
-      throw error(std::string("cannot load its program '") + name + "': " + clean_message(e.what()));
+      throw error(std::string("cannot load its program '") + name + "': " + clean_message(e.what()) + where);
     }
   }
 
@@ -192,6 +371,9 @@ class AotiModel final : public Model {
   std::string torch_version_;
   std::string device_type_;
   ModelMetadata metadata_;
+  // Declared before the loaders, so destroyed after them.
+  std::unique_ptr<UnpackedProgram> forward_files_;
+  std::unique_ptr<UnpackedProgram> preprocess_files_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> forward_;
   std::unique_ptr<torch::inductor::AOTIModelPackageLoader> preprocess_;
 };
@@ -208,9 +390,10 @@ bool is_aoti_package(const std::string& path) {
   }
 }
 
-std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device,
-                                       const std::function<void()>& before_loading_code) {
-  return std::make_unique<AotiModel>(path, device, before_loading_code);
+std::unique_ptr<Model> load_aoti_model(
+    const std::string& path, c10::Device device, bool hash_records,
+    const std::function<void(const std::map<std::string, std::string>&)>& before_loading_code) {
+  return std::make_unique<AotiModel>(path, device, hash_records, before_loading_code);
 }
 
 }  // namespace repmlp_rt::detail

@@ -43,23 +43,18 @@ std::string hex(const unsigned char* bytes, unsigned int size) {
 
 std::string sha256_of_record(caffe2::serialize::PyTorchStreamReader& reader,
                              const std::string& name, std::vector<char>& buffer) {
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1)
-    throw std::runtime_error("OpenSSL cannot compute SHA-256");
+  Sha256 hash;
   const size_t size = reader.getRecordSize(name);
   if (size > 0) {
     auto chunks = reader.createChunkReaderIter(name, size, kChunk);
     for (size_t done = 0; done < size;) {
       const size_t got = chunks.next(buffer.data());
       if (got == 0) break;
-      EVP_DigestUpdate(ctx.get(), buffer.data(), got);
+      hash.update(buffer.data(), got);
       done += got;
     }
   }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  EVP_DigestFinal_ex(ctx.get(), digest, &length);
-  return hex(digest, length);
+  return hash.hex_digest();
 }
 
 // A record name as it may appear in a message: a corrupt file can name records with any bytes,
@@ -103,6 +98,28 @@ std::optional<std::string> decode_base64(const std::string& text) {
 
 }  // namespace
 
+struct Sha256::Context {
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> md{EVP_MD_CTX_new(), EVP_MD_CTX_free};
+};
+
+Sha256::Sha256() : context_(std::make_unique<Context>()) {
+  if (!context_->md || EVP_DigestInit_ex(context_->md.get(), EVP_sha256(), nullptr) != 1)
+    throw std::runtime_error("OpenSSL cannot compute SHA-256");
+}
+
+Sha256::~Sha256() = default;
+
+void Sha256::update(const void* data, size_t size) {
+  if (size > 0) EVP_DigestUpdate(context_->md.get(), data, size);
+}
+
+std::string Sha256::hex_digest() {
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  EVP_DigestFinal_ex(context_->md.get(), digest, &length);
+  return hex(digest, length);
+}
+
 std::string missing_record_message(const std::string& path, const std::string& record) {
   return "'" + path + "' has no " + record +
          " record, so it cannot be verified (built before self-verifying artifacts?): rebuild "
@@ -120,7 +137,8 @@ std::string read_digest_record(const std::string& path) {
   }
 }
 
-void check_digest(const std::string& path, const std::string& digest_json) {
+void check_digest(const std::string& path, const std::string& digest_json,
+                  const RecordHashes& used) {
   json stored;
   try {
     stored = json::parse(digest_json);
@@ -143,7 +161,10 @@ void check_digest(const std::string& path, const std::string& digest_json) {
       auto it = expected.find(name);
       if (it == expected.end() || !it->is_string())
         fail(path, "self-check failed: record '" + printable(name) + "' is not covered by the digest (the file was altered)");
-      if (sha256_of_record(reader, name, buffer) != it->get<std::string>())
+      const auto known = used.find(name);
+      const std::string actual =
+          known != used.end() ? known->second : sha256_of_record(reader, name, buffer);
+      if (actual != it->get<std::string>())
         fail(path, "self-check failed: record '" + printable(name) + "' does not match its SHA-256 digest (corrupt file)");
     }
     for (const auto& item : expected.items())

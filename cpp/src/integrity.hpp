@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -24,10 +26,31 @@ std::string missing_record_message(const std::string& path, const std::string& r
 // archive or has no such record (the caller decides what that means).
 std::string read_digest_record(const std::string& path);
 
+// SHA-256 computed piece by piece, for records hashed while they are copied elsewhere.
+class Sha256 {
+ public:
+  Sha256();
+  ~Sha256();
+  Sha256(const Sha256&) = delete;
+  Sha256& operator=(const Sha256&) = delete;
+  void update(const void* data, size_t size);
+  std::string hex_digest();  // once, at the end
+
+ private:
+  struct Context;
+  std::unique_ptr<Context> context_;
+};
+
+// Record name -> hex SHA-256 of the bytes a caller read from the archive and used (an
+// AOTInductor program's files, hashed as they are unpacked for loading).
+using RecordHashes = std::map<std::string, std::string>;
+
 // Recomputes the SHA-256 of every record of the archive at `path` except digest.json and
-// compares them with `digest_json`. Throws ArtifactError naming the first record that differs,
-// is missing or is not listed.
-void check_digest(const std::string& path, const std::string& digest_json);
+// compares them with `digest_json`; for a record in `used`, its hash there stands for it (the
+// bytes actually used, not a second read of the file). Throws ArtifactError naming the first
+// record that differs, is missing or is not listed.
+void check_digest(const std::string& path, const std::string& digest_json,
+                  const RecordHashes& used = {});
 
 struct ProbeCase {
   std::string method;  // "forward" or "forward_images"

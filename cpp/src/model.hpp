@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -55,11 +56,16 @@ std::unique_ptr<Model> load_torchscript_model(const std::string& path, c10::Devi
 bool is_aoti_package(const std::string& path);
 
 // Loads an AOTInductor package (.pt2, docs/FORMATS.md) for `device`. Its programs are shared
-// libraries, and loading one runs its code: `before_loading_code` runs first, once the manifest
-// has been read and says this format version (Runtime checks the digest there). Throws
-// ArtifactError, or whatever `before_loading_code` throws.
-std::unique_ptr<Model> load_aoti_model(const std::string& path, c10::Device device,
-                                       const std::function<void()>& before_loading_code);
+// libraries, and loading one runs its code. Each program's files are unpacked into a private
+// directory (under $TMPDIR, else /tmp) and loaded from there; `before_loading_code` runs once
+// they are unpacked and the manifest says this format version, and receives the SHA-256 of
+// every unpacked record when `hash_records` (Runtime checks the digest there, with those hashes
+// standing for the bytes that will be loaded). The directories are removed on any failure and,
+// on CPU, as soon as the programs are loaded. Throws ArtifactError, or whatever
+// `before_loading_code` throws.
+std::unique_ptr<Model> load_aoti_model(
+    const std::string& path, c10::Device device, bool hash_records,
+    const std::function<void(const std::map<std::string, std::string>&)>& before_loading_code);
 
 // c10::Error and loader messages carry backtraces and long explanations: the first
 // meaningful line.

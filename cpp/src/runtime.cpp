@@ -223,6 +223,8 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
 // An AOTInductor package's programs are shared libraries: loading one runs its code, and a
 // corrupt one can crash the process. Its digest is checked first, once the manifest has said
 // it is an artifact of this format version, and a package without a digest is refused there.
+// The programs' files are hashed as they are unpacked for loading, so the digest covers the
+// very bytes that are loaded, not an earlier read of a file that could change in between.
 //
 // A TorchScript file is only parsed, so its digest is checked on a second thread while the
 // loader reads it: hashing B224's 273 MB takes about a third of a load on one core
@@ -236,14 +238,15 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
     if (options.optimize)
       throw InputError("optimize applies to TorchScript artifacts; '" + path +
                        "' is an AOTInductor package, compiled already");
-    model = detail::load_aoti_model(path, device, [this, check_digest] {
-      if (!check_digest) return;
-      const std::string digest = integrity::read_digest_record(path);
-      if (digest.empty())
-        throw ArtifactError(integrity::missing_record_message(path, integrity::kDigestRecord));
-      integrity::check_digest(path, digest);
-      digest_checked = true;
-    });
+    model = detail::load_aoti_model(
+        path, device, check_digest, [this, check_digest](const integrity::RecordHashes& unpacked) {
+          if (!check_digest) return;
+          const std::string digest = integrity::read_digest_record(path);
+          if (digest.empty())
+            throw ArtifactError(integrity::missing_record_message(path, integrity::kDigestRecord));
+          integrity::check_digest(path, digest, unpacked);
+          digest_checked = true;
+        });
     return;
   }
   std::future<void> digest_check;

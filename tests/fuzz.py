@@ -1,7 +1,9 @@
-"""Seeded, bounded fuzzing of every file the project reads: artifacts, checkpoints, .npy, PNG, JPEG.
+"""Seeded, bounded fuzzing of every file the project reads: artifacts (TorchScript and .pt2),
+checkpoints, .npy, PNG, JPEG.
 
 Each case takes one intact file, mutates it (seeded: truncation, flipped bits, a zeroed 4 KiB
-block, overwritten bytes, a flipped byte inside one zip record, format-aware header edits) and
+block, overwritten bytes, a flipped byte inside one zip record, a renamed zip record,
+format-aware header edits) and
 runs it through one entry point: ``repmlp_infer`` (a subprocess), ``repmlp_rt`` (in a worker
 process) or the builder (``build_artifact``, in the worker). The outcome of every case is one of
 
@@ -15,8 +17,12 @@ process) or the builder (``build_artifact``, in the worker). The outcome of ever
              rebuilt  a checkpoint whose changed bytes still form valid weights: the artifact
                       built from it equals an eager model loaded from the same file
   failures:  crash (signal, or exit code other than 0/1/2), hang (over --timeout), unclean (a
-             traceback, several lines, an undocumented exception) and wrong (a result that
-             matches neither the intact output nor the independent reference).
+             traceback, several lines, an undocumented exception; for a .pt2, files left in
+             $TMPDIR, where the runtime unpacks it) and wrong (a result that matches neither
+             the intact output nor the independent reference).
+
+The .pt2 cases run with verification on (the default): with it off, a mutated compiled library
+is loaded and run as it is, which may crash by design (docs/FORMATS.md).
 
 ``python tests/fuzz.py`` (``make fuzz``) runs 1,000 cases and prints the counts by outcome and
 by target; it exits 1 if any case failed. ``tests/test_fuzz.py`` runs a smaller seeded subset.
@@ -37,6 +43,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -51,6 +58,8 @@ FAILURES = ("crash", "hang", "unclean", "wrong")
 MIX = {
     "artifact:repmlp_rt": 0.34,
     "artifact:repmlp_infer": 0.22,
+    "pt2:repmlp_rt": 0.06,
+    "pt2:repmlp_infer": 0.04,
     "npy:repmlp_infer": 0.14,
     "png:repmlp_infer": 0.08,
     "png:repmlp_rt": 0.06,
@@ -119,6 +128,36 @@ def flip_in_record(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
     return bytes(out), f"bit {bit} of record {name} flipped"
 
 
+def rename_record(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
+    """One record under data/ renamed: climbing out of the archive, absolute, with a backslash,
+    or taking another record's name (a duplicate)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            infos = archive.infolist()
+            contents = [archive.read(info) for info in infos]
+    except Exception:
+        return flip_bits(data, rng)
+    candidates = [i for i, info in enumerate(infos) if "/data/" in info.filename]
+    if not candidates:
+        return flip_bits(data, rng)
+    chosen = candidates[int(rng.integers(0, len(candidates)))]
+    old = infos[chosen].filename
+    top, base = old.split("/", 1)[0], old.rsplit("/", 1)[1]
+    style = int(rng.integers(0, 4))
+    new = [old.rsplit("/", 1)[0] + "/" + "../" * int(rng.integers(1, 8)) + base,
+           "/tmp/" + base,
+           old.rsplit("/", 1)[0] + "/..\\" + base,
+           infos[int(rng.integers(0, len(infos)))].filename][style]
+    if style == 1:
+        new = top + "/data/aotinductor/forward//" + base if rng.integers(0, 2) else new
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # zipfile's "Duplicate name": intended
+        for i, (info, content) in enumerate(zip(infos, contents)):
+            target.writestr(new if i == chosen else info.filename, content)
+    return out.getvalue(), f"record {old} renamed {new!r}"
+
+
 def edit_npy_header(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
     """A well-formed .npy header that lies: huge or wrong shape, Fortran order, another dtype."""
     header_len = struct.unpack("<H", data[8:10])[0]
@@ -167,6 +206,7 @@ def edit_jpeg_size(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
 GENERIC = (truncate, flip_bits, zero_block, overwrite_bytes)
 MUTATORS: dict[str, tuple[Callable, ...]] = {
     "artifact": GENERIC + (flip_in_record, flip_in_record, flip_in_record),
+    "pt2": GENERIC + (flip_in_record, flip_in_record, rename_record),
     "checkpoint": GENERIC + (flip_in_record, flip_in_record),
     "npy": (truncate, flip_bits, overwrite_bytes, edit_npy_header, edit_npy_header),
     "png": (truncate, flip_bits, overwrite_bytes, edit_png_size),
@@ -188,11 +228,13 @@ class Corpus:
     cli_stdout: str  # repmlp_infer on the intact artifact with x.npy and the PNG
     cli_logits: bytes  # its --output .npy
     infer: Path  # repmlp_infer binary
+    pt2: Path  # the same model as an AOTInductor package
+    pt2_cli_stdout: str
+    pt2_cli_logits: bytes
+    tmpdir: Path  # TMPDIR of every process the cases start: where a .pt2 is unpacked
 
 
 def _quiet_torch():
-    import warnings
-
     import torch
 
     warnings.filterwarnings("ignore", category=DeprecationWarning, message=r"`torch\.jit\.\w+` is deprecated")
@@ -201,13 +243,22 @@ def _quiet_torch():
     return torch
 
 
-def _cli(corpus_infer: Path, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def _cli(corpus_infer: Path, args: list[str], timeout: float, tmpdir: Path) -> subprocess.CompletedProcess:
     return subprocess.run([str(corpus_infer), "--threads", "1", *args], capture_output=True,
-                          timeout=timeout, check=False)
+                          timeout=timeout, check=False, env={**os.environ, "TMPDIR": str(tmpdir)})
 
 
-def make_corpus(work: Path, artifact_source: Path | None = None) -> Corpus:
-    """The intact files; ``artifact_source``: an already built digits artifact to reuse."""
+def _intact_cli(infer: Path, artifact: Path, x_npy: Path, png: Path, tmpdir: Path) -> tuple[str, bytes]:
+    out = artifact.with_suffix(".logits.npy")
+    result = _cli(infer, [str(artifact), str(x_npy), str(png), "--output", str(out)], 120, tmpdir)
+    if result.returncode != 0:
+        raise SystemExit(f"repmlp_infer fails on the intact {artifact.name}: {result.stderr.decode(errors='replace')}")
+    return result.stdout.decode(errors="replace"), out.read_bytes()
+
+
+def make_corpus(work: Path, artifact_source: Path | None = None, pt2_source: Path | None = None) -> Corpus:
+    """The intact files; ``artifact_source`` / ``pt2_source``: already built digits artifacts
+    (TorchScript, .pt2) to reuse."""
     _quiet_torch()
     from PIL import Image
 
@@ -230,13 +281,23 @@ def make_corpus(work: Path, artifact_source: Path | None = None) -> Corpus:
     Image.fromarray(smooth).save(jpeg, quality=90)
     checkpoint = work / "digits.pth"
     shutil.copyfile(default_checkpoint(), checkpoint)
+    pt2 = work / "digits.pt2"
+    if pt2_source is None:
+        build_artifact(out=str(pt2), format="aoti", force=True)
+    else:
+        shutil.copyfile(pt2_source, pt2)
+    tmpdir = work / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
     infer = Path(shutil.which("repmlp_infer") or Path(sys.executable).with_name("repmlp_infer"))
-    out = work / "intact_logits.npy"
-    result = _cli(infer, [str(artifact), str(x_npy), str(png), "--output", str(out)], timeout=120)
-    if result.returncode != 0:
-        raise SystemExit(f"repmlp_infer fails on the intact artifact: {result.stderr.decode(errors='replace')}")
-    return Corpus(work, artifact, checkpoint, x_npy, png, jpeg, result.stdout.decode(errors="replace"),
-                  out.read_bytes(), infer)
+    stdout, logits = _intact_cli(infer, artifact, x_npy, png, tmpdir)
+    pt2_stdout, pt2_logits = _intact_cli(infer, pt2, x_npy, png, tmpdir)
+    return Corpus(work, artifact, checkpoint, x_npy, png, jpeg, stdout, logits, infer, pt2, pt2_stdout,
+                  pt2_logits, tmpdir)
+
+
+def unpacked_leftovers(corpus: Corpus) -> list[str]:
+    """What the runtime left in TMPDIR (nothing, once a .pt2 load has ended either way)."""
+    return sorted(p.name for p in corpus.tmpdir.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,12 +326,12 @@ def _clean_cli_error(result: subprocess.CompletedProcess) -> tuple[str, str]:
 def run_cli_case(case: Case, corpus: Corpus, reference: "Reference", timeout: float) -> tuple[str, str]:
     kind = case.target.split(":")[0]
     out = case.path.with_suffix(".out.npy")
-    if kind == "artifact":
+    if kind in ("artifact", "pt2"):
         args = [str(case.path), str(corpus.x_npy), str(corpus.png), "--output", str(out)]
     else:
         args = [str(corpus.artifact), str(case.path), "--output", str(out)]
     try:
-        result = _cli(corpus.infer, args, timeout)
+        result = _cli(corpus.infer, args, timeout, corpus.tmpdir)
     except subprocess.TimeoutExpired:
         return "hang", f"over {timeout} s"
     if result.returncode != 0:
@@ -278,8 +339,9 @@ def run_cli_case(case: Case, corpus: Corpus, reference: "Reference", timeout: fl
     if result.stderr.strip():
         return "unclean", f"exit 0 with stderr {result.stderr[-300:]!r}"
     logits = np.load(out) if out.exists() else None
-    if kind == "artifact":
-        same = result.stdout.decode(errors="replace") == corpus.cli_stdout and out.read_bytes() == corpus.cli_logits
+    if kind in ("artifact", "pt2"):
+        stdout, intact = (corpus.cli_stdout, corpus.cli_logits) if kind == "artifact" else (corpus.pt2_cli_stdout, corpus.pt2_cli_logits)
+        same = result.stdout.decode(errors="replace") == stdout and out.read_bytes() == intact
         return ("same", "") if same else ("wrong", "the logits or the printed classes changed")
     expected = reference.for_input(kind, case.path)
     if expected is None:
@@ -358,10 +420,13 @@ def worker_main(work: Path) -> None:
     x = np.load(state["x_npy"])
     with Image.open(state["png"]) as png:
         images = np.asarray(png.convert("RGB"))[None]
-    intact = repmlp_rt.Runtime(state["artifact"], threads=1)
-    expected = (intact.infer(x), intact.infer(images), intact.labels, intact.manifest)
+    def outputs(path: str) -> tuple:
+        intact = repmlp_rt.Runtime(path, threads=1)
+        return intact.infer(x), intact.infer(images), intact.labels, intact.manifest
 
-    def artifact_case(path: str, index: int) -> tuple[str, str]:
+    expected_by_kind = {"artifact": outputs(state["artifact"]), "pt2": outputs(state["pt2"])}
+
+    def artifact_case(path: str, index: int, expected: tuple) -> tuple[str, str]:
         try:
             if index % 2:
                 got = (repmlp_rt.infer(path, x), repmlp_rt.infer(path, images))
@@ -404,7 +469,7 @@ def worker_main(work: Path) -> None:
         finally:
             if os.path.exists(out):
                 os.unlink(out)
-        if np.array_equal(got, expected[0]):
+        if np.array_equal(got, expected_by_kind["artifact"][0]):
             return "same", ""
         model = create_model(get_variant(DEFAULT_ARCH))
         load_checkpoint(model, path)
@@ -418,8 +483,8 @@ def worker_main(work: Path) -> None:
         request = json.loads(line)
         kind = request["target"].split(":")[0]
         try:
-            if kind == "artifact":
-                outcome = artifact_case(request["path"], request["index"])
+            if kind in expected_by_kind:
+                outcome = artifact_case(request["path"], request["index"], expected_by_kind[kind])
             elif kind == "png":
                 outcome = png_case(request["path"])
             else:
@@ -442,7 +507,7 @@ class Worker:
             self.process = subprocess.Popen(
                 [sys.executable, __file__, "--worker", str(self.work)], stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(self.work / "tmpdir")},
             )
         return self.process
 
@@ -491,13 +556,13 @@ def plan(total: int, targets: Sequence[str] = tuple(MIX)) -> list[str]:
 
 
 def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str], None] = print,
-         artifact: Path | None = None, targets: Sequence[str] = tuple(MIX)) -> dict:
+         artifact: Path | None = None, targets: Sequence[str] = tuple(MIX), pt2: Path | None = None) -> dict:
     started = time.perf_counter()
-    corpus = make_corpus(work, artifact)
+    corpus = make_corpus(work, artifact, pt2)
     (work / "corpus.json").write_text(json.dumps({k: str(v) for k, v in vars(corpus).items() if isinstance(v, Path)}))
     reference = Reference(corpus)
-    sources = {"artifact": corpus.artifact, "checkpoint": corpus.checkpoint, "npy": corpus.x_npy,
-               "png": corpus.png, "jpeg": corpus.jpeg}
+    sources = {"artifact": corpus.artifact, "pt2": corpus.pt2, "checkpoint": corpus.checkpoint,
+               "npy": corpus.x_npy, "png": corpus.png, "jpeg": corpus.jpeg}
     originals = {kind: path.read_bytes() for kind, path in sources.items()}
     cases_dir = work / "cases"
     cases_dir.mkdir(exist_ok=True)
@@ -511,7 +576,8 @@ def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str],
             mutators = MUTATORS[kind]
             mutate = mutators[int(rng.integers(0, len(mutators)))]
             data, mutation = mutate(originals[kind], rng)
-            suffix = {"artifact": ".pt", "checkpoint": ".pth", "npy": ".npy", "png": ".png", "jpeg": ".jpg"}[kind]
+            suffix = {"artifact": ".pt", "pt2": ".pt2", "checkpoint": ".pth", "npy": ".npy", "png": ".png",
+                      "jpeg": ".jpg"}[kind]
             path = cases_dir / f"case{index:05d}{suffix}"
             path.write_bytes(data)
             case = Case(index, target, path, f"{mutate.__name__}: {mutation}")
@@ -519,6 +585,12 @@ def fuzz(total: int, seed: int, timeout: float, work: Path, log: Callable[[str],
                 outcome, detail = run_cli_case(case, corpus, reference, timeout)
             else:
                 outcome, detail = worker.run(case, timeout)
+            leftovers = unpacked_leftovers(corpus)
+            if leftovers:
+                if outcome not in FAILURES:
+                    outcome, detail = "unclean", f"left {leftovers} in TMPDIR"
+                for leftover in corpus.tmpdir.iterdir():
+                    shutil.rmtree(leftover, ignore_errors=True)
             counts[target][outcome] += 1
             if outcome in FAILURES:
                 failures.append({"case": index, "target": target, "mutation": case.mutation,

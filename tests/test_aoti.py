@@ -7,6 +7,7 @@ per module: digits (exact resize) and SMALL_ARCH at 64x96 (short-side resize, an
 """
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -605,18 +606,22 @@ def test_a_pt2_that_fails_to_load_leaves_no_files_behind(digits_pt2, tmp_path, u
     assert list(unpack_dir.iterdir()) == []
 
 
-def test_a_record_named_outside_the_archive_is_refused(digits_pt2, tmp_path, unpack_dir):
-    """A record whose name climbs out of the unpack directory is refused before anything is
-    written, with or without verification."""
+@pytest.mark.parametrize("kind", ["climbing", "duplicate"])
+def test_a_record_named_outside_the_archive_or_twice_is_refused(digits_pt2, tmp_path, unpack_dir, kind):
+    """A record whose name climbs out of the unpack directory, or a second record of a
+    program's name, is refused with or without verification; nothing is written outside."""
     library = _members(digits_pt2)[_library(digits_pt2)].filename
-    escape = library.rsplit("/", 1)[0] + "/../../../../../escape.txt"
-    path = tmp_path / "climbing.pt2"
+    extra = library.rsplit("/", 1)[0] + "/../../../../../escape.txt" if kind == "climbing" else library
+    path = tmp_path / f"{kind}.pt2"
     with zipfile.ZipFile(digits_pt2) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
         for info in src.infolist():
             dst.writestr(info.filename, src.read(info.filename))
-        dst.writestr(escape, b"outside")
+        with pytest.warns(UserWarning, match="Duplicate name") if kind == "duplicate" else contextlib.nullcontext():
+            dst.writestr(extra, b"outside")
+    expected = ("not a plain relative path inside the archive" if kind == "climbing"
+                else "holds two records of the same name")
     for verify in (True, False):
-        with pytest.raises(repmlp_rt.ArtifactError, match="not a plain relative path inside the archive"):
+        with pytest.raises(repmlp_rt.ArtifactError, match=expected):
             repmlp_rt.Runtime(str(path), verify=verify)
     assert list(unpack_dir.iterdir()) == []
     assert not list(tmp_path.rglob("escape.txt"))

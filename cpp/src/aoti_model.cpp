@@ -190,6 +190,9 @@ class UnpackedProgram {
       std::optional<integrity::Sha256> hash;
       if (hashes != nullptr) hash.emplace();
       const int fd = ::open(target.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+      if (fd < 0 && errno == EEXIST)  // the directory is new and private: a duplicate name
+        throw ArtifactError("'" + path + "' holds two records of the same name: refused "
+                            "(corrupt or altered file)");
       if (fd < 0) write_failed(path, target, errno);
       const size_t size = reader.getRecordSize(name);
       if (size > 0) {

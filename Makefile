@@ -70,7 +70,7 @@ AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUC
 test-avx2: install serve-deps
 	$(AVX2_ONLY) PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
-# Seeded fuzzing of artifacts, checkpoints, .npy, PNG and JPEG through repmlp_infer, repmlp_rt
+# Seeded fuzzing of artifacts (.pt and .pt2), checkpoints, .npy, PNG and JPEG through repmlp_infer, repmlp_rt
 # and the builder: 1,000 cases, counts by outcome; exit 1 on any crash, hang, unclean error or
 # wrong answer (FUZZ_ARGS="--cases 5000 --seed 7" for more).
 fuzz: install

@@ -175,6 +175,20 @@ def save_foreign_torchscript(path: os.PathLike | str, *, with_manifest: bool = F
     return path
 
 
+def write_non_utf8_version(source: os.PathLike | str, path: os.PathLike | str) -> Path:
+    """A copy of the zip archive at ``source`` whose version records start with a byte that is
+    not UTF-8 (0x80 added): the loaders then quote it in their error message."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.rsplit("/", 1)[-1] == "version" and data:
+                data = bytes([data[0] | 0x80]) + data[1:]
+            dst.writestr(info.filename, data)
+    return Path(path)
+
+
 def write_truncated(source: os.PathLike | str, path: os.PathLike | str, fraction: float = 0.5) -> Path:
     data = Path(source).read_bytes()
     Path(path).write_bytes(data[: int(len(data) * fraction)])

@@ -239,6 +239,8 @@ BAD_PT2 = {
         lambda m: m.update(format_version=2)), reseal=True), "format version 2"),
     "bad_manifest": (lambda good, path: _rewrite(good, path, _edit_manifest(lambda m: m.pop("input")), reseal=True),
                      "extra/manifest.json is not a valid manifest"),
+    # The loader quotes the byte, which is not UTF-8: escaped (found by tests/fuzz.py).
+    "non_utf8_version": (runtime_helpers.write_non_utf8_version, "Couldn't parse the version \\x"),
 }
 
 

@@ -148,3 +148,13 @@ def test_non_utf8_names_and_upper_case_extensions(fake_artifact, tmp_path):
     assert result.stdout.startswith(name + b"[0]: ")
     reference = helpers.load_reference(fake_artifact)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(np.load(out), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_an_error_quoting_bytes_that_are_not_utf8_stays_one_line_of_text(fake_artifact, tmp_path):
+    """The loader quotes the file's bytes in its message; Python and the CLI get them escaped
+    (a UnicodeDecodeError escaped from the binding before)."""
+    path = helpers.write_non_utf8_version(fake_artifact, tmp_path / "version.pt")
+    with pytest.raises(repmlp_rt.ArtifactError, match=r"version \\x[89a-f][0-9a-f]") as raised:
+        repmlp_rt.Runtime(str(path))
+    assert "\n" not in str(raised.value)
+    assert_error(run_cli(path, "--info"), 1, "version \\x")

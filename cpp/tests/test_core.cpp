@@ -13,6 +13,7 @@
 #include <thread>
 #include <vector>
 
+#include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/image.hpp"
 #include "repmlp_rt/npy.hpp"
 #include "repmlp_rt/runtime.hpp"
@@ -28,6 +29,19 @@ std::filesystem::path temp_path(const std::string& name) {
   // The pid keeps two runs at once (two checkouts, two CI jobs) out of each other's files.
   return std::filesystem::temp_directory_path() /
          ("repmlp_rt_test_" + std::to_string(::getpid()) + "_" + name);
+}
+
+// Error messages quote file bytes: valid UTF-8 passes as is, every other byte becomes \xNN.
+TEST(Errors, MessagesAreValidUtf8) {
+  const std::string valid = "caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80";
+  EXPECT_EQ(repmlp_rt::ArtifactError(valid).what(), valid);
+  EXPECT_STREQ(repmlp_rt::ArtifactError("version \xb6").what(), "version \\xb6");
+  EXPECT_STREQ(repmlp_rt::InputError("\xff\x80").what(), "\\xff\\x80");
+  // truncated sequence, overlong form, surrogate, past U+10FFFF
+  EXPECT_STREQ(repmlp_rt::DeviceError("a\xe2\x82").what(), "a\\xe2\\x82");
+  EXPECT_STREQ(repmlp_rt::ArtifactError("\xc0\xaf").what(), "\\xc0\\xaf");
+  EXPECT_STREQ(repmlp_rt::ArtifactError("\xed\xa0\x80").what(), "\\xed\\xa0\\x80");
+  EXPECT_STREQ(repmlp_rt::ArtifactError("\xf4\x90\x80\x80").what(), "\\xf4\\x90\\x80\\x80");
 }
 
 TEST(Npy, RoundTrip) {

@@ -227,9 +227,10 @@ def export_onnx_static(model: torch.nn.Module, path: str, x: torch.Tensor) -> st
     return note
 
 
-def openvino_runner(path: str, threads: int, precision: str) -> Callable[[Any], Any]:
-    """OpenVINO's CPU plugin on an ONNX file, one stream of ``threads`` threads, latency mode;
-    ``precision`` (f32 or bf16) is its inference precision hint."""
+def openvino_request(path: str, threads: int, precision: str, **config: Any) -> Any:
+    """An infer request of OpenVINO's CPU plugin on an ONNX file, one stream of ``threads``
+    threads, latency mode; ``precision`` (f32 or bf16) is its inference precision hint;
+    ``config``: further properties (PERF_COUNT=True for profile_ops.py)."""
     import openvino as ov
 
     core = ov.Core()
@@ -238,8 +239,14 @@ def openvino_runner(path: str, threads: int, precision: str) -> Callable[[Any], 
         "NUM_STREAMS": 1,
         "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": precision,
+        **config,
     })
-    request = compiled.create_infer_request()
+    return compiled.create_infer_request()
+
+
+def openvino_runner(path: str, threads: int, precision: str) -> Callable[[Any], Any]:
+    """openvino_request as a function of the input."""
+    request = openvino_request(path, threads, precision)
     return lambda x: request.infer({0: x})[0]
 
 

@@ -86,17 +86,9 @@ def profile_ort(path: str, x: np.ndarray, threads: int, runs: int, by_op: bool) 
 
 
 def profile_openvino(path: str, x: np.ndarray, threads: int, runs: int, precision: str) -> Rows:
-    import openvino as ov
+    from bench import openvino_request  # the settings bench.py times OpenVINO with
 
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(path), "CPU", {
-        "INFERENCE_NUM_THREADS": threads,
-        "NUM_STREAMS": 1,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": precision,
-        "PERF_COUNT": True,
-    })
-    request = compiled.create_infer_request()
+    request = openvino_request(path, threads, precision, PERF_COUNT=True)
     for _ in range(2):
         request.infer({0: x})
     groups: dict = collections.defaultdict(lambda: [0.0, 0])

@@ -194,26 +194,19 @@ class UnpackedProgram {
         throw ArtifactError("'" + path + "' holds two records of the same name: refused "
                             "(corrupt or altered file)");
       if (fd < 0) write_failed(path, target, errno);
-      const size_t size = reader.getRecordSize(name);
-      if (size > 0) {
-        auto chunks = reader.createChunkReaderIter(name, size, kChunk);
-        for (size_t done = 0; done < size;) {
-          const size_t got = chunks.next(buffer.data());
-          if (got == 0) break;
-          if (hash) hash->update(buffer.data(), got);
-          for (size_t written = 0; written < got;) {
-            const ssize_t n = ::write(fd, buffer.data() + written, got - written);
-            if (n < 0 && errno == EINTR) continue;
-            if (n <= 0) {
-              const int why = n < 0 ? errno : ENOSPC;
-              ::close(fd);
-              write_failed(path, target, why);
-            }
-            written += static_cast<size_t>(n);
+      integrity::for_each_chunk(reader, name, buffer, [&](const char* data, size_t size) {
+        if (hash) hash->update(data, size);
+        for (size_t written = 0; written < size;) {
+          const ssize_t n = ::write(fd, data + written, size - written);
+          if (n < 0 && errno == EINTR) continue;
+          if (n <= 0) {
+            const int why = n < 0 ? errno : ENOSPC;
+            ::close(fd);
+            write_failed(path, target, why);
           }
-          done += got;
+          written += static_cast<size_t>(n);
         }
-      }
+      });
       if (::close(fd) != 0) write_failed(path, target, errno);
       if (hash) (*hashes)[name] = hash->hex_digest();
       any = true;

@@ -44,16 +44,7 @@ std::string hex(const unsigned char* bytes, unsigned int size) {
 std::string sha256_of_record(caffe2::serialize::PyTorchStreamReader& reader,
                              const std::string& name, std::vector<char>& buffer) {
   Sha256 hash;
-  const size_t size = reader.getRecordSize(name);
-  if (size > 0) {
-    auto chunks = reader.createChunkReaderIter(name, size, kChunk);
-    for (size_t done = 0; done < size;) {
-      const size_t got = chunks.next(buffer.data());
-      if (got == 0) break;
-      hash.update(buffer.data(), got);
-      done += got;
-    }
-  }
+  for_each_chunk(reader, name, buffer, [&](const char* data, size_t size) { hash.update(data, size); });
   return hash.hex_digest();
 }
 
@@ -97,6 +88,19 @@ std::optional<std::string> decode_base64(const std::string& text) {
 }
 
 }  // namespace
+
+void for_each_chunk(caffe2::serialize::PyTorchStreamReader& reader, const std::string& name,
+                    std::vector<char>& buffer, const std::function<void(const char*, size_t)>& use) {
+  const size_t size = reader.getRecordSize(name);
+  if (size == 0) return;
+  auto chunks = reader.createChunkReaderIter(name, size, buffer.size());
+  for (size_t done = 0; done < size;) {
+    const size_t got = chunks.next(buffer.data());
+    if (got == 0) break;
+    use(buffer.data(), got);
+    done += got;
+  }
+}
 
 struct Sha256::Context {
   std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> md{EVP_MD_CTX_new(), EVP_MD_CTX_free};

@@ -5,10 +5,15 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
 #include <vector>
+
+namespace caffe2::serialize {
+class PyTorchStreamReader;
+}  // namespace caffe2::serialize
 
 namespace repmlp_rt::integrity {
 
@@ -40,6 +45,10 @@ class Sha256 {
   struct Context;
   std::unique_ptr<Context> context_;
 };
+
+// Reads record `name` of `reader` in pieces of buffer.size() bytes, handing each to `use`.
+void for_each_chunk(caffe2::serialize::PyTorchStreamReader& reader, const std::string& name,
+                    std::vector<char>& buffer, const std::function<void(const char*, size_t)>& use);
 
 // Record name -> hex SHA-256 of the bytes a caller read from the archive and used (an
 // AOTInductor program's files, hashed as they are unpacked for loading).

@@ -48,20 +48,26 @@ def test_cuda_threads_get_their_own_results(tmp_path):
     inputs = [helpers.random_batch((3, 32, 32), n=2 + i, seed=100 + i) for i in range(4)]
     expected = [reference(torch.from_numpy(x)) for x in inputs]
     failures: list = []
+    finished: list = []
 
     def work(i: int) -> None:
-        for _ in range(10):
-            try:
+        try:
+            for _ in range(10):
                 relative_close(torch.from_numpy(runtime.infer(inputs[i])), expected[i], CUDA_RTOL["float32"])
-            except AssertionError as error:
-                failures.append((i, str(error)))
+            finished.append(i)
+        except BaseException as error:  # noqa: BLE001 - any failure, re-raised below
+            failures.append((i, error))
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert not failures, failures[:2]
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a thread did not finish within 300 s"
+    if failures:
+        i, error = failures[0]
+        raise AssertionError(f"thread {i} failed ({len(failures)} thread(s) in all)") from error
+    assert sorted(finished) == [0, 1, 2, 3]
 
 
 @pytest.mark.cuda

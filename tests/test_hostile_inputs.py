@@ -15,7 +15,8 @@ import torch
 from helpers import repmlp_infer_binary
 from test_runtime_cli import assert_error, run_cli
 
-pytestmark = pytest.mark.skipif(not repmlp_rt.has_image_decoding(), reason="built without stb_image")
+# Only the image cases need the decoder; the .npy and artifact cases run on every build.
+needs_stb = pytest.mark.skipif(not repmlp_rt.has_image_decoding(), reason="built without stb_image")
 
 
 def _png_chunk(kind: bytes, body: bytes) -> bytes:
@@ -49,6 +50,7 @@ def small_jpeg(tmp_path):
     return path
 
 
+@needs_stb
 def test_decompression_bombs_are_refused_before_decoding(fake_artifact, tmp_path, small_jpeg):
     bomb = png_bomb(tmp_path / "bomb.png", 100_000, 100_000)
     jbomb = jpeg_bomb(small_jpeg, tmp_path / "bomb.jpg", 60_000, 60_000)
@@ -61,6 +63,7 @@ def test_decompression_bombs_are_refused_before_decoding(fake_artifact, tmp_path
     assert repmlp_rt.DEFAULT_MAX_IMAGE_PIXELS == 1 << 26
 
 
+@needs_stb
 def test_the_pixel_limit_is_settable(fake_artifact, tmp_path):
     image = helpers.save_png(tmp_path / "x.png", helpers.random_images(1, 21, 34)[0])  # 714 pixels
     assert_error(run_cli(fake_artifact, image, "--max-image-pixels", "700"), 1, "over the limit of 700")
@@ -74,6 +77,7 @@ def test_the_pixel_limit_is_settable(fake_artifact, tmp_path):
         repmlp_rt.decode_image(str(image), max_pixels=-1)
 
 
+@needs_stb
 def test_a_png_failing_its_crc_is_refused(fake_artifact, tmp_path):
     good = helpers.save_png(tmp_path / "good.png", helpers.random_images(1, 16, 16)[0]).read_bytes()
     idat = good.index(b"IDAT")
@@ -90,6 +94,7 @@ def test_a_png_failing_its_crc_is_refused(fake_artifact, tmp_path):
         repmlp_rt.decode_image(str(cut))
 
 
+@needs_stb
 def test_garbage_and_truncated_jpegs(fake_artifact, tmp_path, small_jpeg):
     data = small_jpeg.read_bytes()
     for name, content in (("garbage.jpg", os.urandom(300)), ("header.jpg", data[:100]), ("empty.jpg", b"")):
@@ -98,10 +103,11 @@ def test_garbage_and_truncated_jpegs(fake_artifact, tmp_path, small_jpeg):
         assert_error(run_cli(fake_artifact, path), 1, "cannot decode image")
 
 
+@needs_stb
 def test_a_corrupt_jpeg_that_decodes_always_decodes_the_same(fake_artifact, tmp_path):
     # A JPEG from the fuzz suite (tests/fuzz.py, seed 0, case 138: 13 bytes overwritten at
-    # offset 16) that stb_image still decodes while reading memory it never wrote: before its
-    # allocations were zeroed, each decode gave other pixels and the CLI other logits.
+    # offset 16) that stb_image still decodes while reading memory it never wrote: unless the
+    # decoder's allocations are zeroed, each decode gives other pixels and the CLI other logits.
     path = os.path.join(os.path.dirname(__file__), "data", "corrupt_decodable.jpg")
     first = repmlp_rt.decode_image(path)
     for round_ in range(8):
@@ -152,7 +158,7 @@ def test_non_utf8_names_and_upper_case_extensions(fake_artifact, tmp_path):
 
 def test_an_error_quoting_bytes_that_are_not_utf8_stays_one_line_of_text(fake_artifact, tmp_path):
     """The loader quotes the file's bytes in its message; Python and the CLI get them escaped
-    (a UnicodeDecodeError escaped from the binding before)."""
+    (never a UnicodeDecodeError from the binding)."""
     path = helpers.write_non_utf8_version(fake_artifact, tmp_path / "version.pt")
     with pytest.raises(repmlp_rt.ArtifactError, match=r"version \\x[89a-f][0-9a-f]") as raised:
         repmlp_rt.Runtime(str(path))

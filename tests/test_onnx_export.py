@@ -5,13 +5,13 @@ element-wise. About 15 s (one export of the small model).
 """
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from helpers import make_model, relative_close
 from repmlp import fuse_model
 from repmlp.onnx_export import export_onnx
 
-ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a test dependency (make setup installs it)")
 
 
 @pytest.fixture(scope="module")

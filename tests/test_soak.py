@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import repmlp_rt
 import runtime_helpers as helpers
+import torch
 
 THREADS = 8
 # Resident-memory growth allowed over 1,000 calls after a 100-call warm-up. Measured growth on
@@ -45,8 +46,9 @@ def test_eight_threads_match_single_threaded_bitwise(small_artifact):
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert not errors
+        t.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a worker did not finish within 300 s"
+    assert not errors, errors[:2]
     assert len(results) == THREADS * 6
     for i, logits, image_logits in results:
         np.testing.assert_array_equal(logits, serial[i][0])
@@ -69,10 +71,38 @@ def test_resident_memory_is_flat_over_1000_calls(small_artifact):
     assert growth < RSS_GROWTH_LIMIT, f"resident memory grew by {growth / 2**20:.1f} MiB over 1,000 calls"
 
 
-def test_self_check_runs_once_per_load_not_per_call(small_artifact):
-    # The probe is the warm-up call: later calls cost what an unverified runtime's calls cost
-    # (same outputs bit for bit, no per-call check).
+class _CountingFake(helpers.FakeRepMLP):
+    """The fake artifact's model, writing one marker line to stdout per forward pass (scripted
+    models keep their print calls): every run of the model the runtime makes, the self-check's
+    probe included, can be counted from what the process writes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        print("counting-fake forward")
+        x = x.to(self.head.weight.dtype)
+        x = self.features(x).mean(dim=(2, 3))
+        return self.head(x).float()
+
+
+def _forward_passes(capfd) -> int:
+    return capfd.readouterr().out.count("counting-fake forward")
+
+
+def test_self_check_runs_once_per_load_not_per_call(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(helpers, "FakeRepMLP", _CountingFake)
+    path = str(helpers.save_fake_artifact(tmp_path / "counting.pt"))
     x = np.random.default_rng(3).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    verified = repmlp_rt.Runtime(small_artifact)
-    unverified = repmlp_rt.Runtime(small_artifact, verify=False)
+    images = helpers.random_images(2, 40, 36)
+    _forward_passes(capfd)  # the build's own passes
+    verified = repmlp_rt.Runtime(path, warmup=0)
+    # The probe runs at load: one float batch and one image batch, one forward pass each.
+    assert verified.self_check is not None
+    assert _forward_passes(capfd) == 2
+    unverified = repmlp_rt.Runtime(path, verify=False, warmup=0)
+    assert unverified.self_check is None
+    assert _forward_passes(capfd) == 0
+    for _ in range(5):
+        verified.infer(x)
+        verified.infer(images)
+    assert _forward_passes(capfd) == 10, "the verified runtime ran the model more than once per call"
     np.testing.assert_array_equal(verified.infer(x), unverified.infer(x))
+    np.testing.assert_array_equal(verified.infer(images), unverified.infer(images))

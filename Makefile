@@ -95,7 +95,7 @@ test-torch-latest: $(STAMP)/system
 
 bench: install
 	$(PIP) install -q $(BENCH_DEPS)
-	$(PY) benchmarks/bench.py
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(VENV)/bin/repmlp_infer $(ARTIFACT)

@@ -1,36 +1,44 @@
-#!/usr/bin/env python
-"""Accuracy cost of the reduced-precision artifacts on the trained digits model (issue 18).
+"""Accuracy cost of the reduced-precision artifacts on the trained digits model.
 
 Builds the digits artifact in float32, bfloat16 and int8 (temporary folder), runs all 1797
 digits through each artifact's own preprocessing (forward_images) and prints the held-out
 accuracy (the recorded 450-image split), the top-1 agreement with float32 over all digits, the
-build's worst verification error and its tolerance, and the file size. docs/PERFORMANCE.md
-quotes its output.
+build's worst verification error and its tolerance, and the file size.
 
-  .venv/bin/python benchmarks/dtype_accuracy.py
+  python -m benchmarks.dtype_accuracy [--write]
 """
 
+import argparse
+import importlib.util
 import os
-import sys
 import tempfile
-import warnings
+from typing import List, Optional
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "examples", "digits"))
-warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated")
-
-from data import load_digits_rgb, split  # noqa: E402
-from repmlp.artifact import build_artifact  # noqa: E402
+from benchmarks.harness import ROOT, append_results, command_line, host_line, log, markdown_table
+from repmlp.artifact import build_artifact
+from repmlp.utils import quiet_jit
 
 
-def main() -> int:
-    images, labels = load_digits_rgb()
-    _, test_idx = split(labels)
+def digits_data():
+    """examples/digits/data.py (the dataset and its recorded split), loaded from its file."""
+    spec = importlib.util.spec_from_file_location("digits_data", os.path.join(ROOT, "examples", "digits", "data.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="append the table to RESULTS.md")
+    args = parser.parse_args(argv)
+    data = digits_data()
+    images, labels = data.load_digits_rgb()
+    _, test_idx = data.split(labels)
     labels_t, test_t = torch.from_numpy(labels), torch.from_numpy(test_idx)
-    top1 = {}
-    with tempfile.TemporaryDirectory() as folder:
+    top1, rows = {}, []
+    with tempfile.TemporaryDirectory() as folder, quiet_jit():
         for dtype in ("float32", "bfloat16", "int8"):
             path = os.path.join(folder, f"digits-{dtype}.pt")
             report = build_artifact(out=path, dtype=dtype)
@@ -41,12 +49,17 @@ def main() -> int:
             worst = max(s["max_rel_err"] for s in verification["stages"] if s["max_rel_err"] is not None)
             right = int((top1[dtype][test_t] == labels_t[test_t]).sum())
             agree = int((top1[dtype] == top1["float32"]).sum())
-            print(f"{dtype:8s}  held-out {100 * right / len(test_idx):.2f}% ({right}/{len(test_idx)})  "
-                  f"agreement with float32 {100 * agree / len(labels):.2f}% ({agree}/{len(labels)})  "
-                  f"build worst error {worst:.1e} (tolerance {verification['tolerance']:.1e})  "
-                  f"{os.path.getsize(path) / 1e6:.2f} MB")
+            rows.append([dtype, f"{100 * right / len(test_idx):.2f}% ({right}/{len(test_idx)})",
+                         f"{100 * agree / len(labels):.2f}% ({agree}/{len(labels)})",
+                         f"{worst:.1e} ({verification['tolerance']:.1e})", f"{os.path.getsize(path) / 1e6:.2f}"])
+            log(f"  {dtype}: done")
+    body = markdown_table(["dtype", "held-out accuracy", "top-1 agreement with float32",
+                           "build's worst error (tolerance)", "file MB"], rows)
+    print(f"{host_line()}\n\n{body}")
+    if args.write:
+        append_results("Digits accuracy per artifact dtype", command_line("benchmarks.dtype_accuracy", argv), body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one go, for a machine that has a CUDA torch, pybind11, cmake
-# and pytest but no apt (issues 4 and 8): build, CUDA tests, the CLI on CUDA, the fp16
+# and pytest but no apt: build, CUDA tests, the CLI on CUDA, the fp16
 # benchmark. Each step's log lands in $OUT (default ./gpu-out); a failing step does not stop
 # the next ones, and the exit code says whether any failed.
 #
@@ -51,7 +51,7 @@ else  # built without stb: a .npy batch instead of PNGs (written without numpy)
   step cli-cuda repmlp_infer "$out/digits-fp16.pt" "$out/zeros.npy" --device cuda --topk 3
 fi
 step cli-cuda-bench repmlp_infer "$out/digits-fp16.pt" --bench --device cuda --batch 64 --iters 20
-step bench-gpu "$py" benchmarks/bench_gpu.py --device cuda --dtype float16 --batches 1 64 --out "$out/RESULTS-gpu.md"
+step bench-gpu "$py" -m benchmarks.bench_gpu --device cuda --dtype float16 --batches 1 64 --out "$out/RESULTS-gpu.md"
 
 if ((${#failed[@]})); then
   echo "failed steps: ${failed[*]}"

@@ -99,13 +99,14 @@ def command_line(module: str, argv: Optional[Sequence[str]] = None) -> str:
     return " ".join(["python", "-m", module] + args)
 
 
-def append_results(title: str, command: str, body: str) -> None:
-    """Appends a section to benchmarks/RESULTS.md: the title, date, host line, command, body."""
+def append_results(title: str, command: str, body: str, path: str = RESULTS_PATH) -> None:
+    """Appends a section to benchmarks/RESULTS.md (or ``path``): the title, date, host line,
+    command and body."""
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = f"\n## {title}\n\n- date: {when}\n- host: {host_line()}\n- command: `{command}`\n\n{body.strip()}\n"
-    with open(RESULTS_PATH, "a", encoding="utf-8") as fh:
+    with open(path, "a", encoding="utf-8") as fh:
         fh.write(section)
-    log(f"appended '{title}' to {os.path.relpath(RESULTS_PATH, ROOT)}")
+    log(f"appended '{title}' to {path}")
 
 
 def time_rounds(calls: Mapping[str, Callable[[], object]], rounds: int, per_round: int = 1,

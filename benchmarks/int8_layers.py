@@ -25,8 +25,8 @@ float32 (max |err| / max |logit|) and ms per image.
 
 A side study behind the int8 analysis in benchmarks/RESULTS.md; it changes nothing in the project.
 
-  .venv/bin/python benchmarks/int8_layers.py [--rounds 15] [--threads 1 2] [--shape M,K,N ...]
-  .venv/bin/python benchmarks/int8_layers.py --stages [--arch B224] [--batch 8] [--rounds 10]
+  python -m benchmarks.int8_layers [--rounds 15] [--threads 1 2] [--shape M,K,N ...]
+  python -m benchmarks.int8_layers --stages [--arch B224] [--batch 8] [--rounds 10]
 """
 
 import argparse
@@ -34,17 +34,15 @@ import copy
 import functools
 import os
 import statistics
-import sys
-import time
 import warnings
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
-from repmlp.model import RepMLPNetUnit, create_model, fuse_model  # noqa: E402
-from repmlp.quantize import (  # noqa: E402
+from benchmarks.harness import host_line, time_rounds
+from repmlp.model import RepMLPNetUnit, create_model, fuse_model
+from repmlp.quantize import (
     INT8_LEVELS,
     MAX_INT8_SHARESETS,
     Int8ConvFFN,
@@ -52,9 +50,7 @@ from repmlp.quantize import (  # noqa: E402
     Int8RepMLPBlock,
     _quantize_rows,
 )
-from repmlp.utils import output_error, randomize_model_  # noqa: E402
-
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+from repmlp.utils import output_error, quiet_jit, randomize_model_
 
 # (M, K, N) at batch 8: each stage's two FFN GEMMs on 512-row chunks (the last stage's 392 rows
 # are one chunk), and stage 0's fc3 (one shareset: 8 x 96 maps of 56 x 56).
@@ -86,19 +82,6 @@ def fbgemm_linear(weight: torch.Tensor, bias: torch.Tensor) -> Optional[Callable
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
-def time_interleaved(calls: Dict[str, Callable[[], object]], rounds: int) -> Dict[str, List[float]]:
-    """Seconds per call of each callable, one call each per round; each round starts one callable
-    later, so that every one leads once in turn (the slot after a switch can run slow)."""
-    times: Dict[str, List[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
     gen = torch.Generator().manual_seed(m * k + n)
     # Rows of different scales, as pixel vectors are; weights at a conv's init scale.
@@ -117,7 +100,7 @@ def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
     exact = torch.addmm(bias.double(), x.double(), weight.double().t())
     with torch.inference_mode():
         errors = {name: output_error(calls[name](), exact)[1] for name in ("fp32", "ours", "fbgemm") if name in calls}
-        times = time_interleaved(calls, rounds)
+        times = time_rounds(calls, rounds)
     return {name: {"s": statistics.median(t), "err": errors.get(name, float("nan"))} for name, t in times.items()}
 
 
@@ -141,7 +124,7 @@ def int8_variant(fused: nn.Module, min_ffn_channels: Optional[int], max_sets: in
             unit.repmlp_block = Int8RepMLPBlock(unit.repmlp_block)
         if min_ffn_channels is not None and unit.ffn_block.ffn_fc1.conv.in_channels >= min_ffn_channels:
             unit.ffn_block = Int8ConvFFN(unit.ffn_block)
-    with torch.no_grad():
+    with torch.no_grad(), quiet_jit():
         return torch.jit.freeze(torch.jit.script(model.eval()))
 
 
@@ -155,13 +138,13 @@ def compare_stage_choices(arch: str, batch: int, rounds: int, threads: list) -> 
         calls = {name: functools.partial(module, x) for name, module in variants.items()}
         for count in threads:
             torch.set_num_threads(count)
-            per_image = {n: statistics.median(t) / batch for n, t in time_interleaved(calls, rounds).items()}
+            per_image = {n: statistics.median(t) / batch for n, t in time_rounds(calls, rounds).items()}
             base = per_image["float32"]
             cells = [f"{n} {t * 1e3:.1f} ({base / t:.2f}x, err {errors[n]:.1e})" for n, t in per_image.items()]
             print(f"{arch} batch {batch}, {count} thr, ms per image:  " + "  ".join(cells), flush=True)
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
@@ -169,11 +152,11 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true", help="time whole models with different stages in int8")
     parser.add_argument("--arch", default="B224")
     parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.rounds < 1 or args.batch < 1 or any(t < 1 for t in args.threads):
         parser.error(f"--rounds, --batch and --threads must be >= 1, got {args.rounds}, {args.batch}, {args.threads}")
     if args.stages:
-        print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; medians of {args.rounds} rounds")
+        print(f"{host_line()}; medians of {args.rounds} rounds")
         compare_stage_choices(args.arch, args.batch, args.rounds, args.threads)
         return
     shapes = SHAPES
@@ -188,7 +171,7 @@ def main() -> None:
     if capped:
         print(f"{', '.join(capped)} set: fbgemm dispatches on the CPU's own features and ignores these caps, "
               "so its column is not capped")
-    print(f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}; "
+    print(f"{host_line()}; "
           f"ms per call (speed-up over fp32), median of {args.rounds} interleaved rounds; "
           "error: max |err| / max |exact| against float64")
     for threads in args.threads:

@@ -6,7 +6,7 @@ and reports the load time (median of --repeats), the peak resident memory added 
 (the high-water mark ru_maxrss minus the resident memory before the load) and the file size. The configurations are interleaved round by
 round so that a shared host's load drifts over all of them alike.
 
-    python benchmarks/load_cost.py [--b224] [--repeats 5] [--artifact NAME=PATH ...]
+    python -m benchmarks.load_cost [--b224] [--repeats 5] [--artifact NAME=PATH ...] [--write]
 """
 
 import argparse
@@ -16,6 +16,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from typing import Dict, List, Optional
+
+from benchmarks.harness import append_results, command_line, host_line, log, markdown_table
+from repmlp.artifact import build_artifact
+from repmlp.utils import quiet_jit
 
 CONFIGS = {
     # name: Runtime keyword arguments
@@ -49,50 +54,56 @@ def measure(path: str, kwargs: dict, threads: int) -> dict:
     return json.loads(out.stdout)
 
 
-def main() -> int:
+def artifacts_to_measure(args: argparse.Namespace, work: str) -> Dict[str, str]:
+    artifacts = dict(item.split("=", 1) for item in args.artifact)
+    with quiet_jit():
+        if not artifacts:
+            artifacts["digits"] = os.path.join(work, "digits.pt")
+            build_artifact(out=artifacts["digits"])
+        if args.b224:
+            artifacts["B224"] = os.path.join(work, "b224.pt")
+            build_artifact("B224", out=artifacts["B224"], seed=5)
+    return artifacts
+
+
+def measure_artifact(name: str, path: str, repeats: int, threads: int) -> str:
+    """Every configuration, interleaved round by round, in fresh processes; a table."""
+    with open(path, "rb") as fh:  # into the page cache
+        while fh.read(1 << 24):
+            pass
+    results: Dict[str, List[dict]] = {config: [] for config in CONFIGS}
+    for _ in range(repeats):
+        for config, kwargs in CONFIGS.items():
+            results[config].append(measure(path, kwargs, threads))
+    rows = [[config, *(f"{statistics.median(r[key] for r in runs) * scale:.1f}"
+                       for key, scale in (("seconds", 1000), ("peak_rss_added_mib", 1), ("rss_added_mib", 1)))]
+            for config, runs in results.items()]
+    title = f"{name}: {os.path.getsize(path) / 2**20:.1f} MiB, {threads} thread(s), median of {repeats}"
+    return title + "\n\n" + markdown_table(
+        ["configuration", "load (ms)", "peak RSS added by the load (MiB)", "RSS added after it (MiB)"], rows)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--b224", action="store_true", help="also build and measure the 273 MB B224 artifact")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--artifact", action="append", default=[], metavar="NAME=PATH",
                         help="measure this already built artifact instead of building digits (and B224)")
-    args = parser.parse_args()
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
-    import warnings
-
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    from repmlp.artifact import build_artifact
-
-    work = tempfile.mkdtemp(prefix="repmlp-load-cost-")
-    artifacts = dict(item.split("=", 1) for item in args.artifact)
-    if not artifacts:
-        artifacts["digits"] = os.path.join(work, "digits.pt")
-        build_artifact(out=artifacts["digits"])
-    if args.b224:
-        artifacts["B224"] = os.path.join(work, "b224.pt")
-        build_artifact("B224", out=artifacts["B224"], seed=5)
-    for name, path in artifacts.items():
-        with open(path, "rb") as fh:  # into the page cache
-            while fh.read(1 << 24):
-                pass
-        times = {config: [] for config in CONFIGS}
-        rss = {config: [] for config in CONFIGS}
-        kept = {config: [] for config in CONFIGS}
-        for _ in range(args.repeats):
-            for config, kwargs in CONFIGS.items():
-                result = measure(path, kwargs, args.threads)
-                times[config].append(result["seconds"])
-                rss[config].append(result["peak_rss_added_mib"])
-                kept[config].append(result["rss_added_mib"])
-        size_mib = os.path.getsize(path) / 2**20
-        print(f"\n{name}: {size_mib:.1f} MiB, threads {args.threads}, median of {args.repeats}")
-        print("| configuration | load (ms) | peak RSS added by the load (MiB) | RSS added after it (MiB) |")
-        print("|---|---:|---:|---:|")
-        for config in CONFIGS:
-            print(f"| {config} | {1000 * statistics.median(times[config]):.1f} | "
-                  f"{statistics.median(rss[config]):.1f} | {statistics.median(kept[config]):.1f} |")
+    parser.add_argument("--write", action="store_true", help="append the tables to RESULTS.md")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.threads < 1:
+        parser.error("--repeats and --threads must be >= 1")
+    with tempfile.TemporaryDirectory(prefix="repmlp-load-cost-") as work:
+        tables = [measure_artifact(name, path, args.repeats, args.threads)
+                  for name, path in artifacts_to_measure(args, work).items()]
+    body = "\n\n".join(tables)
+    log(host_line())
+    print(body)
+    if args.write:
+        append_results("Load cost of the self-check", command_line("benchmarks.load_cost", argv), body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -14,8 +14,8 @@ import torch
 
 # The runtime's GEMM paths (repmlp_rt.Runtime(..., gemm=MODE)); "auto" measures them at load.
 GEMM_MODES = ("aten", "onednn", "mkl-packed", "auto")
-# The tolerance each artifact dtype is built with, for peers of that precision.
-TOLERANCE = {"float32": 1e-4, "bfloat16": 6e-2, "int8": 6e-2}
+# Output-check tolerances (x max |logit|) of the peers that are not artifacts.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 6e-2}
 
 
 @dataclass
@@ -61,8 +61,12 @@ def runtime(label: str, path: str, dtype: str = "float32", **options: Any) -> Pe
 
         return repmlp_rt.Runtime(path, threads=threads, **options).infer
 
+    from repmlp.artifact import read_manifest
+
     ceiling = {"bfloat16": "bf16", "int8": "int8"}.get(dtype, "fp32")
-    return Peer(label, load, ceiling=ceiling, tolerance=TOLERANCE.get(dtype, 1e-4))
+    # checked at the tolerance the artifact was verified with at build time
+    tolerance = float(read_manifest(path)["verification"]["tolerance"]) if path.endswith(".pt") else TOLERANCE["float32"]
+    return Peer(label, load, ceiling=ceiling, tolerance=tolerance)
 
 
 def openvino_request(path: str, threads: int, precision: str, **config: Any) -> Any:
@@ -88,9 +92,10 @@ def openvino(label: str, path: str, precision: str) -> Peer:
                 settle=True)
 
 
-def ort_session(path: str, threads: int, **settings: Any) -> Any:
+def ort_session(path: str, threads: int, entries: Optional[Dict[str, str]] = None, **settings: Any) -> Any:
     """An ONNX Runtime CPU session: ``threads`` intra-op threads, sequential, every graph
-    optimization; ``settings``: further SessionOptions attributes (``enable_profiling``, ...)."""
+    optimization; ``entries``: session config entries (``session.intra_op.allow_spinning``);
+    ``settings``: further SessionOptions attributes (``enable_profiling``, ...)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -100,6 +105,8 @@ def ort_session(path: str, threads: int, **settings: Any) -> Any:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     for name, value in settings.items():
         setattr(options, name, value)
+    for key, value in (entries or {}).items():
+        options.add_session_config_entry(key, value)
     return ort.InferenceSession(path, sess_options=options, providers=["CPUExecutionProvider"])
 
 

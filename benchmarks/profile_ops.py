@@ -8,9 +8,9 @@ with each precision hint given (its per-node counters, grouped by node type and 
 chose, which shows the precision each layer really ran in). Prints the most expensive rows of
 each, in ms per image. bench.py leaves the files in benchmarks/.cache:
 
-  .venv/bin/python benchmarks/profile_ops.py --artifact benchmarks/.cache/B224-<hash>.pt \\
+  python -m benchmarks.profile_ops --artifact benchmarks/.cache/B224-<hash>.pt \\
       --onnx benchmarks/.cache/B224-fused-dynamic-<hash>.onnx --threads 2
-  .venv/bin/python benchmarks/profile_ops.py --batch 8 --threads 1 --by-op \\
+  python -m benchmarks.profile_ops --batch 8 --threads 1 --by-op \\
       --artifact benchmarks/.cache/B224-<hash>.pt --artifact benchmarks/.cache/B224-bfloat16-<hash>.pt \\
       --onnx benchmarks/.cache/B224-fused-dynamic-<hash>.onnx --openvino f32 bf16 --no-ort
 """
@@ -20,12 +20,14 @@ import collections
 import json
 import os
 import tempfile
-import warnings
+from typing import List, Optional
 
 import numpy as np
 import torch
 
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+from benchmarks.harness import host_line
+from benchmarks.peers import openvino_request, ort_session
+from repmlp.utils import quiet_jit
 
 # (time in ms summed over the profiled runs, calls summed over them) per row key.
 Rows = dict
@@ -40,7 +42,8 @@ def print_rows(title: str, groups: Rows, runs: int, batch: int, rows: int) -> No
 
 
 def profile_torch(path: str, x: np.ndarray, runs: int, by_op: bool) -> Rows:
-    module = torch.jit.load(path).eval()
+    with quiet_jit():
+        module = torch.jit.load(path).eval()
     inputs = torch.from_numpy(x)
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         for _ in range(2):
@@ -57,16 +60,7 @@ def profile_torch(path: str, x: np.ndarray, runs: int, by_op: bool) -> Rows:
 
 
 def profile_ort(path: str, x: np.ndarray, threads: int, runs: int, by_op: bool) -> Rows:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.enable_profiling = True
-    options.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "ort")
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads, enable_profiling=True, profile_file_prefix=os.path.join(tempfile.mkdtemp(), "ort"))
     name = session.get_inputs()[0].name
     for _ in range(2 + runs):  # the first two are dropped below
         session.run(None, {name: x})
@@ -86,8 +80,6 @@ def profile_ort(path: str, x: np.ndarray, threads: int, runs: int, by_op: bool) 
 
 
 def profile_openvino(path: str, x: np.ndarray, threads: int, runs: int, precision: str) -> Rows:
-    from bench import openvino_request  # the settings bench.py times OpenVINO with
-
     request = openvino_request(path, threads, precision, PERF_COUNT=True)
     for _ in range(2):
         request.infer({0: x})
@@ -101,7 +93,7 @@ def profile_openvino(path: str, x: np.ndarray, threads: int, runs: int, precisio
     return {k: (ms, count) for k, (ms, count) in groups.items()}
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--artifact", action="append", default=[], help="a .pt artifact (repeatable)")
     parser.add_argument("--onnx", help="the fused model's ONNX export (for ONNX Runtime and OpenVINO)")
@@ -113,7 +105,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--by-op", action="store_true", help="one row per operator, shapes merged")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not args.artifact and not args.onnx:
         parser.error("give --artifact and/or --onnx")
     if args.openvino and not args.onnx:
@@ -123,15 +115,16 @@ def main() -> None:
             parser.error(f"--openvino takes f32, bf16 or f16, got {hint!r}")
     for path in args.artifact + ([args.onnx] if args.onnx else []):
         if not os.path.isfile(path):
-            parser.error(f"no such file: {path} (run benchmarks/bench.py once to create it)")
+            parser.error(f"no such file: {path} (python -m benchmarks.bench creates them)")
     if args.batch < 1 or args.threads < 1 or args.runs < 1:
         parser.error("--batch, --threads and --runs must be positive")
     torch.set_num_threads(args.threads)
     shape = (3, 224, 224)  # B224's; an artifact says its own
     if args.artifact:
-        shape = tuple(torch.jit.load(args.artifact[0]).input_shape())
+        with quiet_jit():
+            shape = tuple(torch.jit.load(args.artifact[0]).input_shape())
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
-    print(f"batch {args.batch}, {args.threads} thread(s), {args.runs} runs; ms per image, self time per row")
+    print(f"{host_line()}; batch {args.batch}, {args.threads} thread(s), {args.runs} runs; ms per image, self time per row")
     for path in args.artifact:
         groups = profile_torch(path, x, args.runs, args.by_op)
         print_rows(f"torch {torch.__version__}, {os.path.basename(path)}", groups, args.runs, args.batch, args.rows)

@@ -9,9 +9,9 @@ reported as images/s and p50/p99 per batch call. The two alternate in --rounds r
 both see the same host load. Everything is bounded: N requests per artifact, a per-request
 timeout, and a wall-clock cap per phase.
 
-    .venv/bin/repmlp-build --out /tmp/digits.pt
-    .venv/bin/repmlp-build --arch B224 --out /tmp/b224.pt
-    .venv/bin/python benchmarks/serve_load.py /tmp/digits.pt /tmp/b224.pt --json results.json
+    repmlp-build --out /tmp/digits.pt
+    repmlp-build --arch B224 --out /tmp/b224.pt
+    python -m benchmarks.serve_load /tmp/digits.pt /tmp/b224.pt --json results.json
 
 Per artifact size: ``--requests``, ``--concurrency`` and ``--max-batch-size`` default by input
 size (digits: 2000 / 64 / 16; 224x224: 96 / 16 / 8).
@@ -24,7 +24,6 @@ import asyncio
 import io
 import json
 import os
-import platform
 import socket
 import sys
 import tempfile
@@ -34,9 +33,9 @@ from typing import Any
 import numpy as np
 
 import repmlp_rt
+from benchmarks.harness import ROOT, host_line, loadavg, markdown_table
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DIGIT_PNG = os.path.join(HERE, "..", "examples", "digits", "images")
+DIGIT_PNG = os.path.join(ROOT, "examples", "digits", "images")
 PHASE_CAP_S = 300.0  # hard wall-clock cap per load phase
 REQUEST_TIMEOUT_S = 60.0
 
@@ -138,6 +137,48 @@ def defaults_for(runtime: repmlp_rt.Runtime) -> dict[str, int]:
     return {"requests": 2000 if small else 96, "concurrency": 64 if small else 16, "max_batch_size": 16 if small else 8}
 
 
+def measure_artifact(artifact: str, args: argparse.Namespace, port: int) -> dict[str, Any]:
+    """Deploys one artifact, then alternates the direct and the Serve phase; one result row."""
+    from repmlp_rt import serve as rt_serve
+
+    probe = repmlp_rt.Runtime(artifact, warmup=0)
+    d = defaults_for(probe)
+    batch = args.max_batch_size or d["max_batch_size"]
+    image = sample_image(probe)
+    requests = args.requests or d["requests"]
+    concurrency = args.concurrency or d["concurrency"]
+    runtime = repmlp_rt.Runtime(artifact, threads=args.threads, warmup_batch=batch)
+    specs = rt_serve.load_specs([artifact])
+    options = rt_serve.ServeOptions(max_batch_size=batch, batch_wait_ms=args.batch_wait_ms,
+                                    max_ongoing_requests=args.max_ongoing_requests or max(batch, concurrency),
+                                    threads=args.threads)
+    url = rt_serve.deploy(specs, options, port=port)
+    endpoint = f"{url}/v1/models/{specs[0].name}/classify"
+    asyncio.run(load(endpoint, image, 2 * batch, batch))  # warm the proxy and the replica
+    # Interleaved rounds, so both paths see the same (shared, noisy) host.
+    times, rounds = [], []
+    for _ in range(args.rounds):
+        times += direct_times(runtime, image, batch, max(1, requests // batch // args.rounds))
+        rounds.append(asyncio.run(load(endpoint, image, max(1, requests // args.rounds), concurrency)))
+    rt_serve.undeploy(specs)
+    return {"artifact": os.path.basename(artifact), "input": list(probe.input_shape), "threads": args.threads,
+            "max_ongoing_requests": options.max_ongoing_requests,
+            "direct": direct_summary(times, batch), "serve": serve_summary(rounds, concurrency)}
+
+
+def results_table(results: list[dict[str, Any]]) -> str:
+    """Direct and Serve rows per artifact; Serve rows give max ongoing requests per replica in brackets."""
+    rows = []
+    for r in results:
+        b, s = r["direct"], r["serve"]
+        rows.append([r["artifact"], b["batch"], f"direct `classify` ({b['calls']} calls)", f"{b['images_per_s']:.3g} img/s",
+                     f"{b['p50_ms']:.1f} (per call)", f"{b['p99_ms']:.1f}", b["batch"]])
+        rows.append([r["artifact"], b["batch"], f"Serve [{r['max_ongoing_requests']}], {s['concurrency']} clients "
+                     f"({s['requests']} req, {s['errors']} errors)", f"{s['requests_per_s']:.3g} req/s",
+                     f"{s['p50_ms']:.1f}", f"{s['p99_ms']:.1f}", f"{s['mean_batch']:.1f}"])
+    return markdown_table(["artifact", "max batch", "path", "rate", "p50 ms", "p99 ms", "mean batch"], rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("artifacts", nargs="+")
@@ -157,12 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from repmlp_rt import serve as rt_serve
-
-    flags = open("/proc/cpuinfo").read().split("flags\t\t: ")[1].split("\n")[0].split()
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    info = {"python": platform.python_version(), "cpus": os.cpu_count(), "isa": isa,
-            "loadavg": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    info = {"host": host_line(), "loadavg": loadavg(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(json.dumps(info), file=sys.stderr)
     results = []
     port = free_port()  # one for the run: Serve's proxy keeps the port it started with
@@ -171,45 +207,12 @@ def main(argv: list[str] | None = None) -> int:
                  _temp_dir=temp_dir, log_to_driver=False)
         try:
             for artifact in args.artifacts:
-                probe = repmlp_rt.Runtime(artifact, warmup=0)
-                d = defaults_for(probe)
-                batch = args.max_batch_size or d["max_batch_size"]
-                image = sample_image(probe)
-                requests = args.requests or d["requests"]
-                concurrency = args.concurrency or d["concurrency"]
-                runtime = repmlp_rt.Runtime(artifact, threads=args.threads, warmup_batch=batch)
-                specs = rt_serve.load_specs([artifact])
-                options = rt_serve.ServeOptions(max_batch_size=batch, batch_wait_ms=args.batch_wait_ms,
-                                                max_ongoing_requests=args.max_ongoing_requests
-                                                or max(batch, concurrency), threads=args.threads)
-                url = rt_serve.deploy(specs, options, port=port)
-                endpoint = f"{url}/v1/models/{specs[0].name}/classify"
-                asyncio.run(load(endpoint, image, 2 * batch, batch))  # warm the proxy and the replica
-                # Interleaved rounds, so both paths see the same (shared, noisy) host.
-                times, rounds = [], []
-                for _ in range(args.rounds):
-                    times += direct_times(runtime, image, batch, max(1, requests // batch // args.rounds))
-                    rounds.append(asyncio.run(load(endpoint, image, max(1, requests // args.rounds), concurrency)))
-                base, served = direct_summary(times, batch), serve_summary(rounds, concurrency)
-                rt_serve.undeploy(specs)
-                row = {"artifact": os.path.basename(artifact), "input": list(probe.input_shape),
-                       "threads": args.threads, "max_ongoing_requests": options.max_ongoing_requests,
-                       "direct": base, "serve": served}
-                results.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                results.append(measure_artifact(artifact, args, port))
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
         finally:
             serve.shutdown()
             ray.shutdown()
-    print("| artifact | max batch | path | rate | p50 ms | p99 ms | mean batch |")
-    print("|---|---|---|---|---|---|---|")  # Serve rows: max ongoing requests per replica in brackets
-    for r in results:
-        b, s = r["direct"], r["serve"]
-        print(f"| {r['artifact']} | {b['batch']} | direct `classify` ({b['calls']} calls) | {b['images_per_s']:.3g} img/s "
-              f"| {b['p50_ms']:.1f} (per call) | {b['p99_ms']:.1f} | {b['batch']} |")
-        print(f"| {r['artifact']} | {b['batch']} | Serve [{r['max_ongoing_requests']}], {s['concurrency']} clients "
-              f"({s['requests']} req, "
-              f"{s['errors']} errors) | {s['requests_per_s']:.3g} req/s | {s['p50_ms']:.1f} | {s['p99_ms']:.1f} "
-              f"| {s['mean_batch']:.1f} |")
+    print(results_table(results))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "results": results}, f, indent=2)

@@ -9,10 +9,10 @@
   binding-vs-cli ARTIFACT               repmlp_rt and repmlp_infer --bench, each in a fresh
                                         process, alternating: what the binding itself costs
 
-  .venv/bin/python benchmarks/side_checks.py ort-spin benchmarks/.cache/B224-<hash>.pt \\
-      benchmarks/.cache/B224-fused-b1-<hash>.onnx
-  .venv/bin/python benchmarks/side_checks.py executor-mode benchmarks/.cache/B224-<hash>.pt
-  .venv/bin/python benchmarks/side_checks.py binding-vs-cli benchmarks/.cache/B224-<hash>.pt
+  python -m benchmarks.side_checks ort-spin benchmarks/.cache/B224-<hash>.pt \\
+      benchmarks/.cache/B224-fused-dynamic-<hash>.onnx
+  python -m benchmarks.side_checks executor-mode benchmarks/.cache/B224-<hash>.pt
+  python -m benchmarks.side_checks binding-vs-cli benchmarks/.cache/B224-<hash>.pt
 """
 
 import argparse
@@ -21,13 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
-import warnings
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import numpy as np
-from locate import find_repmlp_infer
 
-warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated")
+from benchmarks.harness import find_repmlp_infer, host_line
+from benchmarks.peers import ort_session
+from repmlp.utils import quiet_jit
 
 
 def timed(call: Callable[[], object]) -> float:
@@ -37,14 +37,10 @@ def timed(call: Callable[[], object]) -> float:
 
 
 def ort_spin(args: argparse.Namespace) -> None:
-    import onnxruntime as ort
     import repmlp_rt
 
     runtime = repmlp_rt.Runtime(args.artifact, threads=args.threads)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = args.threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", args.spin)
-    session = ort.InferenceSession(args.onnx, options, providers=["CPUExecutionProvider"])
+    session = ort_session(args.onnx, args.threads, {"session.intra_op.allow_spinning": args.spin})
     x = np.random.default_rng(0).standard_normal((1, *runtime.input_shape), dtype=np.float32)
     feed = {session.get_inputs()[0].name: x}
     session.run(None, feed)
@@ -65,7 +61,8 @@ def executor_mode(args: argparse.Namespace) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    default, plain = torch.jit.load(args.artifact).eval(), torch.jit.load(args.artifact).eval()
+    with quiet_jit():
+        default, plain = torch.jit.load(args.artifact).eval(), torch.jit.load(args.artifact).eval()
     x = torch.randn(args.batch, *default.input_shape())
     times: dict = {"optimization on": [], "optimization off": []}
     with torch.inference_mode():
@@ -124,7 +121,7 @@ def binding_vs_cli(args: argparse.Namespace) -> None:
           f"rounds: rt {[round(v, 1) for v in per_image['repmlp_rt']]}, cli {[round(v, 1) for v in per_image['repmlp_infer']]}")
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     spin = commands.add_parser("ort-spin")
@@ -144,7 +141,8 @@ def main() -> None:
     versus.add_argument("--iters", type=int, default=20)
     versus.add_argument("--warmup", type=int, default=3)
     versus.add_argument("--rounds", type=int, default=5)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    print(host_line())
     {"ort-spin": ort_spin, "executor-mode": executor_mode, "binding-vs-cli": binding_vs_cli}[args.command](args)
 
 

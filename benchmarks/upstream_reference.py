@@ -1,15 +1,14 @@
-"""The upstream deploy formulation of RepMLPNet, for benchmark comparison (a).
+"""The upstream deploy formulation of RepMLPNet, for benchmark comparison (the "upstream" rows).
 
 This re-states the *computation* of the official / mmcls deploy model (after locality
-injection, before any further folding) in plain PyTorch, written from the description in
-/work/shared/reference/REPMLPNET.md and the mmcls source in /work/shared/seed/:
+injection, before any further folding) in plain PyTorch:
 
 * every BN stays a separate op (patch embedding, downsampling, BN1, BN2, both FFN convs,
   final norm) -- upstream folds none of them;
 * the GlobalPerceptron runs as two 1x1 convolutions on the pooled 1x1 map;
 * the partition perceptron reshapes the map into partitions (a 6-d permute), flattens
   ``num_sharesets`` consecutive channels into one ``(S*h*w, 1, 1)`` vector and runs fc3 as a
-  grouped 1x1 convolution with S groups, then permutes back (defect 7 in REPMLPNET.md).
+  grouped 1x1 convolution with S groups, then permutes back.
 
 It is not meant for deployment and is not scriptable (neither is upstream). Its state-dict keys
 are the official deploy-form keys, which are exactly those of the project's model after

@@ -38,13 +38,12 @@ import torch
 from benchmarks import artifacts, peers
 from benchmarks.gemm import GemmCeiling
 from benchmarks.harness import (
-    append_results,
     check_close,
-    command_line,
     host_line,
     loadavg,
     log,
     markdown_table,
+    publish,
     time_rounds,
     why,
 )
@@ -297,9 +296,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 log("   " + ", ".join(f"{label} {ms_per_image(lat, label, t, b):.1f}" for label in times) + " ms/image")
             del loaded
     body = report(args, found, lat, ceiling, flops, skipped, errors, (time.perf_counter() - started) / 60)
-    print("\n" + body)
-    if not args.no_write:
-        append_results(f"CPU benchmark, {args.arch}", command_line("benchmarks.bench", argv), body)
+    publish(f"CPU benchmark, {args.arch}", "benchmarks.bench", argv, body, not args.no_write)
     return 0
 
 

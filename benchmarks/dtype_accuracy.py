@@ -16,7 +16,7 @@ from typing import List, Optional
 
 import torch
 
-from benchmarks.harness import ROOT, append_results, command_line, host_line, log, markdown_table
+from benchmarks.harness import ROOT, log, markdown_table, publish
 from repmlp.artifact import build_artifact
 from repmlp.utils import quiet_jit
 
@@ -55,9 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             log(f"  {dtype}: done")
     body = markdown_table(["dtype", "held-out accuracy", "top-1 agreement with float32",
                            "build's worst error (tolerance)", "file MB"], rows)
-    print(f"{host_line()}\n\n{body}")
-    if args.write:
-        append_results("Digits accuracy per artifact dtype", command_line("benchmarks.dtype_accuracy", argv), body)
+    publish("Digits accuracy per artifact dtype", "benchmarks.dtype_accuracy", argv, body, args.write)
     return 0
 
 

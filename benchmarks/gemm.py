@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.harness import append_results, command_line, host_line, log, markdown_table, time_rounds
+from benchmarks.harness import log, markdown_table, publish, time_rounds
 from repmlp.quantize import WEIGHT_LEVELS
 
 CEILING_KINDS = ("mkl_fp32", "onednn_fp32", "bf16", "int8")
@@ -124,7 +124,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.size < 1 or min(args.threads) < 1:
         parser.error("--rounds, --size and --threads must be >= 1")
-    log(host_line())
+    log("measuring ...")
     ceiling = GemmCeiling(args.size)
     for count in args.threads:
         for _ in range(args.rounds):
@@ -136,9 +136,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         headers = ["threads", "M x K x N", *formulations(2, 2, 2)]
         body += f"\n\nB224's batch-1 GEMMs, ms per call (GFLOP/s), median of {args.rounds} interleaved rounds:\n\n"
         body += markdown_table(headers, shape_rows(args.threads, args.rounds))
-    print(body)
-    if args.write:
-        append_results("GEMM rates", command_line("benchmarks.gemm", argv), body)
+    publish("GEMM rates", "benchmarks.gemm", argv, body, args.write)
     return 0
 
 

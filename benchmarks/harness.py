@@ -9,7 +9,6 @@ import datetime
 import os
 import platform
 import shutil
-import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
@@ -109,6 +108,14 @@ def append_results(title: str, command: str, body: str, path: str = RESULTS_PATH
     log(f"appended '{title}' to {path}")
 
 
+def publish(title: str, module: str, argv: Optional[Sequence[str]], body: str, write: bool) -> None:
+    """Prints a script's result; with ``write``, appends it to RESULTS.md with the command
+    ``python -m MODULE ARGV`` that reproduces it."""
+    print(f"\n{host_line()}\n\n{body}")
+    if write:
+        append_results(title, command_line(module, argv), body)
+
+
 def time_rounds(calls: Mapping[str, Callable[[], object]], rounds: int, per_round: int = 1,
                 after: Optional[Callable[[str], None]] = None,
                 between: Optional[Callable[[int], None]] = None) -> Dict[str, List[float]]:
@@ -132,11 +139,6 @@ def time_rounds(calls: Mapping[str, Callable[[], object]], rounds: int, per_roun
             if after is not None:
                 after(name)
     return times
-
-
-def median_ms(seconds: Sequence[float], per: int = 1) -> float:
-    """Median milliseconds per item of a list of per-call seconds (``per`` items a call)."""
-    return 1000.0 * statistics.median(seconds) / per
 
 
 def check_close(name: str, out: Any, ref: torch.Tensor, tolerance: float) -> float:

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from typing import Dict, List, Optional
 
-from benchmarks.harness import append_results, command_line, host_line, log, markdown_table
+from benchmarks.harness import markdown_table, publish
 from repmlp.artifact import build_artifact
 from repmlp.utils import quiet_jit
 
@@ -97,11 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix="repmlp-load-cost-") as work:
         tables = [measure_artifact(name, path, args.repeats, args.threads)
                   for name, path in artifacts_to_measure(args, work).items()]
-    body = "\n\n".join(tables)
-    log(host_line())
-    print(body)
-    if args.write:
-        append_results("Load cost of the self-check", command_line("benchmarks.load_cost", argv), body)
+    publish("Load cost of the self-check", "benchmarks.load_cost", argv, "\n\n".join(tables), args.write)
     return 0
 
 

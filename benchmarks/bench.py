@@ -1,6 +1,6 @@
 """RepMLPNet CPU benchmark: the deploy paths side by side, in one process, on one host.
 
-Rows (``--configs``; the default is the first six):
+Rows (``--configs``; the default is the first five):
 
   rt            repmlp_rt on artifacts of each ``--dtypes`` (float32, bfloat16, int8), same weights
   gemm          repmlp_rt gemm=MODE for MODE in aten, onednn, mkl-packed, auto, each dtype

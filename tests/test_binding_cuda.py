@@ -73,7 +73,7 @@ def test_cuda_threads_get_their_own_results(tmp_path):
 @pytest.mark.cuda
 def test_cuda_memory_does_not_grow_with_calls(tmp_path):
     # Calls of one thread reuse one stream, hence the caching allocator's blocks: a new pool
-    # stream per call made reserved memory grow with every stream of the pool (32).
+    # stream per call would make reserved memory grow with every stream of the pool (32).
     if not repmlp_rt.built_with_cuda():
         pytest.skip("repmlp_rt was built against a CPU-only torch")
     runtime = repmlp_rt.Runtime(helpers.save_fake_artifact(tmp_path / "a.pt"), device="cuda")

@@ -3,6 +3,7 @@
 Rows (``--configs``; the default is the first five):
 
   rt            repmlp_rt on artifacts of each ``--dtypes`` (float32, bfloat16, int8), same weights
+                (left out where the gemm rows are timed: it is their gemm=auto, the default)
   gemm          repmlp_rt gemm=MODE for MODE in aten, onednn, mkl-packed, auto, each dtype
                 (skipped, with one line saying so, where the runtime takes no gemm= keyword)
   ov-f32        OpenVINO's CPU plugin on the fused model's ONNX export (one dynamic-batch file)
@@ -54,7 +55,12 @@ from repmlp.utils import count_flops, quiet_jit
 DEFAULT_CONFIGS = ["rt", "gemm", "ov-f32", "ov-bf16", "ort"]
 ALL_CONFIGS = DEFAULT_CONFIGS + ["eager", "upstream", "ort-upstream", "jit", "jit-opt", "rt-opt", "rt-pt2"]
 DTYPES = ("float32", "bfloat16", "int8")
-BASELINE = "repmlp_rt float32"
+
+
+def ours(ms: Dict[str, Optional[float]], dtype: str) -> Optional[str]:
+    """The label of the runtime's default row for ``dtype`` among the timed ones: the plain row,
+    else gemm=auto (the default mode), else None."""
+    return next((label for label in (f"repmlp_rt {dtype}", f"repmlp_rt {dtype} gemm=auto") if ms.get(label)), None)
 Lat = Dict[Tuple[str, int, int], List[float]]
 
 
@@ -95,9 +101,10 @@ def runtime_peers(args: argparse.Namespace, found: Dict[str, Peer], skipped: Dic
         except Exception as error:  # a failed build skips its rows, the run goes on
             skipped[f"repmlp_rt {dtype}"] = f"build failed: {why(error)}"
             continue
-        rows = {f"repmlp_rt {dtype}": {}} if "rt" in args.configs else {}
-        if "gemm" in args.configs and not no_gemm:
-            rows.update({f"repmlp_rt {dtype} gemm={mode}": {"gemm": mode} for mode in GEMM_MODES})
+        gemm_rows = {f"repmlp_rt {dtype} gemm={mode}": {"gemm": mode} for mode in GEMM_MODES} if "gemm" in args.configs and not no_gemm else {}
+        # The runtime's default is gemm=auto: where that row is timed, the plain row would repeat it.
+        rows = {f"repmlp_rt {dtype}": {}} if "rt" in args.configs and not gemm_rows else {}
+        rows.update(gemm_rows)
         if "rt-opt" in args.configs and dtype == "float32":
             rows["repmlp_rt float32 optimize=True"] = {"optimize": True}
         for label, options in rows.items():
@@ -219,15 +226,17 @@ def ms_per_image(lat: Lat, label: str, threads: int, batch: int) -> Optional[flo
 
 def results_table(args: argparse.Namespace, found: Dict[str, Peer], lat: Lat, ceiling: GemmCeiling, flops: float) -> str:
     headers = ["row", "threads", "batch", "ms / image", "images/s", "GFLOP/s", "% of fp32 ceiling",
-               "% of own-dtype GEMM", f"x vs {BASELINE}", "calls"]
+               "% of own-dtype GEMM", "x vs repmlp_rt float32 (default gemm)", "calls"]
     rows = []
     for t in args.threads:
         for b in args.batches:
+            cell = {label: ms_per_image(lat, label, t, b) for label in found}
+            baseline = ours(cell, "float32")
             for label, peer in found.items():
-                ms = ms_per_image(lat, label, t, b)
+                ms = cell[label]
                 if ms is None:
                     continue
-                rate, base = flops / (ms / 1000) / 1e9, ms_per_image(lat, BASELINE, t, b)
+                rate, base = flops / (ms / 1000) / 1e9, cell[baseline] if baseline else None
                 own = "" if peer.ceiling == "fp32" else f"{100 * rate / ceiling.rate(t, peer.ceiling):.0f}% ({peer.ceiling})"
                 rows.append([label, t, b, f"{ms:.1f}", f"{1000 / ms:.2f}", f"{rate:.1f}",
                              f"{100 * rate / ceiling.rate(t, 'fp32'):.0f}%", own,
@@ -241,12 +250,14 @@ def targets(args: argparse.Namespace, lat: Lat, ceiling: GemmCeiling, flops: flo
     for t in args.threads:
         for b in args.batches:
             ms = {label: ms_per_image(lat, label, t, b) for (label, tt, bb) in lat if (tt, bb) == (t, b)}
-            for ours, peer in ((BASELINE, "OpenVINO f32"), ("repmlp_rt bfloat16", "OpenVINO bf16 hint")):
-                if ms.get(ours) and ms.get(peer):
-                    lines.append(f"- {t} thr, batch {b}: {ours} vs {peer}: time ratio {peer}/ours {ms[peer] / ms[ours]:.2f} (target >= 1)")
-            if ms.get(BASELINE):
-                share = 100 * flops / (ms[BASELINE] / 1000) / 1e9 / ceiling.rate(t, "fp32")
-                lines.append(f"- {t} thr, batch {b}: {BASELINE} at {share:.0f}% of the fp32 ceiling (target {80 if b > 1 else 70}%)")
+            for dtype, peer in (("float32", "OpenVINO f32"), ("bfloat16", "OpenVINO bf16 hint")):
+                label = ours(ms, dtype)
+                if label and ms.get(peer):
+                    lines.append(f"- {t} thr, batch {b}: {label} vs {peer}: time ratio {peer} / ours {ms[peer] / ms[label]:.2f} (target >= 1)")
+            label = ours(ms, "float32")
+            if label:
+                share = 100 * flops / (ms[label] / 1000) / 1e9 / ceiling.rate(t, "fp32")
+                lines.append(f"- {t} thr, batch {b}: {label} at {share:.0f}% of the fp32 ceiling (target {80 if b > 1 else 70}%)")
             for dtype in args.dtypes:
                 single = {m: ms.get(f"repmlp_rt {dtype} gemm={m}") for m in GEMM_MODES if m != "auto"}
                 auto, single = ms.get(f"repmlp_rt {dtype} gemm=auto"), {m: v for m, v in single.items() if v}

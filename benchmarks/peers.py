@@ -6,6 +6,7 @@ the output check before timing, and ``settle`` whether its worker threads keep s
 a run (ONNX Runtime's default), so that the timing loop pauses before the next peer.
 """
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
@@ -61,12 +62,16 @@ def runtime(label: str, path: str, dtype: str = "float32", **options: Any) -> Pe
 
         return repmlp_rt.Runtime(path, threads=threads, **options).infer
 
+    ceiling = {"bfloat16": "bf16", "int8": "int8"}.get(dtype, "fp32")
+    return Peer(label, load, ceiling=ceiling, tolerance=build_tolerance(path))
+
+
+@functools.lru_cache(maxsize=None)
+def build_tolerance(path: str) -> float:
+    """The tolerance the artifact was verified with when it was built (its manifest)."""
     from repmlp.artifact import read_manifest
 
-    ceiling = {"bfloat16": "bf16", "int8": "int8"}.get(dtype, "fp32")
-    # checked at the tolerance the artifact was verified with at build time
-    tolerance = float(read_manifest(path)["verification"]["tolerance"]) if path.endswith(".pt") else TOLERANCE["float32"]
-    return Peer(label, load, ceiling=ceiling, tolerance=tolerance)
+    return float(read_manifest(path)["verification"]["tolerance"])
 
 
 def openvino_request(path: str, threads: int, precision: str, **config: Any) -> Any:

@@ -23,6 +23,7 @@ rates (benchmarks/gemm.py) before each round; reported: medians. Each row's GFLO
 as a share of the float32 ceiling (the faster of MKL's and oneDNN's 4096-cube GEMM) and, for
 bfloat16 and int8 rows, of that dtype's GEMM rate. FLOPs per image are counted on the model.
 
+  python -m benchmarks.bench --build-only                      # the first time: build the B224 files (cached)
   python -m benchmarks.bench                                   # B224, 1 and 2 threads x batch 1 and 8
   python -m benchmarks.bench --quick --no-write --arch digits  # smoke run
   python -m benchmarks.bench --threads 2 --batches 8 --dtypes float32 --configs rt gemm ov-f32
@@ -79,6 +80,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                    help="seconds to pause after ONNX Runtime / OpenVINO rows, whose threads spin after a run")
     p.add_argument("--gemm-size", type=int, default=4096, help="n of the n^3 ceiling GEMMs")
     p.add_argument("--quick", action="store_true", help="1 round, 1 call, 1 warm-up: a smoke run")
+    p.add_argument("--build-only", action="store_true",
+                   help="build (or find cached) the artifacts and ONNX exports the rows need, then stop")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
     if args.quick:
@@ -208,6 +211,8 @@ def run_cell(args: argparse.Namespace, found: Dict[str, Peer], loaded: Dict[str,
         calls[label] = (lambda c, a: lambda: c(a))(call, arg)
     for label in [label for label in loaded if label in skipped]:
         del loaded[label]
+    if any(found[label].settle for label in calls):
+        time.sleep(args.settle)  # the warm-ups' spinning threads, before the first round
 
     def settle(label: str) -> None:
         if found[label].settle:
@@ -296,6 +301,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         flops = float(count_flops(fused))
         log(f"  {flops / 1e9:.2f} GFLOP per image")
         found, skipped = make_peers(args, fused, shape)
+        if args.build_only:
+            log(f"  ready: {len(found)} rows" + "".join(f"\n  skipped {k}: {v}" for k, v in skipped.items()))
+            return 0
         ceiling = GemmCeiling(args.gemm_size)
         lat: Lat = {}
         errors: Dict[str, float] = {}

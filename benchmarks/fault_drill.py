@@ -33,7 +33,9 @@ import repmlp_rt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGIT_PNGS = sorted(glob.glob(os.path.join(ROOT, "examples", "digits", "images", "*.png")))
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray then resolves 127.0.0.1 in an address to the loopback
+# address, not to the host's outward one, so every node, driver and server stays on 127.0.0.1.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 # A node counts as dead after 3 missed health checks 0.5 s apart (Ray's defaults: 5 x 3 s).
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 MODEL = "digits"
@@ -49,15 +51,17 @@ class LocalCluster:
     """A Ray head and worker nodes on 127.0.0.1; every process is stopped by its id."""
 
     def __init__(self, workers: int = 2, worker_cpus: int = 1, temp_dir: str | None = None) -> None:
+        from ray._private import ray_constants
         from ray.cluster_utils import Cluster
 
         os.environ.update(RAY_ENV)
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; this process imported Ray already
         self.worker_cpus = worker_cpus
         self.count = 0
         head = {"num_cpus": 0, "resources": {"node_head": 1}, "include_dashboard": False,
                 "node_ip_address": "127.0.0.1", "_system_config": HEALTH_CHECKS}
-        if temp_dir:
-            head["_temp_dir"] = temp_dir
+        self.node_args = {"node_ip_address": "127.0.0.1", **({"temp_dir": temp_dir} if temp_dir else {})}
+        head.update(self.node_args)
         self.cluster = Cluster(initialize_head=True, head_node_args=head)
         self.workers: dict[str, Any] = {}
         for _ in range(workers):
@@ -69,7 +73,7 @@ class LocalCluster:
         self.count += 1
         name = f"w{self.count}"
         self.workers[name] = self.cluster.add_node(num_cpus=self.worker_cpus, resources={f"node_{name}": 1},
-                                                   node_ip_address="127.0.0.1")
+                                                   **self.node_args)
         return name
 
     def node_names(self) -> dict[str, str]:
@@ -161,15 +165,21 @@ def send(connection: http.client.HTTPConnection, path: str, body: bytes) -> Reco
 class ServeProcess:
     """``repmlp-serve`` on the cluster, in its own process; stopped by its id."""
 
-    def __init__(self, address: str, artifact: str, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, address: str, artifact: str, *extra: str, port: int | None = None) -> None:
+        # Serve runs one HTTP proxy per cluster: a later server on the same cluster must be
+        # given the port of the first (Serve keeps the first's address).
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
         args = [artifact, "--name", MODEL, "--address", address, "--port", str(self.port),
                 "--proxy-location", "HeadOnly", *extra]
         self.process = subprocess.Popen(serve_command(*args), stdout=self.log, stderr=subprocess.STDOUT,
                                         env={**os.environ, **RAY_ENV})
-        self.wait_ready()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
 
     def wait_ready(self, timeout_s: float = 240.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -360,7 +370,8 @@ def graceful_stop(server: ServeProcess, clients: int, seconds: float) -> dict[st
     exit_s = server.terminate()
     records = load.stop()
     before = [r for r in records if r.start < signalled]
-    return {"fault": "SIGTERM to repmlp-serve under load", "requests": len(records), "exit_s": exit_s,
+    return {"fault": "SIGTERM to repmlp-serve under load", "requests": len(before), "exit_s": exit_s,
+            "refused_after_signal": sum(1 for r in records if r.start >= signalled and r.status != 200),
             "rc": server.process.returncode, "in_flight_at_signal": sum(1 for r in before if r.end > signalled),
             "failed_before_signal": sum(1 for r in before if r.status != 200),
             "errors": sorted({(r.status, r.error[:80]) for r in before if r.status != 200})[:5]}
@@ -443,26 +454,32 @@ def flipped_copy(source: str, target: str) -> str:
 
 
 def serving_drill(cluster: LocalCluster, digits: str, other: str, folder: str, clients: int,
-                  seconds: float) -> list[dict[str, Any]]:
+                  seconds: float, port: int) -> list[dict[str, Any]]:
     """Node loss, rolling update, refused update and SIGTERM on one two-replica server."""
     answers = {repmlp_rt_version(digits): expected_answers(digits), repmlp_rt_version(other): expected_answers(other)}
-    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1")
+    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1", port=port)
+    bad = flipped_copy(other, os.path.join(folder, "bad.pt"))
     try:
-        results = [node_loss(cluster, server.url, clients, seconds),
-                   rolling_update(cluster.address, server.url, other, answers, clients, seconds),
-                   refused_update(cluster.address, server.url, flipped_copy(other, os.path.join(folder, "bad.pt")),
-                                  clients, seconds / 2),
-                   graceful_stop(server, clients, seconds / 2)]
+        return [report(node_loss(cluster, server.url, clients, seconds)),
+                report(rolling_update(cluster.address, server.url, other, answers, clients, seconds)),
+                report(refused_update(cluster.address, server.url, bad, clients, seconds / 2)),
+                report(graceful_stop(server, clients, seconds / 2))]
     finally:
         server.kill()
-    return results
 
 
-def overload_drill(cluster: LocalCluster, digits: str, queued: int = 8) -> list[dict[str, Any]]:
+def report(result: dict[str, Any]) -> dict[str, Any]:
+    """Prints ``result`` as one JSON line on stderr (the drill's log) and returns it."""
+    print(json.dumps({k: v for k, v in result.items() if k not in ("output", "update_output")}, default=str),
+          file=sys.stderr, flush=True)
+    return result
+
+
+def overload_drill(cluster: LocalCluster, digits: str, port: int, queued: int = 8) -> list[dict[str, Any]]:
     """One replica taking 4 requests at a time: a burst of 10 x ``queued`` with the queue
     bound, then the same burst with the bound lifted (an update without it)."""
     base = ["--max-batch-size", "4", "--max-ongoing-requests", "4"]
-    server = ServeProcess(cluster.address, digits, *base, "--max-queued-requests", str(queued))
+    server = ServeProcess(cluster.address, digits, *base, "--max-queued-requests", str(queued), port=port)
     try:
         bounded = overload(server.url, queued, capacity=4)
         subprocess.run(serve_command(digits, "--name", MODEL, "--address", cluster.address, "--update", *base),
@@ -482,14 +499,29 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         failed_during = r.get("failed_during", r.get("failed", r.get("failed_before_signal", r.get("other_failures", "-"))))
         recovery = r.get("recovery_s", r.get("update_s", r.get("exit_s", r.get("slowest_503_s"))))
-        lost = r.get("rows_lost", "-")
-        extra = (f"{r['refused_503']} fast 503s, p99 of the served {r['p99_ok_s']:.2f} s" if "refused_503" in r
-                 else f"{r['seconds'] - r['baseline_s']:+.1f} s vs a clean run" if "rows" in r else "")
         rows.append([r["fault"], r.get("requests", r.get("inputs")), failed_during,
                      r.get("failed_after", r.get("old_after_swap", "-")),
-                     f"{recovery:.1f}" if isinstance(recovery, float) else "-", lost, extra])
+                     f"{recovery:.1f}" if isinstance(recovery, float) else "-", r.get("rows_lost", "-"), _note(r)])
     return markdown_table(["fault injected", "requests sent", "failed during fault", "failed after recovery",
                            "recovery s", "rows lost", "notes"], rows)
+
+
+def _note(r: dict[str, Any]) -> str:
+    """What the table's columns mean for this row, and its own counts."""
+    if "placement" in r:
+        return f"{r['in_flight_at_kill']} in flight at the kill; recovery: replicas running again"
+    if "wrong_answers" in r:
+        return f"recovery: the update command; {r['wrong_answers']} mixed answers, {r['old_after_swap']} old after it"
+    if "update_rc" in r:
+        return f"update exit code {r['update_rc']}; still serving {', '.join(r['versions'])}"
+    if "exit_s" in r:
+        return (f"recovery: seconds to exit; {r['in_flight_at_signal']} in flight at the signal, failed: those sent "
+                f"before it; {r['refused_after_signal']} sent after it refused")
+    if "refused_503" in r:
+        return (f"{r['ok']} served (p99 {r['p99_ok_s']:.2f} s), {r['refused_503']} got 503 + Retry-After; "
+                f"recovery: slowest 503; after: the 5 next requests")
+    return (f"{r['seconds']:.1f} s vs {r['baseline_s']:.1f} s without the fault; {r['duplicates']} duplicates, "
+            f"in order: {r['in_order']}, {r['wrong']} answers unlike the runtime's")
 
 
 def _digits_artifact(folder: str, given: str | None) -> str:
@@ -519,15 +551,13 @@ def main(argv: list[str] | None = None) -> int:
         cluster = LocalCluster(temp_dir=os.path.join(folder, "ray"))
         try:
             ray.init(address=cluster.address, logging_level="WARNING")
-            results = serving_drill(cluster, digits, other, folder, args.clients, args.seconds)
-            results += overload_drill(cluster, digits)
-            results.append(data_node_loss(cluster, digits, folder, args.images))
+            port = free_port()
+            results = serving_drill(cluster, digits, other, folder, args.clients, args.seconds, port)
+            results += [report(r) for r in overload_drill(cluster, digits, port)]
+            results.append(report(data_node_loss(cluster, digits, folder, args.images)))
         finally:
             ray.shutdown()
             cluster.shutdown()
-    for r in results:
-        print(json.dumps({k: v for k, v in r.items() if k not in ("output", "update_output")}, default=str),
-              file=sys.stderr)
     body = table(results)
     print(body)
     if args.append_results:

@@ -391,6 +391,12 @@ def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.
     on this cluster, its proxy keeps the address it was started with (Serve logs that)."""
     serve.start(http_options={"host": host, "port": port}, proxy_location=options.proxy_location)
     _run(build_applications(specs, options), options)
+    # Serve has one proxy per cluster: where it already ran, its own address stands. Serve
+    # exposes that only through its client object.
+    from ray.serve.context import _get_global_client
+
+    config = _get_global_client().http_config
+    host, port = config.host, config.port
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
 

@@ -19,6 +19,7 @@ import http.client
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -165,11 +166,11 @@ def send(connection: http.client.HTTPConnection, path: str, body: bytes) -> Reco
 class ServeProcess:
     """``repmlp-serve`` on the cluster, in its own process; stopped by its id."""
 
-    def __init__(self, address: str, artifact: str, *extra: str, port: int | None = None) -> None:
-        # Serve runs one HTTP proxy per cluster: a later server on the same cluster must be
-        # given the port of the first (Serve keeps the first's address).
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+    def __init__(self, address: str, artifact: str, *extra: str) -> None:
+        # Serve runs one HTTP proxy per cluster: a later server on the same cluster answers at
+        # the first one's address, which it prints (read by wait_ready).
+        self.port = free_port()
+        self.url = ""
         self.log = tempfile.TemporaryFile()
         args = [artifact, "--name", MODEL, "--address", address, "--port", str(self.port),
                 "--proxy-location", "HeadOnly", *extra]
@@ -186,6 +187,12 @@ class ServeProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"repmlp-serve exited with {self.process.returncode}: {self.output()}")
+            serving = re.search(r"repmlp-serve: serving \S+ at http://127\.0\.0\.1:(\d+)/v1/models", self.output())
+            if serving is None:
+                time.sleep(0.5)
+                continue
+            self.port = int(serving.group(1))
+            self.url = f"http://127.0.0.1:{self.port}"
             try:
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 connection.request("GET", f"/v1/models/{MODEL}")
@@ -198,7 +205,7 @@ class ServeProcess:
 
     def output(self) -> str:
         self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-3000:]
+        return self.log.read().decode(errors="replace")[-20000:]
 
     def terminate(self, timeout_s: float = 120.0) -> float:
         """SIGTERM; seconds until the process exited (SIGKILL past ``timeout_s``)."""
@@ -454,10 +461,10 @@ def flipped_copy(source: str, target: str) -> str:
 
 
 def serving_drill(cluster: LocalCluster, digits: str, other: str, folder: str, clients: int,
-                  seconds: float, port: int) -> list[dict[str, Any]]:
+                  seconds: float) -> list[dict[str, Any]]:
     """Node loss, rolling update, refused update and SIGTERM on one two-replica server."""
     answers = {repmlp_rt_version(digits): expected_answers(digits), repmlp_rt_version(other): expected_answers(other)}
-    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1", port=port)
+    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1")
     bad = flipped_copy(other, os.path.join(folder, "bad.pt"))
     try:
         return [report(node_loss(cluster, server.url, clients, seconds)),
@@ -475,11 +482,11 @@ def report(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
-def overload_drill(cluster: LocalCluster, digits: str, port: int, queued: int = 8) -> list[dict[str, Any]]:
+def overload_drill(cluster: LocalCluster, digits: str, queued: int = 8) -> list[dict[str, Any]]:
     """One replica taking 4 requests at a time: a burst of 10 x ``queued`` with the queue
     bound, then the same burst with the bound lifted (an update without it)."""
     base = ["--max-batch-size", "4", "--max-ongoing-requests", "4"]
-    server = ServeProcess(cluster.address, digits, *base, "--max-queued-requests", str(queued), port=port)
+    server = ServeProcess(cluster.address, digits, *base, "--max-queued-requests", str(queued))
     try:
         bounded = overload(server.url, queued, capacity=4)
         subprocess.run(serve_command(digits, "--name", MODEL, "--address", cluster.address, "--update", *base),
@@ -551,9 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         cluster = LocalCluster(temp_dir=os.path.join(folder, "ray"))
         try:
             ray.init(address=cluster.address, logging_level="WARNING")
-            port = free_port()
-            results = serving_drill(cluster, digits, other, folder, args.clients, args.seconds, port)
-            results += [report(r) for r in overload_drill(cluster, digits, port)]
+            results = serving_drill(cluster, digits, other, folder, args.clients, args.seconds)
+            results += [report(r) for r in overload_drill(cluster, digits)]
             results.append(report(data_node_loss(cluster, digits, folder, args.images)))
         finally:
             ray.shutdown()

@@ -234,6 +234,11 @@ class ModelDeployment:
     """One Serve replica: one Runtime, two batched entry points (classify and infer)."""
 
     def __init__(self, spec: ModelSpec, options: ServeOptions) -> None:
+        # A replica started later (after a node loss) must not serve a file replaced since the
+        # driver checked it under this version.
+        if spec.version and file_version(spec.path) != spec.version:
+            raise RuntimeError(f"{spec.path} changed since it was deployed as version {spec.version}: "
+                               "deploy it again (repmlp-serve --update)")
         self.spec = spec
         self.options = options
         self.runtime = repmlp_rt.Runtime(spec.path, device=options.device, threads=options.threads,

@@ -55,6 +55,7 @@ class LocalCluster:
         from ray._private import ray_constants
         from ray.cluster_utils import Cluster
 
+        self.saved = ({key: os.environ.get(key) for key in RAY_ENV}, ray_constants.ENABLE_RAY_CLUSTER)
         os.environ.update(RAY_ENV)
         ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; this process imported Ray already
         self.worker_cpus = worker_cpus
@@ -92,7 +93,16 @@ class LocalCluster:
         self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
 
     def shutdown(self) -> None:
+        """Stops every node's processes (by id), then restores this process's Ray settings."""
+        from ray._private import ray_constants
+
         self.cluster.shutdown()
+        environment, ray_constants.ENABLE_RAY_CLUSTER = self.saved
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @dataclass

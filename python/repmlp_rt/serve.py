@@ -436,24 +436,21 @@ def undeploy(specs: list[ModelSpec], timeout_s: float = 3600.0) -> None:
 
 
 
-def _wait_s(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds, got {text!r}") from None
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError(f"expected 0..3600 seconds, got {text!r}")
-    return value
+def _duration(unit: str, high: int):
+    """An argparse type: a number of ``unit`` in [0, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unit}, got {text!r}") from None
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected 0..{high} {unit}, got {text!r}")
+        return value
+    return parse
 
 
-def _wait_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"expected 0..10000 milliseconds, got {text!r}")
-    return value
+_wait_ms = _duration("milliseconds", 10_000)
+_wait_s = _duration("seconds", 3600)
 
 
 def _parser() -> argparse.ArgumentParser:

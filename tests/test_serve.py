@@ -7,6 +7,7 @@ files under pytest's temp folder, no auth token written under $HOME, shut down a
 import base64
 import concurrent.futures
 import glob
+import hashlib
 import io
 import json
 import os
@@ -141,8 +142,10 @@ def test_infer_npy_matches_runtime(served, digits_artifact):
 
 def test_manifests_and_health(served, digits_artifact):
     manifest = repmlp_rt.Runtime(digits_artifact, warmup=0).manifest
-    status, _, body = request(f"{served}/v1/models/digits")
+    status, headers, body = request(f"{served}/v1/models/digits")
     assert status == 200 and json.loads(body) == manifest
+    with open(digits_artifact, "rb") as f:  # the version header: the file's SHA-256, 16 hex digits
+        assert headers["X-Model-Version"] == hashlib.sha256(f.read()).hexdigest()[:16]
     status, _, body = request(f"{served}/v1/models")
     assert status == 200 and json.loads(body) == {"models": [{"name": "digits", "manifest": manifest}]}
     status, _, body = request(f"{served}/healthz")
@@ -242,3 +245,9 @@ def test_ray_data_reports_undecodable_files(ray_cluster, digits_artifact, cli_to
     assert "cannot decode image" in results[1]["error"]
     assert_same_topk(results[0]["topk"], cli_topk[os.path.basename(DIGIT_PNGS[0])])
     assert_same_topk(results[2]["topk"], cli_topk[os.path.basename(DIGIT_PNGS[1])])
+
+
+def test_update_of_a_model_not_served_is_refused(served, small_artifact):
+    specs = rt_serve.load_specs([small_artifact], ["not-served"])
+    with pytest.raises(ValueError, match="no running model named 'not-served' to update \\(serving: digits\\)"):
+        rt_serve.update(specs, rt_serve.ServeOptions())

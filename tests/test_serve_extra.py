@@ -80,6 +80,11 @@ def run_main(main, args, capsys):
     (["{artifact}", "--name", "a/b"], 1, "model name 'a/b'"),
     (["{artifact}", "{artifact}"], 1, "two artifacts are both named 'small'"),
     (["{artifact}", "--batch-wait-ms", "-1"], 2, "expected 0..10000 milliseconds"),
+    (["{artifact}", "--name", "m" * 65], 1, "at most 64"),
+    (["{artifact}", "--update"], 2, "--update needs --address"),
+    (["{artifact}", "--max-queued-requests", "0"], 2, "expected an integer >= 1, got 0"),
+    (["{artifact}", "--graceful-shutdown-s", "-1"], 2, "expected 0..3600 seconds"),
+    (["{artifact}", "--proxy-location", "Everywhere"], 2, "invalid choice: 'Everywhere'"),
 ])
 def test_serve_command_fails_before_starting_ray(small_artifact, args, code, fragment, capsys, monkeypatch):
     from repmlp_rt import serve

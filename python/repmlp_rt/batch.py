@@ -29,6 +29,7 @@ import numpy as np
 import repmlp_rt
 
 from ._cli import add_ray_arguments, current_umask, init_ray, positive_int
+from .contract import topk_json
 
 try:
     import ray
@@ -84,9 +85,7 @@ class Classifier:
         for members in groups.values():
             scores, indices = self.runtime.classify(np.stack([image for _, image in members]), self.topk)
             for row, (i, _) in enumerate(members):
-                lines[i] = json.dumps({"input": str(batch["path"][i]), "topk": [
-                    {"index": int(k), "label": self.labels[int(k)], "score": float(s)}
-                    for s, k in zip(scores[row], indices[row])]})
+                lines[i] = json.dumps(topk_json(str(batch["path"][i]), scores[row], indices[row], self.labels))
         return {"order": batch["order"], "line": np.array(lines, dtype=object)}
 
 
@@ -105,6 +104,8 @@ def classify_images(artifact: str, paths: Sequence[str], *, topk: int | None = N
         raise ValueError(f"topk must be an int in [1, {probe.num_classes}], got {topk!r}")
     artifact = os.path.abspath(artifact)
     items = [{"order": i, "path": os.fspath(path)} for i, path in enumerate(paths)]
+    # Ray Data restarts a lost actor and retries its batches (max_restarts and max_task_retries
+    # of -1, its defaults for actor pools), so a node lost mid-job costs time, not rows.
     dataset = ray.data.from_items(items).map_batches(
         Classifier,
         fn_constructor_kwargs={"artifact": artifact, "threads": threads, "topk": topk, "device": device},
@@ -114,9 +115,18 @@ def classify_images(artifact: str, paths: Sequence[str], *, topk: int | None = N
         num_cpus=threads,
         num_gpus=0 if device == "cpu" else 1,
     )
-    lines: list[str | None] = [None] * len(items)
-    for row in dataset.iter_rows():
-        lines[int(row["order"])] = row["line"]
+    return _in_order(dataset.iter_rows(), paths)
+
+
+def _in_order(rows: Iterable[dict[str, Any]], paths: Sequence[str]) -> list[dict[str, Any]]:
+    """The results of ``rows`` (``order``, ``line``) by input order; RuntimeError where an input
+    has no row or more than one (a retried batch must replace its rows, never add to them)."""
+    lines: list[str | None] = [None] * len(paths)
+    for row in rows:
+        order = int(row["order"])
+        if lines[order] is not None:
+            raise RuntimeError(f"Ray Data returned two results for input {order} ({paths[order]!r})")
+        lines[order] = row["line"]
     missing = [paths[i] for i, line in enumerate(lines) if line is None]
     if missing:
         raise RuntimeError(f"Ray Data returned no result for {len(missing)} input(s), first {missing[0]!r}")

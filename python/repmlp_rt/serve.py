@@ -13,11 +13,14 @@ fallback of Serve's proxy, every unknown path (a JSON 404). Routes:
 * ``GET /v1/models/<name>``: the manifest.
 
 Every answer to a classify/infer request carries ``X-Batch-Size``: the size of the batch each
-of its images ran in (comma-separated, one per image). Errors are a 4xx with one JSON line
-``{"error": "..."}``; the replica keeps serving.
+of its images ran in (comma-separated, one per image). Every answer of a model application
+carries ``X-Model-Version``: the first 16 hex digits of the SHA-256 of the artifact file that
+answered. Errors are a 4xx with one JSON line ``{"error": "..."}``; the replica keeps serving.
 
 Command line: ``repmlp-serve ARTIFACT... [--address ADDR] [--port P]`` (``python -m
-repmlp_rt.serve``). Needs the ``serve`` extra: ``pip install 'repmlp[serve]'``.
+repmlp_rt.serve``); ``repmlp-serve ARTIFACT --update --address ADDR`` replaces a running model
+of the same name by a rolling update and exits. Needs the ``serve`` extra: ``pip install
+'repmlp[serve]'``.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ import argparse
 import asyncio
 import base64
 import binascii
+import hashlib
 import io
 import json
 import os
-import re
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,7 @@ import numpy as np
 import repmlp_rt
 
 from ._cli import add_ray_arguments, init_ray, positive_int
+from .contract import check_model_name, topk_json
 
 try:
     import ray
@@ -54,9 +59,12 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 PROG = "repmlp-serve"
 API_PREFIX = "/v1/models"
 INDEX_APP = "repmlp-index"
-MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NPY_MEDIA_TYPE = "application/octet-stream"
 SINGLE_INPUT = "body"  # the "input" of a one-image request; images[i] for a JSON list
+VERSION_HEADER = "X-Model-Version"
+PROXY_LOCATIONS = ("EveryNode", "HeadOnly")
+# What a stop may take beyond the replicas' graceful period: Serve deleting the applications.
+SHUTDOWN_MARGIN_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,26 @@ class ServeOptions:
     device: str = "cpu"
     max_body_bytes: int = 16 << 20
     access_log: bool = False  # Serve's per-request log lines (they cost throughput under load)
+    # Requests each caller (a proxy) may hold for the model beyond what its replicas take; the
+    # excess is answered at once with 503 and Retry-After. None: unbounded (Serve's default).
+    max_queued_requests: int | None = None
+    retry_after_s: int = 1
+    max_replicas_per_node: int | None = None  # 1 spreads the replicas over distinct nodes
+    graceful_shutdown_s: float = 20.0  # how long a stopping replica lets its requests finish
+    proxy_location: str = "EveryNode"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "replicas", "max_ongoing_requests", "threads", "max_body_bytes"):
+        for name in ("max_batch_size", "replicas", "max_ongoing_requests", "threads", "max_body_bytes",
+                     "max_queued_requests", "retry_after_s", "max_replicas_per_node"):
             value = getattr(self, name)
+            if value is None and name in ("max_queued_requests", "max_replicas_per_node"):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not (isinstance(self.graceful_shutdown_s, (int, float)) and 0 <= self.graceful_shutdown_s <= 3600):
+            raise ValueError(f"graceful_shutdown_s must be in [0, 3600], got {self.graceful_shutdown_s!r}")
+        if self.proxy_location not in PROXY_LOCATIONS:
+            raise ValueError(f"proxy_location must be one of {', '.join(PROXY_LOCATIONS)}, got {self.proxy_location!r}")
         if not (isinstance(self.batch_wait_ms, (int, float)) and 0 <= self.batch_wait_ms <= 10_000):
             raise ValueError(f"batch_wait_ms must be in [0, 10000], got {self.batch_wait_ms!r}")
         if self.max_ongoing_requests < self.max_batch_size:
@@ -87,11 +109,13 @@ class ServeOptions:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """An artifact checked on the driver: name, absolute path, manifest."""
+    """An artifact checked on the driver: name, absolute path, manifest, version (the first
+    16 hex digits of the file's SHA-256)."""
 
     name: str
     path: str
     manifest: dict[str, Any] = field(repr=False)
+    version: str = ""
 
 
 class RequestError(Exception):
@@ -111,23 +135,30 @@ def model_name_for(path: str) -> str:
     return os.path.splitext(os.path.basename(path))[0]
 
 
+def file_version(path: str) -> str:
+    """The first 16 hex digits of the SHA-256 of the file at ``path``."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def load_specs(artifacts: list[str], names: list[str] | None = None) -> list[ModelSpec]:
-    """Loads each artifact once here (no warm-up) so a bad one fails before anything is
-    deployed; returns their names and manifests. Names default to the file stems."""
+    """Loads each artifact once here (no warm-up; the runtime's self-check runs) so a bad one
+    fails before anything is deployed; returns their names, manifests and versions. Names
+    default to the file stems."""
     if not artifacts:
         raise ValueError("expected at least one artifact")
     if names is not None and len(names) != len(artifacts):
         raise ValueError(f"expected one name per artifact ({len(artifacts)}), got {len(names)}")
     specs: list[ModelSpec] = []
     for i, path in enumerate(artifacts):
-        name = names[i] if names is not None else model_name_for(path)
-        if not MODEL_NAME.fullmatch(name):
-            raise ValueError(f"model name {name!r} (from {path!r}): expected letters, digits, '_', '.', '-' "
-                             "(at most 64, starting with a letter or digit)")
+        name = check_model_name(names[i] if names is not None else model_name_for(path), path)
         if any(spec.name == name for spec in specs):
             raise ValueError(f"two artifacts are both named {name!r}: pass distinct names")
         runtime = repmlp_rt.Runtime(path, warmup=0)  # ArtifactError for a missing/corrupt/foreign file
-        specs.append(ModelSpec(name, os.path.abspath(path), runtime.manifest))
+        specs.append(ModelSpec(name, os.path.abspath(path), runtime.manifest, file_version(path)))
     return specs
 
 
@@ -199,16 +230,15 @@ def parse_npy(body: bytes, input_shape: tuple[int, ...]) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
-def topk_json(name: str, scores: np.ndarray, indices: np.ndarray, labels: list[str]) -> dict[str, Any]:
-    """One input's result, in the shape ``repmlp_infer --json`` prints."""
-    return {"input": name, "topk": [{"index": int(i), "label": labels[int(i)], "score": float(s)}
-                                    for s, i in zip(scores, indices)]}
-
-
 class ModelDeployment:
     """One Serve replica: one Runtime, two batched entry points (classify and infer)."""
 
     def __init__(self, spec: ModelSpec, options: ServeOptions) -> None:
+        # A replica started later (after a node loss) must not serve a file replaced since the
+        # driver checked it under this version.
+        if spec.version and file_version(spec.path) != spec.version:
+            raise RuntimeError(f"{spec.path} changed since it was deployed as version {spec.version}: "
+                               "deploy it again (repmlp-serve --update)")
         self.spec = spec
         self.options = options
         self.runtime = repmlp_rt.Runtime(spec.path, device=options.device, threads=options.threads,
@@ -252,12 +282,18 @@ class ModelDeployment:
         return [(logits[i], len(rows)) for i in range(len(rows))]
 
     async def __call__(self, request: Request) -> Response:
+        response = await self._route(request)
+        response.headers[VERSION_HEADER] = self.spec.version  # which artifact answered, errors included
+        return response
+
+    async def _route(self, request: Request) -> Response:
         route = request.url.path[len(f"{API_PREFIX}/{self.spec.name}"):].strip("/")
         try:
             if request.method == "GET" and route == "":
                 return JSONResponse(self.spec.manifest)
             if request.method == "GET" and route == "stats":
-                return JSONResponse({"batches": self.batches, "items": self.items})
+                return JSONResponse({"batches": self.batches, "items": self.items, "version": self.spec.version,
+                                     "node": ray.get_runtime_context().get_node_id()})
             if request.method == "POST" and route == "classify":
                 return await self._classify(request)
             if request.method == "POST" and route == "infer":
@@ -299,6 +335,10 @@ class IndexDeployment:
     def __init__(self, manifests: dict[str, dict[str, Any]]) -> None:
         self.manifests = manifests
 
+    def served_manifests(self) -> dict[str, dict[str, Any]]:
+        """The manifests this index lists (read by an update, which redeploys the index)."""
+        return self.manifests
+
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
         if request.method == "GET" and path == "/healthz":
@@ -313,51 +353,104 @@ class IndexDeployment:
                                    f"{API_PREFIX}/<name>/(classify|infer)")
 
 
-def build_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
-    """(application name, route prefix, bound application) for the index and each model."""
+def index_application(manifests: dict[str, dict[str, Any]]) -> tuple[str, str, Any]:
     index = serve.deployment(IndexDeployment, name="index", ray_actor_options={"num_cpus": 0},
                              max_ongoing_requests=1000)
-    apps = [(INDEX_APP, "/", index.bind({spec.name: spec.manifest for spec in specs}))]
+    return INDEX_APP, "/", index.bind(manifests)
+
+
+def model_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
+    """(application name, route prefix, bound application) for each model."""
+    apps = []
     for spec in specs:
         model = serve.deployment(
             ModelDeployment,
             name="model",
             num_replicas=options.replicas,
             max_ongoing_requests=options.max_ongoing_requests,
+            # Past this many waiting requests a caller answers 503 with Retry-After at once.
+            max_queued_requests=-1 if options.max_queued_requests is None else options.max_queued_requests,
+            backpressure_config={"status_code": 503, "retry_after_s": options.retry_after_s},
+            max_replicas_per_node=options.max_replicas_per_node,
+            graceful_shutdown_timeout_s=options.graceful_shutdown_s,
             ray_actor_options={"num_cpus": options.threads, "num_gpus": 1 if options.device != "cpu" else 0},
         )
         apps.append((spec.name, f"{API_PREFIX}/{spec.name}", model.bind(spec, options)))
     return apps
 
 
+def build_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
+    """(application name, route prefix, bound application) for the index and each model."""
+    return [index_application({spec.name: spec.manifest for spec in specs}), *model_applications(specs, options)]
+
+
+def _run(apps: list[tuple[str, str, Any]], options: ServeOptions) -> None:
+    logging = {"enable_access_log": options.access_log}
+    serve.run_many([RunTarget(app, name=name, route_prefix=prefix, logging_config=logging)
+                    for name, prefix, app in apps])
+
+
 def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Starts Serve's HTTP proxy on host:port (on an already connected Ray) and deploys every
     application; waits until they are running. Returns the base URL. Where Serve already runs
     on this cluster, its proxy keeps the address it was started with (Serve logs that)."""
-    serve.start(http_options={"host": host, "port": port})
-    logging = {"enable_access_log": options.access_log}
-    serve.run_many([RunTarget(app, name=name, route_prefix=prefix, logging_config=logging)
-                    for name, prefix, app in build_applications(specs, options)])
+    serve.start(http_options={"host": host, "port": port}, proxy_location=options.proxy_location)
+    _run(build_applications(specs, options), options)
+    # Serve has one proxy per cluster: where it already ran, its own address stands. Serve
+    # exposes that only through its client object.
+    from ray.serve.context import _get_global_client
+
+    config = _get_global_client().http_config
+    host, port = config.host, config.port
     shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     return f"http://{shown}:{port}"
 
 
-def undeploy(specs: list[ModelSpec]) -> None:
-    """Deletes the applications ``deploy`` created (the Serve instance itself stays)."""
-    for name in [INDEX_APP, *(spec.name for spec in specs)]:
-        serve.delete(name)
+def update(specs: list[ModelSpec], options: ServeOptions) -> None:
+    """Replaces running models of the same names on the connected cluster by Serve's rolling
+    update: a new replica starts (and passes the self-check) before an old one is asked to
+    stop, and an old one finishes its requests before it exits. Returns when every new
+    version is running. ValueError for a name that is not being served."""
+    running = serve.status().applications
+    missing = [spec.name for spec in specs if spec.name not in running]
+    if missing or INDEX_APP not in running:
+        raise ValueError(f"no running model named {', '.join(map(repr, missing or [spec.name for spec in specs]))} "
+                         f"to update (serving: {', '.join(sorted(set(running) - {INDEX_APP})) or 'nothing'})")
+    manifests = serve.get_app_handle(INDEX_APP).served_manifests.remote().result()
+    manifests.update({spec.name: spec.manifest for spec in specs})
+    _run(model_applications(specs, options), options)
+    _run([index_application(manifests)], options)  # only once the new versions answer
+
+
+def undeploy(specs: list[ModelSpec], timeout_s: float = 3600.0) -> None:
+    """Deletes the applications ``deploy`` created (the Serve instance itself stays), all at
+    once; each replica first finishes its requests (up to ``graceful_shutdown_s``). Returns
+    when they are gone or after ``timeout_s``."""
+    names = [*(spec.name for spec in specs), INDEX_APP]
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and set(names) & set(serve.status().applications):
+        time.sleep(0.2)
 
 
 
 
-def _wait_ms(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected milliseconds, got {text!r}") from None
-    if not 0 <= value <= 10_000:
-        raise argparse.ArgumentTypeError(f"expected 0..10000 milliseconds, got {text!r}")
-    return value
+def _duration(unit: str, high: int):
+    """An argparse type: a number of ``unit`` in [0, high]."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {unit}, got {text!r}") from None
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"expected 0..{high} {unit}, got {text!r}")
+        return value
+    return parse
+
+
+_wait_ms = _duration("milliseconds", 10_000)
+_wait_s = _duration("seconds", 3600)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -378,25 +471,65 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=defaults.max_body_bytes / (1 << 20),
                    help="largest request body accepted, MiB (default %(default)s)")
     p.add_argument("--access-log", action="store_true", help="log every request (Serve's access log)")
+    p.add_argument("--max-queued-requests", type=positive_int,
+                   help="requests the proxy holds per model beyond what the replicas take; the excess gets "
+                        "503 with Retry-After at once (default: unbounded)")
+    p.add_argument("--retry-after-s", type=positive_int, default=defaults.retry_after_s,
+                   help="the Retry-After of those 503 answers, seconds (default %(default)s)")
+    p.add_argument("--max-replicas-per-node", type=positive_int,
+                   help="at most this many replicas of a model on one node (1: each on its own node)")
+    p.add_argument("--graceful-shutdown-s", type=_wait_s, default=defaults.graceful_shutdown_s,
+                   help="how long a stopping replica lets its requests finish (default %(default)s)")
+    p.add_argument("--proxy-location", choices=PROXY_LOCATIONS, default=defaults.proxy_location,
+                   help="HTTP proxies on every node with a replica, or on the head only (default %(default)s)")
+    p.add_argument("--update", action="store_true",
+                   help="replace the running models of these names on --address by a rolling update, then exit")
     add_ray_arguments(p, worker="replica", threads=defaults.threads)
     return p
+
+
+def _options(args: argparse.Namespace) -> ServeOptions:
+    return ServeOptions(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                        replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
+                        threads=args.threads, device=args.device, access_log=args.access_log,
+                        max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))),
+                        max_queued_requests=args.max_queued_requests, retry_after_s=args.retry_after_s,
+                        max_replicas_per_node=args.max_replicas_per_node,
+                        graceful_shutdown_s=args.graceful_shutdown_s, proxy_location=args.proxy_location)
+
+
+def _update(specs: list[ModelSpec], options: ServeOptions, address: str) -> int:
+    init_ray(address)
+    try:
+        update(specs, options)
+    except ValueError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:  # the new replicas could not start: Serve keeps the old version
+        print(f"{PROG}: error: update failed, the running version keeps serving: {error}", file=sys.stderr)
+        return 1
+    finally:
+        ray.shutdown()
+    print(f"{PROG}: updated {', '.join(f'{spec.name} to {spec.version}' for spec in specs)}", file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        options = ServeOptions(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                               replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-                               threads=args.threads, device=args.device, access_log=args.access_log,
-                               max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))))
+        options = _options(args)
     except ValueError as error:
         parser.error(str(error))
+    if args.update and not args.address:
+        parser.error("--update needs --address: the cluster whose running models it replaces")
     try:
         specs = load_specs(args.artifacts, args.names)
-    except (ValueError, RuntimeError) as error:  # bad name, ArtifactError
+    except (ValueError, RuntimeError) as error:  # bad name, ArtifactError (a failed self-check)
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
+    if args.update:
+        return _update(specs, options, args.address)
     init_ray(args.address, args.num_cpus)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: a background shell job ignores it by default
@@ -411,7 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         try:  # on a shared cluster, remove only this command's applications
-            undeploy(specs)
+            undeploy(specs, timeout_s=options.graceful_shutdown_s + SHUTDOWN_MARGIN_S)
         finally:
             ray.shutdown()
     return 0

@@ -1,0 +1,587 @@
+"""Fault drill for repmlp-serve and repmlp-classify on a local multi-node Ray cluster.
+
+    python -m benchmarks.fault_drill [--artifact digits.pt] [--clients 8] [--seconds 12]
+
+A head (no CPUs: it runs Ray's and Serve's control actors and the HTTP proxy) and two worker
+nodes (one logical CPU and a custom resource ``node_<name>`` each) on 127.0.0.1, started with
+``ray.cluster_utils.Cluster``. Under a steady load of HTTP clients it injects the faults a
+serving system meets: a worker node killed (and a fresh one joining), a rolling update, an
+update whose artifact fails its self-check, a burst past the queue bound, SIGTERM; then a
+``repmlp-classify`` job that loses a node mid-job. Prints one table. The scenarios are plain
+functions returning their counts; tests/test_cluster_faults.py runs them and asserts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import repmlp_rt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGIT_PNGS = sorted(glob.glob(os.path.join(ROOT, "examples", "digits", "images", "*.png")))
+# RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray then resolves 127.0.0.1 in an address to the loopback
+# address, not to the host's outward one, so every node, driver and server stays on 127.0.0.1.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+# A node counts as dead after 3 missed health checks 0.5 s apart (Ray's defaults: 5 x 3 s).
+HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
+MODEL = "digits"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalCluster:
+    """A Ray head and worker nodes on 127.0.0.1; every process is stopped by its id."""
+
+    def __init__(self, workers: int = 2, worker_cpus: int = 1, temp_dir: str | None = None) -> None:
+        from ray._private import ray_constants
+        from ray.cluster_utils import Cluster
+
+        self.saved = ({key: os.environ.get(key) for key in RAY_ENV}, ray_constants.ENABLE_RAY_CLUSTER)
+        os.environ.update(RAY_ENV)
+        ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; this process imported Ray already
+        self.worker_cpus = worker_cpus
+        self.count = 0
+        head = {"num_cpus": 0, "resources": {"node_head": 1}, "include_dashboard": False,
+                "node_ip_address": "127.0.0.1", "_system_config": HEALTH_CHECKS}
+        self.node_args = {"node_ip_address": "127.0.0.1", **({"temp_dir": temp_dir} if temp_dir else {})}
+        head.update(self.node_args)
+        self.cluster = Cluster(initialize_head=True, head_node_args=head)
+        self.workers: dict[str, Any] = {}
+        for _ in range(workers):
+            self.add_worker()
+        self.cluster.wait_for_nodes()
+        self.address = self.cluster.address
+
+    def add_worker(self) -> str:
+        self.count += 1
+        name = f"w{self.count}"
+        self.workers[name] = self.cluster.add_node(num_cpus=self.worker_cpus, resources={f"node_{name}": 1},
+                                                   **self.node_args)
+        return name
+
+    def node_names(self) -> dict[str, str]:
+        """Ray node id -> worker name (``head``, ``w1``, ...) from each node's custom resource."""
+        import ray
+
+        names = {}
+        for node in ray.nodes():
+            if node["Alive"]:
+                names[node["NodeID"]] = next((key[5:] for key in node["Resources"] if key.startswith("node_")), "?")
+        return names
+
+    def kill(self, name: str) -> None:
+        """SIGKILL of every process of worker ``name`` (its raylet and the workers it started)."""
+        self.cluster.remove_node(self.workers.pop(name), allow_graceful=False)
+
+    def shutdown(self) -> None:
+        """Stops every node's processes (by id), then restores this process's Ray settings."""
+        from ray._private import ray_constants
+
+        self.cluster.shutdown()
+        environment, ray_constants.ENABLE_RAY_CLUSTER = self.saved
+        for key, value in environment.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@dataclass
+class Record:
+    start: float
+    end: float
+    status: int  # 0: no HTTP answer (connection error or client time-out)
+    version: str = ""
+    answer: Any = None
+    error: str = ""
+
+
+@dataclass
+class Load:
+    """``clients`` threads posting one PNG each to the classify route until ``stop``."""
+
+    url: str
+    clients: int = 8
+    timeout_s: float = 30.0
+    records: list[Record] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.host, port = self.url.split("//")[1].split(":")
+        self.port = int(port)
+        self.images = [open(path, "rb").read() for path in DIGIT_PNGS]
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
+
+    def start(self) -> "Load":
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def stop(self) -> list[Record]:
+        self.done.set()
+        for thread in self.threads:
+            thread.join(self.timeout_s + 5)
+        return sorted(self.records, key=lambda r: r.start)
+
+    def _client(self, index: int) -> None:
+        connection, i = None, index
+        while not self.done.is_set():
+            image = i % len(self.images)
+            i += self.clients
+            connection = connection or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
+            record = send(connection, f"/v1/models/{MODEL}/classify", self.images[image])
+            record.answer = (image, record.answer)
+            self.records.append(record)
+            if record.status == 0:
+                connection.close()
+                connection = None
+                time.sleep(0.05)
+
+
+def send(connection: http.client.HTTPConnection, path: str, body: bytes) -> Record:
+    start = time.monotonic()
+    try:
+        connection.request("POST", path, body, {"Content-Type": "image/png"})
+        response = connection.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as error:
+        return Record(start, time.monotonic(), 0, error=f"{type(error).__name__}: {error}")
+    record = Record(start, time.monotonic(), response.status, response.getheader("X-Model-Version") or "")
+    if response.status == 200:
+        record.answer = json.loads(data)
+    else:
+        record.error = f"{response.getheader('Retry-After')}|{data[:200]!r}"
+    return record
+
+
+class ServeProcess:
+    """``repmlp-serve`` on the cluster, in its own process; stopped by its id."""
+
+    def __init__(self, address: str, artifact: str, *extra: str) -> None:
+        # Serve runs one HTTP proxy per cluster: a later server on the same cluster answers at
+        # the first one's address, which it prints (read by wait_ready).
+        self.port = free_port()
+        self.url = ""
+        self.log = tempfile.TemporaryFile()
+        args = [artifact, "--name", MODEL, "--address", address, "--port", str(self.port),
+                "--proxy-location", "HeadOnly", *extra]
+        self.process = subprocess.Popen(serve_command(*args), stdout=self.log, stderr=subprocess.STDOUT,
+                                        env={**os.environ, **RAY_ENV})
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+
+    def wait_ready(self, timeout_s: float = 240.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"repmlp-serve exited with {self.process.returncode}: {self.output()}")
+            serving = re.search(r"repmlp-serve: serving \S+ at http://127\.0\.0\.1:(\d+)/v1/models", self.output())
+            if serving is None:
+                time.sleep(0.5)
+                continue
+            self.port = int(serving.group(1))
+            self.url = f"http://127.0.0.1:{self.port}"
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                connection.request("GET", f"/v1/models/{MODEL}")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"repmlp-serve not ready after {timeout_s} s: {self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-20000:]
+
+    def terminate(self, timeout_s: float = 120.0) -> float:
+        """SIGTERM; seconds until the process exited (SIGKILL past ``timeout_s``)."""
+        start = time.monotonic()
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return math.inf
+        return time.monotonic() - start
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def serve_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "repmlp_rt.serve", *args]
+
+
+def expected_answers(artifact: str) -> list[list[tuple[int, float]]]:
+    """(index, score) top-5 of each shipped PNG, from the runtime itself (no Ray)."""
+    runtime = repmlp_rt.Runtime(artifact, warmup=0)
+    answers = []
+    for path in DIGIT_PNGS:
+        scores, indices = runtime.classify(repmlp_rt.decode_image(path)[None], min(5, runtime.num_classes))
+        answers.append([(int(i), float(s)) for s, i in zip(scores[0], indices[0])])
+    return answers
+
+
+def same_answer(answer: dict[str, Any], expected: list[tuple[int, float]], rtol: float = 1e-4) -> bool:
+    got = [(t["index"], t["score"]) for t in answer["topk"]]
+    return [i for i, _ in got] == [i for i, _ in expected] and all(
+        math.isclose(s, e, rel_tol=rtol, abs_tol=1e-6) for (_, s), (_, e) in zip(got, expected))
+
+
+def replica_nodes(cluster: LocalCluster, app: str = MODEL) -> dict[str, int]:
+    """Worker name -> RUNNING replicas of ``app`` there (from the actors' node ids)."""
+    import ray
+
+    names = cluster.node_names()
+    counts: dict[str, int] = {}
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        if f"SERVE_REPLICA::{app}#model#" not in actor["name"]:
+            continue
+        handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
+        node = ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=30)
+        counts[names.get(node, "?")] = counts.get(names.get(node, "?"), 0) + 1
+    return counts
+
+
+def running_replicas(app: str = MODEL) -> int:
+    from ray import serve
+
+    status = serve.status().applications.get(app)
+    if status is None:
+        return 0
+    return status.deployments["model"].replica_states.get("RUNNING", 0)
+
+
+def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> dict[str, Any]:
+    """Load; kill a worker holding a replica; a fresh worker joins; load until ``seconds``
+    after the replica count is back. Failures are split at the recovery time."""
+    placement = replica_nodes(cluster)
+    victim = sorted(name for name in placement if name != "head")[0]
+    load = Load(url, clients).start()
+    time.sleep(seconds / 3)
+    killed = time.monotonic()
+    cluster.kill(victim)
+    cluster.add_worker()
+    while running_replicas() < 2 and time.monotonic() - killed < 120:
+        time.sleep(0.2)
+    recovered = time.monotonic()
+    time.sleep(seconds)
+    records = load.stop()
+    failed = [r for r in records if r.status != 200]
+    return {"fault": f"worker node {victim} killed (SIGKILL), a new node joins", "placement": placement,
+            "after": replica_nodes(cluster), "requests": len(records),
+            "in_flight_at_kill": sum(1 for r in records if r.start <= killed < r.end),
+            "failed_during": sum(1 for r in failed if r.start < recovered),
+            "failed_after": sum(1 for r in failed if r.start >= recovered),
+            "recovery_s": recovered - killed, "errors": sorted({(r.status, r.error[:80]) for r in failed})[:5]}
+
+
+def rolling_update(address: str, url: str, new_artifact: str, answers: dict[str, list], clients: int,
+                   seconds: float) -> dict[str, Any]:
+    """Load; ``repmlp-serve NEW --update``; load on. Every answer must be exactly one known
+    version's answer; after the command returns, only the new version's."""
+    load = Load(url, clients).start()
+    time.sleep(seconds / 2)
+    started = time.monotonic()
+    result = subprocess.run(serve_command(new_artifact, "--name", MODEL, "--address", address, "--update",
+                                          "--replicas", "2", "--max-replicas-per-node", "1"),
+                            capture_output=True, text=True, timeout=300, env={**os.environ, **RAY_ENV})
+    swapped = time.monotonic()
+    time.sleep(seconds / 2)
+    records = load.stop()
+    new = repmlp_rt_version(new_artifact)
+    ok = [r for r in records if r.status == 200]
+    return {"fault": "rolling update to a new artifact", "update_rc": result.returncode,
+            "update_output": result.stderr[-2000:], "requests": len(records),
+            "failed": len(records) - len(ok), "update_s": swapped - started,
+            "wrong_answers": sum(1 for r in ok if r.version not in answers
+                                 or not same_answer(r.answer[1], answers[r.version][r.answer[0]])),
+            "old_after_swap": sum(1 for r in ok if r.start > swapped and r.version != new),
+            "versions": sorted({r.version for r in ok})}
+
+
+def repmlp_rt_version(path: str) -> str:
+    from repmlp_rt.serve import file_version
+
+    return file_version(path)
+
+
+def refused_update(address: str, url: str, bad_artifact: str, clients: int, seconds: float) -> dict[str, Any]:
+    """An update whose artifact fails its self-check: refused before anything is deployed."""
+    load = Load(url, clients).start()
+    result = subprocess.run(serve_command(bad_artifact, "--name", MODEL, "--address", address, "--update"),
+                            capture_output=True, text=True, timeout=300, env={**os.environ, **RAY_ENV})
+    time.sleep(seconds)
+    records = load.stop()
+    return {"fault": "update with an artifact failing its self-check", "update_rc": result.returncode,
+            "update_output": result.stderr[-1000:], "requests": len(records),
+            "failed": sum(1 for r in records if r.status != 200), "versions": sorted({r.version for r in records})}
+
+
+def overload(url: str, queued: int, capacity: int, factor: int = 10) -> dict[str, Any]:
+    """A burst of ``factor`` x ``queued`` concurrent requests at once, then a few more. The
+    excess must be 503 with Retry-After, fast; nothing may time out."""
+    burst = factor * queued
+    barrier = threading.Barrier(burst)
+    records: list[Record] = []
+    host, port = url.split("//")[1].split(":")
+    image = open(DIGIT_PNGS[0], "rb").read()
+
+    def one() -> None:
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        connection.connect()
+        barrier.wait()
+        records.append(send(connection, f"/v1/models/{MODEL}/classify", image))
+        connection.close()
+
+    threads = [threading.Thread(target=one) for _ in range(burst)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    after = [send(connection, f"/v1/models/{MODEL}/classify", image) for _ in range(5)]
+    refused = [r for r in records if r.status == 503]
+    served = sorted(r.end - r.start for r in records if r.status == 200)
+    return {"fault": f"burst of {burst} concurrent requests (queue bound {queued})", "requests": burst + len(after),
+            "ok": len(served), "refused_503": len(refused), "capacity": capacity + queued,
+            "refused_with_retry_after": sum(1 for r in refused if not r.error.startswith("None|")),
+            "other_failures": sum(1 for r in records if r.status not in (200, 503)),
+            "slowest_503_s": max((r.end - r.start for r in refused), default=0.0),
+            "p99_ok_s": served[min(len(served) - 1, int(0.99 * len(served)))] if served else math.nan,
+            "failed_after": sum(1 for r in after if r.status != 200)}
+
+
+def graceful_stop(server: ServeProcess, clients: int, seconds: float) -> dict[str, Any]:
+    """SIGTERM under load: the requests already sent must be answered; seconds to exit."""
+    load = Load(server.url, clients).start()
+    time.sleep(seconds)
+    signalled = time.monotonic()
+    exit_s = server.terminate()
+    records = load.stop()
+    before = [r for r in records if r.start < signalled]
+    return {"fault": "SIGTERM to repmlp-serve under load", "requests": len(before), "exit_s": exit_s,
+            "refused_after_signal": sum(1 for r in records if r.start >= signalled and r.status != 200),
+            "rc": server.process.returncode, "in_flight_at_signal": sum(1 for r in before if r.end > signalled),
+            "failed_before_signal": sum(1 for r in before if r.status != 200),
+            "errors": sorted({(r.status, r.error[:80]) for r in before if r.status != 200})[:5]}
+
+
+def image_list(folder: str, count: int) -> list[str]:
+    """``count`` distinct paths (symlinks) to the shipped PNGs, repeated in order."""
+    paths = []
+    for i in range(count):
+        path = os.path.join(folder, f"img_{i:05d}.png")
+        if not os.path.lexists(path):
+            os.symlink(DIGIT_PNGS[i % len(DIGIT_PNGS)], path)
+        paths.append(path)
+    return paths
+
+
+def classify_job(address: str, artifact: str, paths: list[str], out: str, cluster: LocalCluster | None = None,
+                 kill_after_s: float = 1.0) -> dict[str, Any]:
+    """``repmlp-classify`` with two actors; with ``cluster``, kills a worker ``kill_after_s``
+    after both actors hold their CPUs, and a new worker joins."""
+    import ray
+
+    listing = out + ".list"
+    with open(listing, "w", encoding="utf-8") as file:
+        file.write("\n".join(paths) + "\n")
+    command = [sys.executable, "-m", "repmlp_rt.batch", artifact, f"@{listing}", "--out", out, "--address", address,
+               "--actors", "2", "--batch-size", "8", "--no-progress"]
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV})
+    fault = None
+    if cluster is not None:
+        while ray.available_resources().get("CPU", 0) > 0 and process.poll() is None:
+            time.sleep(0.1)
+        time.sleep(kill_after_s)
+        if process.poll() is None:
+            fault = sorted(cluster.workers)[0]
+            cluster.kill(fault)
+            cluster.add_worker()
+    output = process.communicate(timeout=600)[0].decode(errors="replace")
+    return {"rc": process.returncode, "seconds": time.monotonic() - started, "killed": fault, "output": output[-2000:]}
+
+
+def data_node_loss(cluster: LocalCluster, artifact: str, folder: str, count: int = 2000,
+                   baseline: bool = True) -> dict[str, Any]:
+    """The classify job over ``count`` images, without a fault (``baseline``) and with one;
+    rows lost, duplicated, out of order or different from the runtime's own answers."""
+    paths = image_list(folder, count)
+    expected = expected_answers(artifact)
+    clean = classify_job(cluster.address, artifact, paths, os.path.join(folder, "clean.jsonl")) if baseline else None
+    faulted = classify_job(cluster.address, artifact, paths, os.path.join(folder, "faulted.jsonl"), cluster)
+    rows = []
+    if faulted["rc"] == 0:
+        with open(os.path.join(folder, "faulted.jsonl"), encoding="utf-8") as file:
+            rows = [json.loads(line) for line in file]
+    inputs = [row["input"] for row in rows]
+    return {"fault": "worker node killed mid classify job, a new node joins", "rows": len(rows), "inputs": count,
+            "killed": faulted["killed"], "rc": faulted["rc"], "output": faulted["output"],
+            "rows_lost": len(set(paths) - set(inputs)), "duplicates": len(inputs) - len(set(inputs)),
+            "in_order": inputs == paths,
+            "wrong": sum(1 for i, row in enumerate(rows) if "topk" not in row
+                         or not same_answer(row, expected[i % len(DIGIT_PNGS)])),
+            "seconds": faulted["seconds"], "baseline_s": clean["seconds"] if clean else math.nan}
+
+
+def flipped_copy(source: str, target: str) -> str:
+    """``source`` with one byte flipped inside its largest weight record: its digest, part of
+    the runtime's load-time self-check, no longer holds."""
+    import zipfile
+
+    data = bytearray(open(source, "rb").read())
+    with zipfile.ZipFile(source) as archive:
+        info = max((i for i in archive.infolist() if "/constants/" in i.filename), key=lambda i: i.compress_size)
+    header = info.header_offset
+    name_len, extra_len = int.from_bytes(data[header + 26:header + 28], "little"), \
+        int.from_bytes(data[header + 28:header + 30], "little")
+    data[header + 30 + name_len + extra_len + info.compress_size // 2] ^= 0xFF
+    with open(target, "wb") as file:
+        file.write(bytes(data))
+    return target
+
+
+def serving_drill(cluster: LocalCluster, digits: str, other: str, folder: str, clients: int,
+                  seconds: float) -> list[dict[str, Any]]:
+    """Node loss, rolling update, refused update and SIGTERM on one two-replica server."""
+    answers = {repmlp_rt_version(digits): expected_answers(digits), repmlp_rt_version(other): expected_answers(other)}
+    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1")
+    bad = flipped_copy(other, os.path.join(folder, "bad.pt"))
+    try:
+        return [report(node_loss(cluster, server.url, clients, seconds)),
+                report(rolling_update(cluster.address, server.url, other, answers, clients, seconds)),
+                report(refused_update(cluster.address, server.url, bad, clients, seconds / 2)),
+                report(graceful_stop(server, clients, seconds / 2))]
+    finally:
+        server.kill()
+
+
+def report(result: dict[str, Any]) -> dict[str, Any]:
+    """Prints ``result`` as one JSON line on stderr (the drill's log) and returns it."""
+    print(json.dumps({k: v for k, v in result.items() if k not in ("output", "update_output")}, default=str),
+          file=sys.stderr, flush=True)
+    return result
+
+
+def overload_drill(cluster: LocalCluster, digits: str, queued: int = 8) -> list[dict[str, Any]]:
+    """One replica taking 4 requests at a time: a burst of 10 x ``queued`` with the queue
+    bound, then the same burst with the bound lifted (an update without it)."""
+    base = ["--max-batch-size", "4", "--max-ongoing-requests", "4"]
+    server = ServeProcess(cluster.address, digits, *base, "--max-queued-requests", str(queued))
+    try:
+        bounded = overload(server.url, queued, capacity=4)
+        subprocess.run(serve_command(digits, "--name", MODEL, "--address", cluster.address, "--update", *base),
+                       check=True, capture_output=True, timeout=300, env={**os.environ, **RAY_ENV})
+        unbounded = overload(server.url, queued, capacity=4)
+        unbounded["fault"] = f"the same burst, queue unbounded ({unbounded['requests'] - 5} requests)"
+        server.terminate()
+    finally:
+        server.kill()
+    return [bounded, unbounded]
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    from benchmarks.harness import markdown_table
+
+    rows = []
+    for r in results:
+        failed_during = r.get("failed_during", r.get("failed", r.get("failed_before_signal", r.get("other_failures", "-"))))
+        recovery = r.get("recovery_s", r.get("update_s", r.get("exit_s", r.get("slowest_503_s"))))
+        rows.append([r["fault"], r.get("requests", r.get("inputs")), failed_during,
+                     r.get("failed_after", r.get("old_after_swap", "-")),
+                     f"{recovery:.1f}" if isinstance(recovery, float) else "-", r.get("rows_lost", "-"), _note(r)])
+    return markdown_table(["fault injected", "requests sent", "failed during fault", "failed after recovery",
+                           "recovery s", "rows lost", "notes"], rows)
+
+
+def _note(r: dict[str, Any]) -> str:
+    """What the table's columns mean for this row, and its own counts."""
+    if "placement" in r:
+        return f"{r['in_flight_at_kill']} in flight at the kill; recovery: replicas running again"
+    if "wrong_answers" in r:
+        return f"recovery: the update command; {r['wrong_answers']} mixed answers, {r['old_after_swap']} old after it"
+    if "update_rc" in r:
+        return f"update exit code {r['update_rc']}; still serving {', '.join(r['versions'])}"
+    if "exit_s" in r:
+        return (f"recovery: seconds to exit; {r['in_flight_at_signal']} in flight at the signal, failed: those sent "
+                f"before it; {r['refused_after_signal']} sent after it refused")
+    if "refused_503" in r:
+        return (f"{r['ok']} served (p99 {r['p99_ok_s']:.2f} s), {r['refused_503']} got 503 + Retry-After; "
+                f"recovery: slowest 503; after: the 5 next requests")
+    return (f"{r['seconds']:.1f} s vs {r['baseline_s']:.1f} s without the fault; {r['duplicates']} duplicates, "
+            f"in order: {r['in_order']}, {r['wrong']} answers unlike the runtime's")
+
+
+def _digits_artifact(folder: str, given: str | None) -> str:
+    if given:
+        return given
+    path = os.path.join(folder, "digits.pt")
+    subprocess.run(["repmlp-build", "--out", path], check=True, capture_output=True, timeout=600)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--artifact", help="the digits artifact (default: built with repmlp-build)")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=12.0, help="load phase length per fault")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    import ray
+
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import runtime_helpers  # the fake artifact: another model to update to
+
+    with tempfile.TemporaryDirectory(prefix="fault-drill-") as folder:
+        digits = _digits_artifact(folder, args.artifact)
+        other = str(runtime_helpers.save_fake_artifact(os.path.join(folder, "other.pt")))
+        cluster = LocalCluster(temp_dir=os.path.join(folder, "ray"))
+        try:
+            ray.init(address=cluster.address, logging_level="WARNING")
+            results = serving_drill(cluster, digits, other, folder, args.clients, args.seconds)
+            results += [report(r) for r in overload_drill(cluster, digits)]
+            results.append(report(data_node_loss(cluster, digits, folder, args.images)))
+        finally:
+            ray.shutdown()
+            cluster.shutdown()
+    body = table(results)
+    print(body)
+    if args.append_results:
+        from benchmarks.harness import append_results
+
+        append_results("Fault drill (local multi-node Ray)", "python -m benchmarks.fault_drill " + " ".join(argv or sys.argv[1:]), body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""repmlp-serve and repmlp-classify on a local multi-node Ray cluster, under faults.
+
+A head (no CPUs) and two worker nodes (one logical CPU and a custom resource each) on
+127.0.0.1, from benchmarks/fault_drill.py, whose scenarios these tests run under a short load
+and whose counts they assert: requests lost at a node kill and after recovery, failures and
+mixed answers during a rolling update, overload answered with fast 503s, in-flight requests
+answered across SIGTERM, rows lost when a node dies mid-job.
+"""
+
+import math
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+if ROOT not in sys.path:  # benchmarks/ is a package at the repository root
+    sys.path.insert(0, ROOT)
+from benchmarks import fault_drill  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CLIENTS = 8
+SECONDS = 8.0  # load phase per fault
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """Head + two workers, connected; every Ray process is stopped by its id at the end."""
+    import ray
+
+    local = fault_drill.LocalCluster(temp_dir=str(tmp_path_factory.mktemp("ray")))
+    try:
+        ray.init(address=local.address, logging_level="WARNING")
+        yield local
+    finally:
+        ray.shutdown()
+        local.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(cluster, digits_artifact):
+    """repmlp-serve --replicas 2 --max-replicas-per-node 1 on the cluster (stopped by the last test)."""
+    process = fault_drill.ServeProcess(cluster.address, digits_artifact, "--replicas", "2",
+                                       "--max-replicas-per-node", "1", "--graceful-shutdown-s", "10")
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="module")
+def versions(digits_artifact, fake_artifact):
+    """{artifact version: the runtime's own top-5 of each shipped PNG} for both artifacts."""
+    return {fault_drill.repmlp_rt_version(path): fault_drill.expected_answers(path)
+            for path in (digits_artifact, str(fake_artifact))}
+
+
+def test_replicas_spread_and_a_node_loss_costs_only_in_flight_requests(cluster, server):
+    result = fault_drill.node_loss(cluster, server.url, CLIENTS, SECONDS)
+    assert result["placement"] == {"w1": 1, "w2": 1}, result  # one replica per worker, none on the head
+    assert sorted(result["after"].values()) == [1, 1] and "w1" not in result["after"], result
+    assert result["requests"] > 0
+    assert result["failed_during"] <= result["in_flight_at_kill"], result
+    assert result["failed_after"] == 0, result
+
+
+def test_a_rolling_update_loses_nothing_and_mixes_nothing(cluster, server, fake_artifact, versions):
+    result = fault_drill.rolling_update(cluster.address, server.url, str(fake_artifact), versions, CLIENTS, SECONDS)
+    assert result["update_rc"] == 0, result["update_output"]
+    assert result["failed"] == 0, result
+    assert result["wrong_answers"] == 0, result  # each answer is exactly one version's answer
+    assert result["old_after_swap"] == 0, result
+    assert result["versions"] == sorted(versions), result  # both versions answered
+
+
+def test_an_update_failing_its_self_check_is_refused(cluster, server, fake_artifact, tmp_path):
+    bad = fault_drill.flipped_copy(str(fake_artifact), str(tmp_path / "digits.pt"))
+    result = fault_drill.refused_update(cluster.address, server.url, bad, CLIENTS, SECONDS / 2)
+    assert result["update_rc"] == 1 and "self-check failed" in result["update_output"], result["update_output"]
+    assert result["failed"] == 0, result
+    assert result["versions"] == [fault_drill.repmlp_rt_version(str(fake_artifact))], result
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits(server):
+    result = fault_drill.graceful_stop(server, CLIENTS, SECONDS / 2)
+    assert result["rc"] == 0, server.output()
+    assert result["failed_before_signal"] == 0, result
+    # It exits by itself (terminate() would SIGKILL it after 120 s); the time is the drill's to report.
+    assert result["exit_s"] != math.inf, result
+
+
+def test_a_burst_past_the_queue_bound_gets_fast_503s(cluster, digits_artifact):
+    queued = 4
+    server = fault_drill.ServeProcess(cluster.address, digits_artifact, "--max-batch-size", "4",
+                                      "--max-ongoing-requests", "4", "--max-queued-requests", str(queued))
+    try:
+        result = fault_drill.overload(server.url, queued, capacity=4)
+        assert server.terminate() != math.inf
+    finally:
+        server.kill()
+    assert result["other_failures"] == 0, result  # no time-outs, no 500s: 200 or 503
+    assert result["refused_503"] > 0 and result["refused_with_retry_after"] == result["refused_503"], result
+    assert result["ok"] + result["refused_503"] == 10 * queued
+    assert result["failed_after"] == 0, result
+
+
+def test_a_classify_job_survives_a_node_loss(cluster, digits_artifact, tmp_path):
+    result = fault_drill.data_node_loss(cluster, digits_artifact, str(tmp_path), 2000, baseline=False)
+    assert result["killed"] is not None, result["output"]  # the node died while the job ran
+    assert result["rc"] == 0, result["output"]
+    assert result["rows"] == 2000 and result["rows_lost"] == 0 and result["duplicates"] == 0, result
+    assert result["in_order"], result
+    assert result["wrong"] == 0, result

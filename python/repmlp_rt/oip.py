@@ -450,3 +450,59 @@ class V2Router:
         text, answer_headers = infer_response(name, request, {outputs[0].name: values}, interface.labels)
         answer_headers["x-batch-size"] = ",".join(map(str, sizes))
         return 200, answer_headers, text
+
+
+# --- a local server process ---------------------------------------------------------------
+
+class ServerProcess:
+    """A server that speaks this protocol (tritonserver, repmlp-serve), run as a child process
+    with its output in ``log``: ``wait_ready`` polls ``/v2/health/ready``; ``stop`` ends it by
+    its process id (SIGTERM, then SIGKILL after ``grace`` seconds). The tests and the load
+    benchmark use it; it is also a quick way to try a repository on one machine."""
+
+    def __init__(self, command: Sequence[str], url: str, log: str, env: Mapping[str, str] | None = None) -> None:
+        import subprocess
+
+        self.url = url.rstrip("/")
+        self.log = log
+        with open(log, "wb") as out:
+            self.process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT,
+                                            env=None if env is None else dict(env))
+
+    def log_text(self) -> str:
+        with open(self.log, encoding="utf-8", errors="replace") as file:
+            return file.read()
+
+    def wait_ready(self, timeout: float, path: str = "/v2/health/ready") -> None:
+        """Returns once ``path`` answers 200; RuntimeError (with the log's end) if the process
+        exits or ``timeout`` seconds pass first."""
+        import time
+        import urllib.error
+        import urllib.request
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                with urllib.request.urlopen(self.url + path, timeout=5) as answer:
+                    if answer.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"server not ready at {self.url}{path} after {timeout:.0f} s:\n{self.log_text()[-4000:]}")
+
+    def stop(self, grace: float = 30.0) -> int:
+        """Stops the process by its id; returns its exit status."""
+        import signal
+        import subprocess
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode

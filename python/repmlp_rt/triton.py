@@ -252,6 +252,17 @@ def write_triton_repository(artifact: str | os.PathLike[str], repository: str | 
                        tuple((spec.name, spec.dims) for spec in outputs))
 
 
+def tritonserver_command(binary: str | os.PathLike[str], repository: str | os.PathLike[str], *, http_port: int,
+                         grpc_port: int, host: str = "127.0.0.1", extra: Sequence[str] = ()) -> list[str]:
+    """The command line of a ``tritonserver`` serving ``repository`` on ``host`` only, with the
+    backends found beside the binary (``<binary>/../../backends``, the layout of Triton's
+    images and of the ``nvidia-pytriton`` wheel) and no metrics port."""
+    backends = Path(binary).resolve().parent.parent / "backends"
+    return [os.fspath(binary), f"--model-repository={os.fspath(repository)}", f"--backend-directory={backends}",
+            f"--http-address={host}", f"--http-port={http_port}", f"--grpc-address={host}",
+            f"--grpc-port={grpc_port}", "--allow-metrics=false", *extra]
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, prefix: str = "") -> None:
     """The repository options, shared with ``repmlp-build --triton-repo`` (there prefixed)."""
     parser.add_argument(f"--{prefix}name", help="model name in the repository (default: the artifact's file stem)")

@@ -105,7 +105,7 @@ def encoded(paths) -> np.ndarray:
 
 
 def assert_logits_close(got, expected):
-    torch.testing.assert_close(torch.from_numpy(np.array(got)), torch.from_numpy(expected), rtol=1e-5,
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5,
                                atol=1e-6 * float(np.abs(expected).max()))
 
 

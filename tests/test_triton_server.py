@@ -19,7 +19,8 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 import repmlp_rt
-from helpers import ROOT
+from helpers import ROOT, SMALL_ARCH
+from repmlp.artifact import build_artifact
 from repmlp_rt.oip import ServerProcess
 from repmlp_rt.triton import tritonserver_command, write_triton_repository
 from test_serve import DIGIT_PNGS, cli_topk  # noqa: F401  (cli_topk is a fixture)
@@ -73,10 +74,19 @@ def start_triton(repository, log) -> Triton:
 
 
 @pytest.fixture(scope="module")
-def triton(tmp_path_factory, digits_artifact):
-    """digits (python backend) and a copy whose artifact was truncated after writing."""
+def features_artifact(tmp_path_factory):
+    path = tmp_path_factory.mktemp("triton-features") / "features.pt"
+    build_artifact(SMALL_ARCH, img_size=32, out=str(path), output="features", out_indices=(0, 3), seed=2)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def triton(tmp_path_factory, digits_artifact, features_artifact):
+    """digits and a features artifact (python backend), and a copy of digits whose artifact
+    was truncated after writing."""
     repository = tmp_path_factory.mktemp("triton-repo")
     python_backend_repository(repository, digits_artifact, "digits")
+    python_backend_repository(repository, features_artifact, "features")
     broken = python_backend_repository(repository, digits_artifact, "broken")
     artifact = broken.path / "1" / "artifact.pt"
     artifact.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
@@ -212,6 +222,24 @@ def test_bad_image_fails_only_its_own_request(triton, cli_topk):  # noqa: F811
             assert not isinstance(answer, Exception), answer
             assert int(np.argmax(answer[0])) == top1
     assert int(np.argmax(http_infer(triton.http_url, "IMAGE", good)[0])) == top1
+
+
+def test_features_artifact_serves_every_feature_map(triton, features_artifact):
+    """One named output per feature map, from INPUT__0 and from IMAGE, over gRPC."""
+    runtime = repmlp_rt.Runtime(features_artifact)
+    batch = np.random.default_rng(6).standard_normal((3, *runtime.input_shape)).astype(np.float32)
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    metadata = client.get_model_metadata("features", as_json=True)
+    assert [o["name"] for o in metadata["outputs"]] == runtime.output_names
+    for name, data, datatype, expected in (
+            ("INPUT__0", batch, "FP32", runtime.infer_outputs(batch)),
+            ("IMAGE", encoded(DIGIT_PNGS[:2]), "BYTES",
+             runtime.infer_outputs(np.stack([repmlp_rt.decode_image(p) for p in DIGIT_PNGS[:2]])))):
+        given = grpcclient.InferInput(name, list(data.shape), datatype)
+        given.set_data_from_numpy(data)
+        answer = client.infer("features", [given])
+        for output, want in expected.items():
+            assert_logits_close(answer.as_numpy(output), want)
 
 
 def test_a_request_needs_exactly_one_input(triton):

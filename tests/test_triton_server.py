@@ -87,6 +87,9 @@ def triton(tmp_path_factory, digits_artifact, features_artifact):
     repository = tmp_path_factory.mktemp("triton-repo")
     python_backend_repository(repository, digits_artifact, "digits")
     python_backend_repository(repository, features_artifact, "features")
+    # numpy 2 (this environment's) first on the stub's path: refused at load time
+    write_triton_repository(digits_artifact, repository, name="numpy2", backend="python",
+                            python_path=[os.path.dirname(os.path.dirname(np.__file__)), RUNTIME_DIR])
     broken = python_backend_repository(repository, digits_artifact, "broken")
     artifact = broken.path / "1" / "artifact.pt"
     artifact.write_bytes(artifact.read_bytes()[: artifact.stat().st_size // 2])
@@ -197,6 +200,15 @@ def test_truncated_artifact_leaves_the_model_unavailable(triton):
     given.set_data_from_numpy(np.zeros((1, 3, 32, 32), np.float32))
     with pytest.raises(InferenceServerException, match="broken"):
         client.infer("broken", [given])
+
+
+def test_numpy_2_leaves_the_model_unavailable(triton):
+    """The stub misreads numpy 2 arrays, so model.py refuses to load under it, saying why."""
+    assert np.__version__.startswith("2."), "this environment's numpy is expected to be 2.x"
+    client = httpclient.InferenceServerClient(triton.http_url)
+    [entry] = [m for m in client.get_model_repository_index() if m["name"] == "numpy2"]
+    assert entry["state"] == "UNAVAILABLE"
+    assert f"numpy {np.__version__}" in entry["reason"] and "put a folder with numpy<2 first" in entry["reason"]
 
 
 def test_bad_image_fails_only_its_own_request(triton, cli_topk):  # noqa: F811

@@ -20,6 +20,7 @@ A request carries exactly one of the two inputs. Errors are ``{"error": "..."}``
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import re
@@ -442,8 +443,9 @@ class V2Router:
             raise ProtocolError(400, f"model {name!r} has {len(outputs)} outputs; repmlp-serve runs one-output "
                                      "artifacts (serve feature maps with the Triton Python-backend repository)")
         request = parse_infer_request(body, headers, interface.inputs, outputs)
-        try:
-            items = request_items({request.input_name: request.array})
+        inputs = {request.input_name: request.array}
+        try:  # decoding images off the event loop, which keeps taking requests meanwhile
+            items = await asyncio.to_thread(request_items, inputs) if IMAGE in inputs else request_items(inputs)
         except ValueError as error:  # an undecodable image
             raise ProtocolError(400, str(error)) from None
         values, sizes = await self.infer(name, items)

@@ -77,11 +77,11 @@ class TritonPythonModel:
 
         self.np, self.pb_utils, self.oip = numpy, triton_python_backend_utils, oip
         if int(numpy.__version__.split(".")[0]) >= 2:
-            # The wheel's stub answers every request with "output tensor shape does not match
-            # size of output" under numpy 2; say why once, here, instead.
-            self.pb_utils.Logger.log_warn(
-                f"numpy {numpy.__version__} from {os.path.dirname(numpy.__file__)}: a stub built against numpy "
-                "1.x cannot read its arrays; put a folder with numpy<2 first (--python-path)")
+            # Under numpy 2 the stub (built against numpy 1.x) misreads every output array: the
+            # client gets an error or an empty tensor. Refuse to load instead, with the reason.
+            raise RuntimeError(f"numpy {numpy.__version__} from {os.path.dirname(numpy.__file__)}: the Python "
+                               "backend's stub is built against numpy 1.x and misreads numpy 2 arrays; put a "
+                               "folder with numpy<2 first on its path (repmlp-triton-repo --python-path)")
         folder = os.path.join(args["model_repository"], args["model_version"])
         artifact = os.path.join(folder, parameter(config, ARTIFACT))
         threads = int(parameter(config, THREADS, "0")) or None

@@ -16,7 +16,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install serve-deps demo test test-fast test-avx2 test-torch-latest bench ctest clean fuzz
+.PHONY: all setup install serve-deps triton-server demo test test-fast test-avx2 test-torch-latest bench ctest clean fuzz
 
 all: demo
 
@@ -45,6 +45,29 @@ $(STAMP)/serve: requirements-serve.txt | $(STAMP)/python
 
 serve-deps: $(STAMP)/serve
 
+# A Triton Inference Server for the Triton tests and the load benchmark, in .triton/ beside
+# .venv and never in it: the nvidia-pytriton wheel, for its tritonserver binary and Python
+# backend only (not its Python package, whose requirements include numpy<2), the backend stub
+# for .venv's Python version, and numpy 1.x for that stub (it is built against numpy 1.x;
+# repmlp-triton-repo --python-path puts .triton/numpy1 first on the stub's sys.path). The stub
+# links the system's libpython of that version.
+TRITON_DIR    := .triton
+TRITON_WHEEL  := nvidia-pytriton==0.7.0
+TRITON_NUMPY  := numpy==1.26.4
+TRITON_SERVER := $(TRITON_DIR)/server/pytriton/tritonserver
+
+$(TRITON_DIR)/.installed: | $(STAMP)/python
+	rm -rf $(TRITON_DIR)
+	$(PIP) install -q --no-deps --target $(TRITON_DIR)/server $(TRITON_WHEEL)
+	$(PIP) install -q --no-deps --target $(TRITON_DIR)/numpy1 $(TRITON_NUMPY)
+	@pyver=$$($(PY) -c 'import sys; print("%d.%d" % sys.version_info[:2])'); \
+	cp $(TRITON_SERVER)/python_backend_stubs/$$pyver/triton_python_backend_stub $(TRITON_SERVER)/backends/python/; \
+	ldconfig -p | grep -q "libpython$$pyver.so.1.0" || { echo "installing Debian package: libpython$$pyver"; \
+	  $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q libpython$$pyver; }
+	@touch $@
+
+triton-server: $(TRITON_DIR)/.installed
+
 # Rebuilds incrementally (CMake build folder under build/); cheap when nothing changed.
 install: setup
 	@echo "building the C++ runtime, repmlp_infer and the binding (first time: 2-3 minutes; pip -q hides CMake's output)"
@@ -57,17 +80,17 @@ demo: install
 	$(VENV)/bin/repmlp_infer --info $(ARTIFACT) | head -n 5
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) examples/digits/demo.py $(ARTIFACT) examples/digits/images
 
-test: install serve-deps
+test: install serve-deps triton-server
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
-test-fast: install serve-deps
+test-fast: install serve-deps triton-server
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
 
 # The suite with torch's kernel libraries (ATen, oneDNN, MKL) capped at AVX2: the code paths of
 # a CPU without AVX-512 or VNNI (int8 sums, last-bit differences between kernels), on any x86 host.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-test-avx2: install serve-deps
+test-avx2: install serve-deps triton-server
 	$(AVX2_ONLY) PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
 # Seeded fuzzing of artifacts (.pt and .pt2), checkpoints, .npy, PNG and JPEG through repmlp_infer, repmlp_rt
@@ -98,7 +121,7 @@ bench: install
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
 clean:
-	rm -rf build python/*.egg-info python/repmlp_rt/_runtime*.so $(VENV)/bin/repmlp_infer $(ARTIFACT)
+	rm -rf build $(TRITON_DIR) python/*.egg-info python/repmlp_rt/_runtime*.so $(VENV)/bin/repmlp_infer $(ARTIFACT)
 
 # Optional C++ unit tests (gtest via ctest) against a freshly built digits artifact.
 $(STAMP)/gtest: | $(STAMP)/system

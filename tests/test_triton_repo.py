@@ -147,3 +147,59 @@ def test_build_command_writes_the_repository(tmp_path, capsys):
     with pytest.raises(SystemExit) as exists:
         main(["--out", str(tmp_path / "other.pt"), "--triton-repo", str(repo), "--triton-name", "digits"])
     assert exists.value.code == 2 and "pass --force" in capsys.readouterr().err
+
+
+def test_python_backend_repository(small_artifact, tmp_path):
+    """The python flavour: both inputs optional, the runtime's outputs, model.py and the
+    parameters it reads (its own parser of PYTHON_PATH agrees with the protobuf's)."""
+    from repmlp_rt import triton_backend
+
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    model = write_triton_repository(small_artifact, repository, name="py", backend="python", threads=3,
+                                    python_path=[extra, tmp_path], instances=2, max_batch_size=4)
+    runtime = repmlp_rt.Runtime(small_artifact)
+    assert sorted(os.listdir(model.path / "1")) == ["artifact.pt", "model.py"]
+    assert (model.path / "1" / "artifact.pt").read_bytes() == open(small_artifact, "rb").read()
+    assert (model.path / "1" / "model.py").read_text() == open(triton_backend.__file__).read()
+    config = parse_config(model.path)
+    assert config.backend == "python" and config.platform == "" and config.max_batch_size == 4
+    assert [(i.name, i.data_type, list(i.dims), i.optional) for i in config.input] == [
+        ("INPUT__0", model_config_pb2.TYPE_FP32, list(runtime.input_shape), True),
+        ("IMAGE", model_config_pb2.TYPE_STRING, [1], True)]
+    [out] = config.output
+    assert (out.name, list(out.dims), out.label_filename) == ("OUTPUT__0", [runtime.num_classes], "labels.txt")
+    assert config.instance_group[0].count == 2
+    parameters = {key: value.string_value for key, value in config.parameters.items()}
+    assert parameters == {"ARTIFACT": "artifact.pt", "THREADS": "3", "PYTHON_PATH": f"{extra}:{tmp_path}"}
+    assert triton_backend.configured_python_path(model.path / "config.pbtxt") == parameters["PYTHON_PATH"]
+    assert (model.path / "labels.txt").read_text().splitlines() == runtime.labels
+
+
+def test_python_backend_rejects_bad_paths(small_artifact, tmp_path):
+    with pytest.raises(ValueError, match="python_path is for the python backend"):
+        write_triton_repository(small_artifact, tmp_path, python_path=[tmp_path])
+    with pytest.raises(ValueError, match="does not exist"):
+        write_triton_repository(small_artifact, tmp_path, backend="python", python_path=[tmp_path / "missing"])
+    quoted = tmp_path / 'a"b'
+    quoted.mkdir()
+    with pytest.raises(ValueError, match="which config.pbtxt cannot carry"):
+        write_triton_repository(small_artifact, tmp_path, backend="python", python_path=[quoted])
+    with pytest.raises(ValueError, match="a list of folders"):
+        write_triton_repository(small_artifact, tmp_path, backend="python", python_path=str(tmp_path))
+    with pytest.raises(ValueError, match="backend must be one of libtorch, python"):
+        write_triton_repository(small_artifact, tmp_path, backend="onnx")
+    assert sorted(os.listdir(tmp_path)) == ['a"b']
+
+
+def test_python_backend_command(small_artifact, tmp_path):
+    result = run_command(small_artifact, tmp_path, "--backend", "python", "--python-path", tmp_path,
+                         "--threads", "2")
+    assert result.returncode == 0, result.stderr
+    assert "python backend, INPUT__0 [3, 32, 32] or IMAGE [1], OUTPUT__0 [10]" in result.stderr
+    config = parse_config(tmp_path / "small")
+    assert config.parameters["PYTHON_PATH"].string_value == str(tmp_path)
+    bad = run_command(small_artifact, tmp_path, "--name", "x", "--python-path", tmp_path)
+    assert bad.returncode == 2 and "python_path is for the python backend" in bad.stderr

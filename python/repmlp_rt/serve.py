@@ -10,7 +10,11 @@ fallback of Serve's proxy, every unknown path (a JSON 404). Routes:
   query ``?topk=K``;
 * ``POST /v1/models/<name>/infer``: a float32 ``.npy`` body (N, C, H, W), already normalized ->
   ``.npy`` float32 logits (N, classes);
-* ``GET /v1/models/<name>``: the manifest.
+* ``GET /v1/models/<name>``: the manifest;
+* the Open Inference Protocol (KServe v2, as Triton serves it; ``repmlp_rt.oip``): ``GET /v2``,
+  ``/v2/health/live``, ``/v2/health/ready``, ``/v2/models/<name>[/ready]`` and
+  ``POST /v2/models/<name>/infer`` (``INPUT__0`` or ``IMAGE`` -> ``OUTPUT__0``), whose rows join
+  the same batches as ``/v1`` infer requests.
 
 Every answer to a classify/infer request carries ``X-Batch-Size``: the size of the batch each
 of its images ran in (comma-separated, one per image). Every answer of a model application
@@ -44,6 +48,7 @@ import numpy as np
 
 import repmlp_rt
 
+from . import oip
 from ._cli import add_ray_arguments, init_ray, positive_int
 from .contract import check_model_name, topk_json
 
@@ -116,6 +121,7 @@ class ModelSpec:
     path: str
     manifest: dict[str, Any] = field(repr=False)
     version: str = ""
+    interface: oip.ModelInterface | None = field(default=None, repr=False)  # its v2 tensors
 
 
 class RequestError(Exception):
@@ -158,13 +164,15 @@ def load_specs(artifacts: list[str], names: list[str] | None = None) -> list[Mod
         if any(spec.name == name for spec in specs):
             raise ValueError(f"two artifacts are both named {name!r}: pass distinct names")
         runtime = repmlp_rt.Runtime(path, warmup=0)  # ArtifactError for a missing/corrupt/foreign file
-        specs.append(ModelSpec(name, os.path.abspath(path), runtime.manifest, file_version(path)))
+        specs.append(ModelSpec(name, os.path.abspath(path), runtime.manifest, version=file_version(path),
+                               interface=oip.model_interface(runtime)))
     return specs
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int,
+                    expected: str = "an image, a JSON list of base64 images or a .npy") -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (before reading when the client
-    says its length, else while reading)."""
+    says its length, else while reading) and with 400 when empty (``expected`` says what was)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise RequestError(413, f"request body of {declared} bytes is over the limit of {limit} bytes")
@@ -175,7 +183,7 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, f"request body is over the limit of {limit} bytes")
         chunks.append(chunk)
     if size == 0:
-        raise RequestError(400, "empty request body: expected an image, a JSON list of base64 images or a .npy")
+        raise RequestError(400, f"empty request body: expected {expected}")
     return b"".join(chunks)
 
 
@@ -276,10 +284,23 @@ class ModelDeployment:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def infer_batch(self, rows: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
-        """Logits for one (C, H, W) row per item."""
+        """Logits for one item each: a normalized (C, H, W) row, or a uint8 (H, W, C) image
+        (v2 ``IMAGE``); items of one dtype and shape run as one model call."""
         self._count(len(rows))
-        logits = await asyncio.to_thread(self.runtime.infer, np.stack(rows))
-        return [(logits[i], len(rows)) for i in range(len(rows))]
+        results: list[Any] = [None] * len(rows)
+        for members in oip.group_by_shape(rows):
+            logits = await asyncio.to_thread(self.runtime.infer, np.stack([rows[i] for i in members]))
+            for row, i in enumerate(members):
+                results[i] = (logits[row], len(rows))
+        return results
+
+    async def v2_infer(self, items: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        """The v2 infer route's items (called by the index through a handle), through ``infer_batch``."""
+        answers = await asyncio.gather(*(self.infer_batch(item) for item in items))
+        return np.stack([logits for logits, _ in answers]), [size for _, size in answers]
+
+    def ready(self) -> bool:
+        return True
 
     async def __call__(self, request: Request) -> Response:
         response = await self._route(request)
@@ -330,17 +351,45 @@ class ModelDeployment:
 
 
 class IndexDeployment:
-    """``/``: the model list, health, and a JSON 404 for every path no model owns."""
+    """``/``: the model list, health, the ``/v2`` routes (handed to the model deployments
+    through handles), and a JSON 404 for every path no model owns."""
 
-    def __init__(self, manifests: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, manifests: dict[str, dict[str, Any]], interfaces: dict[str, oip.ModelInterface] | None = None,
+                 max_body_bytes: int = ServeOptions.max_body_bytes) -> None:
         self.manifests = manifests
+        self.interfaces = interfaces or {}
+        self.max_body_bytes = max_body_bytes
+        self.v2 = oip.V2Router(PROG, self.interfaces, self._v2_infer, self._v2_ready)
 
-    def served_manifests(self) -> dict[str, dict[str, Any]]:
-        """The manifests this index lists (read by an update, which redeploys the index)."""
-        return self.manifests
+    async def _v2_infer(self, name: str, items: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
+        return await serve.get_deployment_handle("model", app_name=name).v2_infer.remote(items)
+
+    async def _v2_ready(self, name: str) -> bool:
+        try:
+            return await asyncio.wait_for(serve.get_deployment_handle("model", app_name=name).ready.remote(), 10)
+        except Exception:  # not deployed (yet), or its replica is gone
+            return False
+
+    async def _v2(self, request: Request) -> Response:
+        try:
+            body = (await read_body(request, self.max_body_bytes, "an inference request (JSON, then any binary tensor "
+                                    "data)") if request.method == "POST" else b"")
+        except RequestError as error:
+            return error_response(error.status, str(error))
+        headers = {key.lower(): value for key, value in request.headers.items()}
+        status, answer_headers, answer = await self.v2.handle(request.method, request.url.path, headers, body)
+        media = answer_headers.pop("content-type", None)
+        return Response(answer, status_code=status, headers=answer_headers, media_type=media)
+
+    def served_models(self) -> tuple[dict[str, dict[str, Any]], dict[str, oip.ModelInterface]]:
+        """The manifests and v2 interfaces this index serves (read by an update, which
+        redeploys the index)."""
+        return self.manifests, self.interfaces
 
     async def __call__(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
+        if path == "/v2" or path.startswith("/v2/"):
+            return await self._v2(request)
         if request.method == "GET" and path == "/healthz":
             return JSONResponse({"status": "ok", "models": sorted(self.manifests)})
         if request.method == "GET" and path == API_PREFIX:
@@ -353,10 +402,11 @@ class IndexDeployment:
                                    f"{API_PREFIX}/<name>/(classify|infer)")
 
 
-def index_application(manifests: dict[str, dict[str, Any]]) -> tuple[str, str, Any]:
+def index_application(manifests: dict[str, dict[str, Any]], interfaces: dict[str, oip.ModelInterface],
+                      options: ServeOptions) -> tuple[str, str, Any]:
     index = serve.deployment(IndexDeployment, name="index", ray_actor_options={"num_cpus": 0},
                              max_ongoing_requests=1000)
-    return INDEX_APP, "/", index.bind(manifests)
+    return INDEX_APP, "/", index.bind(manifests, interfaces, options.max_body_bytes)
 
 
 def model_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
@@ -381,7 +431,9 @@ def model_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tu
 
 def build_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
     """(application name, route prefix, bound application) for the index and each model."""
-    return [index_application({spec.name: spec.manifest for spec in specs}), *model_applications(specs, options)]
+    interfaces = {spec.name: spec.interface for spec in specs if spec.interface}
+    return [index_application({spec.name: spec.manifest for spec in specs}, interfaces, options),
+            *model_applications(specs, options)]
 
 
 def _run(apps: list[tuple[str, str, Any]], options: ServeOptions) -> None:
@@ -416,10 +468,11 @@ def update(specs: list[ModelSpec], options: ServeOptions) -> None:
     if missing or INDEX_APP not in running:
         raise ValueError(f"no running model named {', '.join(map(repr, missing or [spec.name for spec in specs]))} "
                          f"to update (serving: {', '.join(sorted(set(running) - {INDEX_APP})) or 'nothing'})")
-    manifests = serve.get_app_handle(INDEX_APP).served_manifests.remote().result()
+    manifests, interfaces = serve.get_app_handle(INDEX_APP).served_models.remote().result()
     manifests.update({spec.name: spec.manifest for spec in specs})
+    interfaces.update({spec.name: spec.interface for spec in specs if spec.interface})
     _run(model_applications(specs, options), options)
-    _run([index_application(manifests)], options)  # only once the new versions answer
+    _run([index_application(manifests, interfaces, options)], options)  # only once the new versions answer
 
 
 def undeploy(specs: list[ModelSpec], timeout_s: float = 3600.0) -> None:

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The CMake build folder setup.py used (make test-torch-latest builds in another one).
 BUILD_TREE = ROOT / os.environ.get("REPMLP_CMAKE_BUILD_DIR", "build/cmake")
 DIGITS = sorted((ROOT / "examples" / "digits" / "images").glob("*.png"))
-HEADERS = ["errors.hpp", "image.hpp", "npy.hpp", "runtime.hpp"]
+HEADERS = ["errors.hpp", "image.hpp", "runtime.hpp"]
 
 
 def _tool(name: str) -> str:

@@ -8,8 +8,6 @@
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/headeronly/version.h>
 
-#include <nlohmann/json.hpp>
-
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -26,7 +24,10 @@
 #endif
 
 #include "integrity.hpp"
+#include "manifest.hpp"
+#include "messages.hpp"
 #include "model.hpp"
+#include "records.hpp"
 #include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/runtime.hpp"
 
@@ -37,10 +38,11 @@
 namespace repmlp_rt::detail {
 namespace {
 
-constexpr const char* kManifestRecord = "extra/manifest.json";
-const std::string kProbeRecord = std::string("extra/") + integrity::kProbeTextRecord;
-constexpr const char* kForwardProgram = "forward";
-constexpr const char* kPreprocessProgram = "preprocess";
+// Record names inside the archive.
+const std::string kManifestPath = records::extra(records::kManifest);
+const std::string kProbeBase64Path = records::extra(records::kProbeBase64);
+using records::kForwardProgram;
+using records::kPreprocessProgram;
 
 std::string runtime_torch_version() {
   return std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
@@ -176,7 +178,7 @@ class UnpackedProgram {
  private:
   void unpack(caffe2::serialize::PyTorchStreamReader& reader, const std::string& path,
               const std::string& program, integrity::RecordHashes* hashes) {
-    const std::string prefix = "data/aotinductor/" + program + "/";
+    const std::string prefix = records::kAotiFolder + program + "/";
     constexpr size_t kChunk = size_t{1} << 20;
     std::vector<char> buffer(kChunk);
     bool any = false;
@@ -284,29 +286,44 @@ class AotiModel final : public Model {
     std::string text;
     try {
       caffe2::serialize::PyTorchStreamReader reader(path_);
-      if (!reader.hasRecord(kManifestRecord))
+      if (!reader.hasRecord(kManifestPath))
         throw ArtifactError("'" + path_ + "' is not a RepMLP artifact: an AOTInductor package "
-                            "without " + kManifestRecord);
-      text = read_record(reader, kManifestRecord);
-      if (reader.hasRecord(kProbeRecord)) metadata_.probe = read_record(reader, kProbeRecord);
+                          "without " + kManifestPath);
+      text = read_record(reader, kManifestPath);
+      if (reader.hasRecord(kProbeBase64Path)) metadata_.probe = read_record(reader, kProbeBase64Path);
       metadata_.probe_base64 = true;
     } catch (const c10::Error& e) {
       throw ArtifactError("cannot load artifact '" + path_ + "': " + clean_message(e));
     }
     metadata_.manifest_json = text;
-    try {
-      const auto manifest = nlohmann::json::parse(text);
-      metadata_.format_version = manifest.at("format_version").get<int64_t>();
-      if (metadata_.format_version != kFormatVersion) return;
-      metadata_.input_shape = manifest.at("input").at("shape").get<std::vector<int64_t>>();
-      metadata_.compute_dtype = manifest.at("input").at("compute_dtype").get<std::string>();
-      metadata_.labels = manifest.at("output").at("labels").get<std::vector<std::string>>();
-      const auto& aoti = manifest.at("aoti");
-      torch_version_ = aoti.at("torch_version").get<std::string>();
-      device_type_ = aoti.at("device").get<std::string>();
-    } catch (const nlohmann::json::exception& e) {
-      throw error(std::string(kManifestRecord) + " is not a valid manifest: " + e.what());
-    }
+    metadata_.manifest = parse_manifest(text);
+    if (!metadata_.manifest) throw invalid_manifest("it is not a JSON object");
+    const Manifest& m = *metadata_.manifest;
+    const auto& version = m.format_version;
+    if (!version.present) throw invalid_manifest("it has no format_version");
+    if (!version.value)
+      throw error(kManifestPath + " has format_version " + version.text +
+                  "; this runtime reads version " + std::to_string(kFormatVersion));
+    metadata_.format_version = *version.value;
+    if (metadata_.format_version != kFormatVersion) return;
+    metadata_.input_shape = required(m.input_shape, "input.shape", "a list of integers");
+    metadata_.compute_dtype = required(m.compute_dtype, "input.compute_dtype", "a string");
+    metadata_.labels = required(m.labels, "output.labels", "a list of strings");
+    torch_version_ = required(m.aoti_torch_version, "aoti.torch_version", "a string");
+    device_type_ = required(m.aoti_device, "aoti.device", "a string");
+  }
+
+  ArtifactError invalid_manifest(const std::string& why) const {
+    return error(kManifestPath + " is not a valid manifest: " + why);
+  }
+
+  // A field a PT2 archive's manifest must have, as there is no graph to ask.
+  template <typename T>
+  T required(const ManifestField<T>& field, const char* name, const char* expected) const {
+    if (!field.present) throw invalid_manifest("it has no " + std::string(name));
+    if (!field.value)
+      throw invalid_manifest(std::string(name) + " must be " + expected + ", got " + field.text);
+    return *field.value;
   }
 
   // An AOTInductor program is machine code for one torch release's C++ ABI, one device type
@@ -380,7 +397,8 @@ bool is_aoti_package(const std::string& path) {
   // A PT2 archive names its format in an archive_format record; a TorchScript file has none.
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
-    return reader.hasRecord("archive_format") && read_record(reader, "archive_format") == "pt2";
+    return reader.hasRecord(records::kArchiveFormat) &&
+           read_record(reader, records::kArchiveFormat) == "pt2";
   } catch (const c10::Error&) {
     return false;  // not a readable zip: the TorchScript loader reports why
   }

@@ -6,39 +6,32 @@
 #include <caffe2/serialize/inline_container.h>
 #include <torch/csrc/jit/serialization/pickle.h>
 
-#include <nlohmann/json.hpp>
 #include <openssl/evp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <limits>
 #include <map>
 #include <memory>
 #include <optional>
 #include <set>
 
+#include "messages.hpp"
+#include "records.hpp"
 #include "repmlp_rt/errors.hpp"
 
 namespace repmlp_rt::integrity {
 namespace {
 
-using json = nlohmann::json;
+using detail::first_line;
+using detail::printable_ascii;
 
-const std::string kDigestName = std::string("extra/") + kDigestRecord;
+const std::string kDigestName = records::extra(records::kDigest);
 constexpr size_t kChunk = size_t{1} << 20;
 
 [[noreturn]] void fail(const std::string& path, const std::string& why) {
   throw ArtifactError("'" + path + "': " + why);
-}
-
-std::string hex(const unsigned char* bytes, unsigned int size) {
-  static const char digits[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < size; ++i) {
-    out += digits[bytes[i] >> 4];
-    out += digits[bytes[i] & 15];
-  }
-  return out;
 }
 
 std::string sha256_of_record(caffe2::serialize::PyTorchStreamReader& reader,
@@ -46,28 +39,6 @@ std::string sha256_of_record(caffe2::serialize::PyTorchStreamReader& reader,
   Sha256 hash;
   for_each_chunk(reader, name, buffer, [&](const char* data, size_t size) { hash.update(data, size); });
   return hash.hex_digest();
-}
-
-// A record name as it may appear in a message: a corrupt file can name records with any bytes,
-// and a message must stay printable ASCII (Python turns it into a str).
-std::string printable(const std::string& name) {
-  static const char digits[] = "0123456789abcdef";
-  std::string out;
-  for (unsigned char c : name) {
-    if (c >= 0x20 && c < 0x7f && c != '\\') {
-      out += static_cast<char>(c);
-    } else {
-      out += "\\x";
-      out += digits[c >> 4];
-      out += digits[c & 15];
-    }
-  }
-  return out;
-}
-
-std::string first_line(const std::string& text) {
-  const auto end = text.find('\n');
-  return end == std::string::npos ? text : text.substr(0, end);
 }
 
 // Standard base64 with padding, as Python's base64.b64encode writes it; nullopt when `text` is
@@ -121,7 +92,9 @@ std::string Sha256::hex_digest() {
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int length = 0;
   EVP_DigestFinal_ex(context_->md.get(), digest, &length);
-  return hex(digest, length);
+  std::string hex;
+  for (unsigned int i = 0; i < length; ++i) detail::append_hex(hex, digest[i]);
+  return hex;
 }
 
 std::string missing_record_message(const std::string& path, const std::string& record) {
@@ -143,18 +116,8 @@ std::string read_digest_record(const std::string& path) {
 
 void check_digest(const std::string& path, const std::string& digest_json,
                   const RecordHashes& used) {
-  json stored;
-  try {
-    stored = json::parse(digest_json);
-  } catch (const json::exception&) {
-    fail(path, "self-check failed: the digest record " + std::string(kDigestRecord) +
-                   " is not valid JSON (corrupt file)");
-  }
-  if (!stored.is_object() || stored.value("algorithm", json()) != "sha256" ||
-      !stored.contains("records") || !stored["records"].is_object())
-    fail(path, "self-check failed: " + std::string(kDigestRecord) +
-                   " is not a sha256 record digest (corrupt file)");
-  const json& expected = stored["records"];
+  const detail::Digest digest = detail::parse_digest(path, digest_json);
+  const auto& expected = digest.records;
   try {
     caffe2::serialize::PyTorchStreamReader reader(path);
     std::vector<char> buffer(kChunk);
@@ -163,32 +126,32 @@ void check_digest(const std::string& path, const std::string& digest_json,
       if (name == kDigestName) continue;
       seen.insert(name);
       auto it = expected.find(name);
-      if (it == expected.end() || !it->is_string())
-        fail(path, "self-check failed: record '" + printable(name) + "' is not covered by the digest (the file was altered)");
+      if (it == expected.end() || !it->second)
+        fail(path, "self-check failed: record '" + printable_ascii(name) + "' is not covered by the digest (the file was altered)");
       const auto known = used.find(name);
       const std::string actual =
           known != used.end() ? known->second : sha256_of_record(reader, name, buffer);
-      if (actual != it->get<std::string>())
-        fail(path, "self-check failed: record '" + printable(name) + "' does not match its SHA-256 digest (corrupt file)");
+      if (actual != *it->second)
+        fail(path, "self-check failed: record '" + printable_ascii(name) + "' does not match its SHA-256 digest (corrupt file)");
     }
-    for (const auto& item : expected.items())
-      if (!seen.count(item.key()))
-        fail(path, "self-check failed: record '" + printable(item.key()) + "' listed in the digest is missing (corrupt file)");
+    for (const auto& item : expected)
+      if (!seen.count(item.first))
+        fail(path, "self-check failed: record '" + printable_ascii(item.first) + "' listed in the digest is missing (corrupt file)");
   } catch (const c10::Error& e) {
     fail(path, "self-check failed: cannot read the archive's records: " +
-                   printable(first_line(e.what_without_backtrace())));
+                   printable_ascii(first_line(e.what_without_backtrace())));
   }
 }
 
 std::vector<ProbeCase> read_probe(const std::string& path, const std::string& probe_record,
                                   bool base64) {
   if (probe_record.empty())
-    throw ArtifactError(missing_record_message(path, base64 ? kProbeTextRecord : kProbeRecord));
+    throw ArtifactError(missing_record_message(path, base64 ? records::kProbeBase64 : records::kProbe));
   std::optional<std::string> decoded;
   if (base64) {
     decoded = decode_base64(probe_record);
     if (!decoded)
-      fail(path, "self-check failed: the probe record " + std::string(kProbeTextRecord) +
+      fail(path, "self-check failed: the probe record " + std::string(records::kProbeBase64) +
                      " is not base64 (corrupt file)");
   }
   const std::string& probe_bytes = base64 ? *decoded : probe_record;
@@ -216,58 +179,36 @@ std::vector<ProbeCase> read_probe(const std::string& path, const std::string& pr
   return cases;
 }
 
-double probe_tolerance(const std::string& path, const std::string& manifest_json,
+double probe_tolerance(const std::string& path, const detail::Manifest& manifest,
                        const std::string& device_type) {
-  json tolerance;
-  try {
-    tolerance = json::parse(manifest_json).at("probe").at("tolerance").at(device_type);
-  } catch (const json::exception&) {
+  const auto found = manifest.probe_tolerance.find(device_type);
+  if (found == manifest.probe_tolerance.end())
     fail(path, "manifest.json gives no probe tolerance for device type '" + device_type +
                    "' (probe.tolerance." + device_type + ")");
-  }
-  if (!tolerance.is_number() || !(tolerance.get<double>() > 0))
+  const std::optional<double>& tolerance = found->second.value;
+  if (!tolerance || !(*tolerance > 0))
     fail(path, "manifest.json: probe.tolerance." + device_type + " must be a number > 0");
-  return tolerance.get<double>();
+  return *tolerance;
 }
 
-void check_manifest_agrees(const std::string& path, const std::string& manifest_json,
+void check_manifest_agrees(const std::string& path, const detail::Manifest& manifest,
                            const std::vector<int64_t>& input_shape,
                            const std::vector<std::string>& labels,
                            const std::string& compute_dtype) {
-  json manifest;
-  try {
-    manifest = json::parse(manifest_json);
-  } catch (const json::exception& e) {
-    fail(path, std::string("manifest.json is not valid JSON: ") + e.what());
-  }
-  if (!manifest.is_object()) fail(path, "manifest.json is not a JSON object");
-  auto text = [](const json& value) {
-    if (!value.is_array()) return value.dump(-1, ' ', false, json::error_handler_t::replace);
-    std::string out = "[";
-    for (size_t i = 0; i < value.size(); ++i)
-      out += (i ? ", " : "") + value[i].dump(-1, ' ', false, json::error_handler_t::replace);
-    return out + "]";
-  };
-  const json shape = input_shape, names = labels;
-  const json* input = manifest.contains("input") ? &manifest["input"] : nullptr;
-  const json* output = manifest.contains("output") ? &manifest["output"] : nullptr;
-  if (input && input->is_object()) {
-    if (input->contains("shape") && (*input)["shape"] != shape)
-      fail(path, "manifest.json says input shape " + text((*input)["shape"]) +
-                     ", the graph's input_shape() is " + text(shape));
-    if (input->contains("compute_dtype") && (*input)["compute_dtype"] != compute_dtype)
-      fail(path, "manifest.json says compute dtype " +
-                     ((*input)["compute_dtype"].is_string() ? (*input)["compute_dtype"].get<std::string>()
-                                                             : text((*input)["compute_dtype"])) +
-                     ", the graph's compute_dtype() is " + compute_dtype);
-  }
-  if (output && output->is_object()) {
-    if (output->contains("num_classes") && (*output)["num_classes"] != json(labels.size()))
-      fail(path, "manifest.json says " + text((*output)["num_classes"]) +
-                     " classes, the graph's labels() has " + std::to_string(labels.size()));
-    if (output->contains("labels") && (*output)["labels"] != names)
-      fail(path, "manifest.json's labels differ from the graph's labels()");
-  }
+  const auto& shape = manifest.input_shape;
+  if (shape.present && shape.value != input_shape)
+    fail(path, "manifest.json says input shape " + shape.text + ", the graph's input_shape() is " +
+                   detail::shape_string(input_shape));
+  const auto& dtype = manifest.compute_dtype;
+  if (dtype.present && dtype.value != compute_dtype)
+    fail(path, "manifest.json says compute dtype " + dtype.value.value_or(dtype.text) +
+                   ", the graph's compute_dtype() is " + compute_dtype);
+  const auto& classes = manifest.num_classes;
+  if (classes.present && classes.value != static_cast<int64_t>(labels.size()))
+    fail(path, "manifest.json says " + classes.text + " classes, the graph's labels() has " +
+                   std::to_string(labels.size()));
+  if (manifest.labels.present && manifest.labels.value != labels)
+    fail(path, "manifest.json's labels differ from the graph's labels()");
 }
 
 double relative_error(const at::Tensor& out, const at::Tensor& ref) {
@@ -278,6 +219,31 @@ double relative_error(const at::Tensor& out, const at::Tensor& ref) {
   const double scale = std::max(b.abs().max().item<double>(), 1e-12);
   const double error = diff / scale;
   return std::isfinite(error) ? error : kInf;
+}
+
+ProbeResult check_probe(const std::string& path, const std::vector<ProbeCase>& probe,
+                        double tolerance, const ProbeRunner& run, const std::string& what) {
+  ProbeResult result;
+  try {
+    for (const auto& check : probe) {
+      const double error = relative_error(run(check.input), check.output);
+      if (!(error <= result.worst_error)) {
+        result.worst_error = error;
+        result.worst_method = check.method;
+      }
+    }
+  } catch (const std::exception& e) {
+    fail(path, "self-check failed: " + detail::clean_message(e.what()));
+  }
+  if (!(result.worst_error <= tolerance)) {
+    char numbers[200];
+    std::snprintf(numbers, sizeof numbers, "worst relative error %.3g in %s(), tolerance %.3g",
+                  result.worst_error, result.worst_method.c_str(), tolerance);
+    fail(path, "self-check failed: " + std::string(numbers) + " (" + what +
+                   "): the file is corrupt or this machine computes wrongly; "
+                   "--no-verify / verify=False loads it anyway");
+  }
+  return result;
 }
 
 }  // namespace repmlp_rt::integrity

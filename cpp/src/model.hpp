@@ -5,14 +5,17 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
-#include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
+
+#include "gemm_plan.hpp"
+#include "manifest.hpp"
 
 namespace repmlp_rt::detail {
 
@@ -22,13 +25,16 @@ enum class EntryPoint {
   kForwardImages,  // uint8 NHWC images, preprocessed inside the artifact
 };
 
-const char* entry_point_name(EntryPoint entry_point) noexcept;
+inline const char* entry_point_name(EntryPoint entry_point) noexcept {
+  return entry_point == EntryPoint::kForward ? "forward" : "forward_images";
+}
 
 // What the artifact says about itself, as read from the file (Runtime checks it).
 struct ModelMetadata {
-  std::string manifest_json;  // manifest.json, verbatim ("" when the file has none)
-  std::string probe;          // the self-check probe record, verbatim ("" when absent)
-  bool probe_base64 = false;  // `probe` is probe.pt.b64 (a PT2 archive), not probe.pt
+  std::string manifest_json;         // manifest.json, verbatim ("" when the file has none)
+  std::optional<Manifest> manifest;  // manifest_json parsed (nullopt: not a JSON object)
+  std::string probe;                 // the self-check probe record, verbatim ("" when absent)
+  bool probe_base64 = false;         // `probe` is records::kProbeBase64 (a PT2 archive)
   int64_t format_version = 0;
   std::vector<int64_t> input_shape;
   std::vector<std::string> labels;
@@ -46,6 +52,12 @@ class Model {
   // from several threads at once. Throws c10::Error / std::exception on failure.
   virtual std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const = 0;
   virtual const ModelMetadata& metadata() const noexcept = 0;
+  // The load-time GEMM plan (gemm_plan.hpp), for a CPU model; called once, before any run.
+  // A format without matrix products to rewrite keeps its model and returns an empty plan.
+  virtual GemmPlan plan_gemm(const GemmPlanRequest& request) {
+    (void)request;
+    return {};
+  }
 };
 
 // Loads a TorchScript artifact onto `device`. Throws ArtifactError.
@@ -66,10 +78,5 @@ bool is_aoti_package(const std::string& path);
 std::unique_ptr<Model> load_aoti_model(
     const std::string& path, c10::Device device, bool hash_records,
     const std::function<void(const std::map<std::string, std::string>&)>& before_loading_code);
-
-// c10::Error and loader messages carry backtraces and long explanations: the first
-// meaningful line.
-std::string clean_message(const std::string& message);
-std::string clean_message(const c10::Error& error);
 
 }  // namespace repmlp_rt::detail

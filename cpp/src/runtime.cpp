@@ -3,25 +3,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
-#include <ATen/cpu/Utils.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
-#ifdef REPMLP_RT_WITH_CUDA
-// Device-generic c10 stream API: no CUDA toolkit headers are needed to build the CUDA path,
-// the CUDA implementations are registered by libtorch_cuda at load time.
-#include <c10/core/DeviceGuard.h>
-#include <c10/core/Event.h>
-#include <c10/core/Stream.h>
-#include <c10/core/StreamGuard.h>
-#include <c10/core/impl/VirtualGuardImpl.h>
-#endif
-
-#include <nlohmann/json.hpp>
-
-#include <cmath>
-#include <cstdio>
 #include <filesystem>
 #include <future>
 #include <limits>
@@ -29,39 +13,19 @@
 #include <utility>
 #include <vector>
 
+#include "device.hpp"
 #include "integrity.hpp"
+#include "messages.hpp"
 #include "model.hpp"
+#include "records.hpp"
 
 namespace repmlp_rt {
 namespace {
 
 using detail::clean_message;
+using detail::dtype_name;
 using detail::EntryPoint;
-
-std::string shape_string(at::IntArrayRef shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) {
-    if (i) out += ", ";
-    out += std::to_string(shape[i]);
-  }
-  return out + "]";
-}
-
-std::string dtype_name(at::ScalarType type) {
-  switch (type) {
-    case at::kFloat: return "float32";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kDouble: return "float64";
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kShort: return "int16";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kBool: return "bool";
-    default: return c10::toString(type);
-  }
-}
+using detail::shape_string;
 
 // compute_dtype() name -> the dtype the input may also come in and is cast to. int8 artifacts
 // take float32 and quantize their activations inside the graph.
@@ -70,40 +34,6 @@ std::optional<at::ScalarType> dtype_from_name(const std::string& name) {
   if (name == "float16") return at::kHalf;
   if (name == "bfloat16") return at::kBFloat16;
   return std::nullopt;
-}
-
-c10::Device parse_device(const std::string& text) {
-  std::optional<c10::Device> device;
-  try {
-    device.emplace(text);
-  } catch (const c10::Error&) {
-    throw InputError("invalid device '" + text + "': expected 'cpu', 'cuda' or 'cuda:N'");
-  }
-  if (device->is_cpu()) {
-    if (device->has_index() && device->index() != 0)
-      throw InputError("invalid device '" + text + "': expected 'cpu', 'cuda' or 'cuda:N'");
-    return c10::Device(c10::kCPU);
-  }
-  if (!device->is_cuda())
-    throw InputError("invalid device '" + text + "': expected 'cpu', 'cuda' or 'cuda:N'");
-#ifdef REPMLP_RT_WITH_CUDA
-  c10::DeviceIndex count = 0;
-  try {
-    count = c10::impl::VirtualGuardImpl(c10::kCUDA).deviceCount();
-  } catch (const c10::Error& e) {
-    throw DeviceError("device '" + text + "': CUDA is not available: " + clean_message(e));
-  }
-  if (count <= 0) throw DeviceError("device '" + text + "': CUDA is not available (no GPU found)");
-  const c10::DeviceIndex index = device->has_index() ? device->index() : 0;
-  if (index >= count)
-    throw DeviceError("device '" + text + "' does not exist: " + std::to_string(count) +
-                      " CUDA device(s) visible");
-  return c10::Device(c10::kCUDA, index);
-#else
-  throw DeviceError("device '" + text +
-                    "': this build of repmlp_rt has no CUDA support (built against a CPU-only "
-                    "torch)");
-#endif
 }
 
 // Throws InputError "NAME must be in [LOW, HIGH]NOTE, got VALUE" unless low <= value <= high.
@@ -120,45 +50,15 @@ void check_options(const RuntimeOptions& options) {
   if (options.warmup)
     check_range("warmup", *options.warmup, 0, kMaxWarmup, " (unset: the device's default)");
   check_range("warmup_batch", options.warmup_batch, 1, kMaxWarmup);
-}
-
-// A JSON number as its text, for messages: nlohmann reads integers beyond 64 bits as doubles.
-std::string number_text(const nlohmann::json& value) {
-  if (value.is_number_float()) {
-    const double number = value.get<double>();
-    if (std::isfinite(number) && std::floor(number) == number) {
-      char text[400];
-      std::snprintf(text, sizeof text, "%.0f", number);
-      return text;
-    }
+  std::string valid;
+  for (const char* mode : kGemmModes) {
+    if (options.gemm == mode) return;
+    valid += (valid.empty() ? "" : ", ") + std::string(mode);
   }
-  return value.dump();
+  throw InputError("gemm must be one of " + valid + ", got '" + options.gemm + "'");
 }
 
 }  // namespace
-
-bool built_with_cuda() noexcept {
-#ifdef REPMLP_RT_WITH_CUDA
-  return true;
-#else
-  return false;
-#endif
-}
-
-CpuFeatures cpu_features() {
-  CpuFeatures features;
-  features.kernel_level = at::get_cpu_capability();
-  const auto found = at::cpu::get_cpu_capabilities();
-  for (const char* name : {"avx2", "fma3", "avx512_f", "avx512_vnni", "avx_vnni", "avx512_bf16",
-                           "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8"}) {
-    auto it = found.find(name);
-    if (it != found.end() && it->second.isBool() && it->second.toBool())
-      features.isa.emplace_back(name);
-  }
-  auto it = found.find("cpu_name");
-  if (it != found.end() && it->second.isString()) features.name = it->second.toStringRef();
-  return features;
-}
 
 struct Runtime::Impl {
   std::string path;
@@ -170,10 +70,13 @@ struct Runtime::Impl {
   bool verified = false;
   double self_check_error = std::numeric_limits<double>::quiet_NaN();
   double self_check_tolerance = std::numeric_limits<double>::quiet_NaN();
+  std::string digest_record;  // the artifact's digest.json, when read
+  std::string gemm_plan;
 
   const detail::ModelMetadata& metadata() const { return model->metadata(); }
   void load(const RuntimeOptions& options);
   void check_metadata();
+  void plan_gemm(const RuntimeOptions& options);
   int64_t self_check(const RuntimeOptions& options, const Runtime& runtime);
   void warm_up(int64_t calls, int64_t batch, const Runtime& runtime) const;
   void check_nchw(const at::Tensor& x) const;
@@ -183,11 +86,6 @@ struct Runtime::Impl {
   std::vector<at::Tensor> run_checked(const at::Tensor& input) const;
   void check_single_output() const;
   void check_logits() const;
-#ifdef REPMLP_RT_WITH_CUDA
-  std::vector<at::Tensor> run_cuda(EntryPoint entry_point, const at::Tensor& input) const;
-  std::vector<at::Tensor> run_on_stream(EntryPoint entry_point, const at::Tensor& input,
-                                        const c10::Stream& stream) const;
-#endif
 };
 
 Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
@@ -195,7 +93,7 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   Impl& s = *impl_;
   s.path = path;
   check_options(options);
-  s.device = parse_device(options.device);
+  s.device = detail::parse_device(options.device);
   s.device_name = s.device.str();
 
   std::error_code ec;
@@ -206,13 +104,11 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   if (options.threads) at::set_num_threads(static_cast<int>(*options.threads));
 
   s.load(options);
-#ifdef REPMLP_RT_WITH_CUDA
   // Loading (and optimize_for_inference's folding) wrote the weights on the device's current
   // stream; calls run on other, non-blocking pool streams, so wait for that work once here.
-  if (!s.device.is_cpu())
-    c10::impl::VirtualGuardImpl(s.device.type()).synchronizeDevice(s.device.index());
-#endif
+  detail::synchronize(s.device);
   s.check_metadata();
+  if (s.device.is_cpu()) s.plan_gemm(options);
   const int64_t warmup_left = s.self_check(options, *this);
   s.warm_up(warmup_left, options.warmup_batch, *this);
 }
@@ -243,7 +139,7 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
           if (!check_digest) return;
           const std::string digest = integrity::read_digest_record(path);
           if (digest.empty())
-            throw ArtifactError(integrity::missing_record_message(path, integrity::kDigestRecord));
+            throw ArtifactError(integrity::missing_record_message(path, records::kDigest));
           integrity::check_digest(path, digest, unpacked);
           digest_checked = true;
         });
@@ -251,9 +147,9 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
   }
   std::future<void> digest_check;
   if (check_digest) {
-    std::string digest = integrity::read_digest_record(path);
-    if (!digest.empty())
-      digest_check = std::async(std::launch::async, [file = path, digest = std::move(digest)] {
+    digest_record = integrity::read_digest_record(path);
+    if (!digest_record.empty())
+      digest_check = std::async(std::launch::async, [file = path, digest = digest_record] {
         integrity::check_digest(file, digest);
       });
   }
@@ -275,14 +171,12 @@ void Runtime::Impl::check_metadata() {
                         std::to_string(m.format_version) + "; this runtime reads version " +
                         std::to_string(kFormatVersion));
   // The manifest records the version too; it must agree with the graph's.
-  const nlohmann::json manifest = nlohmann::json::parse(m.manifest_json, nullptr, /*allow_exceptions=*/false);
-  if (manifest.is_discarded() || !manifest.is_object())
-    throw ArtifactError("'" + path + "': manifest.json is not a JSON object");
-  const auto version = manifest.find("format_version");
-  if (version != manifest.end() &&
-      !(version->is_number_integer() && version->get<int64_t>() == m.format_version))
-    throw ArtifactError("'" + path + "': manifest.json has format_version " +
-                        number_text(*version) + "; this runtime reads version " +
+  if (!m.manifest)
+    throw ArtifactError("'" + path + "': " + records::kManifest + " is not a JSON object");
+  const auto& version = m.manifest->format_version;
+  if (version.present && version.value != m.format_version)
+    throw ArtifactError("'" + path + "': " + records::kManifest + " has format_version " +
+                        version.text + "; this runtime reads version " +
                         std::to_string(kFormatVersion));
 
   const auto& shape = m.input_shape;
@@ -303,7 +197,32 @@ void Runtime::Impl::check_metadata() {
     throw ArtifactError("'" + path + "': unknown compute_dtype() '" + m.compute_dtype +
                         "' (expected float32, float16, bfloat16 or int8)");
   compute_dtype = *compute;
-  integrity::check_manifest_agrees(path, m.manifest_json, m.input_shape, m.labels, m.compute_dtype);
+  integrity::check_manifest_agrees(path, *m.manifest, m.input_shape, m.labels, m.compute_dtype);
+}
+
+// The GEMM plan (gemm_plan.hpp) for the loaded graph: after the digest check and the metadata
+// checks, before the probe, so that the self-check and the warm-up run the planned graph.
+void Runtime::Impl::plan_gemm(const RuntimeOptions& options) {
+  detail::GemmPlanRequest request;
+  request.mode = options.gemm;
+  request.threads = at::get_num_threads();
+  request.batch_sizes = {options.warmup_batch};
+  if (digest_record.empty()) digest_record = integrity::read_digest_record(path);
+  if (!digest_record.empty()) {
+    integrity::Sha256 hash;
+    hash.update(digest_record.data(), digest_record.size());
+    request.artifact_digest = hash.hex_digest();
+  }
+  request.compute_dtype = compute_dtype;
+  try {
+    gemm_plan = model->plan_gemm(request).summary;
+  } catch (const ArtifactError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw ArtifactError("'" + path + "': the GEMM plan failed: " + clean_message(e));
+  } catch (const std::exception& e) {
+    throw ArtifactError("'" + path + "': the GEMM plan failed: " + clean_message(e.what()));
+  }
 }
 
 // Self-verification, second half: the stored probe through both entry points, as the first
@@ -313,39 +232,19 @@ int64_t Runtime::Impl::self_check(const RuntimeOptions& options, const Runtime& 
   int64_t warmup = options.warmup.value_or(device.is_cpu() ? 1 : 2);
   if (!options.verify) return warmup;
   if (options.verify_digest && !digest_checked)
-    throw ArtifactError(integrity::missing_record_message(path, integrity::kDigestRecord));
+    throw ArtifactError(integrity::missing_record_message(path, records::kDigest));
   const auto probe = integrity::read_probe(path, metadata().probe, metadata().probe_base64);
   self_check_tolerance =
-      integrity::probe_tolerance(path, metadata().manifest_json, device.is_cpu() ? "cpu" : "cuda");
-  double worst = 0;
-  std::string worst_method;
-  try {
-    for (const auto& check : probe) {
-      // Every output, each flattened per sample and joined, as the builder stored them
-      // (the input's dtype picks the entry point: float -> forward, uint8 -> forward_images).
-      std::vector<at::Tensor> parts;
-      for (const auto& named : runtime.infer_outputs(check.input))
-        parts.push_back(named.second.flatten(1));
-      const at::Tensor out = at::cat(parts, 1);
-      const double error = integrity::relative_error(out, check.output);
-      if (!(error <= worst)) {
-        worst = error;
-        worst_method = check.method;
-      }
-    }
-  } catch (const std::exception& e) {
-    throw ArtifactError("'" + path + "': self-check failed: " + clean_message(e.what()));
-  }
-  self_check_error = worst;
-  if (!(worst <= self_check_tolerance)) {
-    char numbers[200];
-    std::snprintf(numbers, sizeof numbers, "worst relative error %.3g in %s(), tolerance %.3g",
-                  worst, worst_method.c_str(), self_check_tolerance);
-    throw ArtifactError("'" + path + "': self-check failed: " + numbers + " (" +
-                        metadata().compute_dtype + " on " + device_name +
-                        "): the file is corrupt or this machine computes wrongly; "
-                        "--no-verify / verify=False loads it anyway");
-  }
+      integrity::probe_tolerance(path, *metadata().manifest, device.is_cpu() ? "cpu" : "cuda");
+  // The input's dtype picks the entry point: float -> forward, uint8 -> forward_images.
+  const auto outputs = [&runtime](const at::Tensor& input) {
+    std::vector<at::Tensor> parts;
+    for (const auto& named : runtime.infer_outputs(input)) parts.push_back(named.second.flatten(1));
+    return at::cat(parts, 1);
+  };
+  self_check_error = integrity::check_probe(path, probe, self_check_tolerance, outputs,
+                                            metadata().compute_dtype + " on " + device_name)
+                         .worst_error;
   verified = true;
   // The probe was a warm-up call of its own batch size.
   if (warmup > 0 && probe.front().input.size(0) == options.warmup_batch) --warmup;
@@ -434,92 +333,13 @@ std::vector<at::Tensor> Runtime::Impl::run(EntryPoint entry_point,
                                            const at::Tensor& input) const {
   c10::InferenceMode inference_mode;
   try {
-#ifdef REPMLP_RT_WITH_CUDA
-    if (device.is_cuda()) return run_cuda(entry_point, input);
-#endif
-    at::Tensor x = input.device().is_cpu() ? input : input.to(at::kCPU);
-    std::vector<at::Tensor> outputs = run_model(entry_point, x);
-    for (at::Tensor& out : outputs) {
-      if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
-      out = out.contiguous();
-    }
-    return outputs;
+    return detail::run_on_device(device, compute_dtype, input, [&](const at::Tensor& x) {
+      return run_model(entry_point, x);
+    });
   } catch (const c10::Error& e) {
     throw std::runtime_error("inference failed: " + clean_message(e));
   }
 }
-
-#ifdef REPMLP_RT_WITH_CUDA
-// The stream this thread's calls on `device` run on: taken from torch's pool once per (thread,
-// device) and then reused. Concurrent callers on different threads do not serialize on one
-// stream, and one thread's calls keep reusing the same cached memory (the CUDA caching
-// allocator reuses a freed block only on the stream it was allocated on; a fresh pool stream
-// per call would cycle through all 32 of the pool's streams, each with its own blocks).
-static c10::Stream thread_stream(const c10::impl::VirtualGuardImpl& guard_impl,
-                                 c10::Device device) {
-  thread_local std::vector<std::pair<c10::Device, c10::Stream>> streams;
-  for (const auto& [owner, stream] : streams)
-    if (owner == device) return stream;
-  streams.emplace_back(device, guard_impl.getStreamFromGlobalPool(device, /*isHighPriority=*/false));
-  return streams.back().second;
-}
-
-std::vector<at::Tensor> Runtime::Impl::run_cuda(EntryPoint entry_point,
-                                                const at::Tensor& input) const {
-  c10::DeviceGuard device_guard(device);
-  c10::impl::VirtualGuardImpl guard_impl(device.type());
-  c10::Stream stream = thread_stream(guard_impl, device);
-  if (input.device().type() == device.type()) {
-    // A device input may still be being written on the caller's current stream, which the
-    // (non-blocking) pool stream does not wait for by itself.
-    c10::Event ready(device.type());
-    ready.record(guard_impl.getStream(input.device()));
-    ready.block(stream);
-  }
-  c10::StreamGuard stream_guard(stream);
-  try {
-    return run_on_stream(entry_point, input, stream);
-  } catch (...) {
-    // Work already queued (e.g. a copy from the caller's pinned buffer) must not outlive the
-    // call that failed.
-    stream.synchronize();
-    throw;
-  }
-}
-
-std::vector<at::Tensor> Runtime::Impl::run_on_stream(EntryPoint entry_point,
-                                                     const at::Tensor& input,
-                                                     const c10::Stream& stream) const {
-  at::Tensor on_device;
-  if (input.device().is_cpu()) {
-    // Pinned staging buffer (from torch's caching host allocator) for an async H2D copy.
-    at::Tensor staging = input.contiguous();
-    if (!staging.is_pinned()) {
-      at::Tensor pinned = at::empty(staging.sizes(), staging.options().pinned_memory(true));
-      pinned.copy_(staging);
-      staging = pinned;
-    }
-    on_device = staging.to(staging.options().device(device), /*non_blocking=*/true);
-  } else {
-    on_device = input.to(input.options().device(device), /*non_blocking=*/true);
-  }
-  // float16/bfloat16 artifacts: cast on the GPU (the copy above moved the smaller of the two
-  // only when the caller already passed the compute dtype).
-  if (on_device.is_floating_point() && on_device.scalar_type() != compute_dtype)
-    on_device = on_device.to(compute_dtype);
-
-  std::vector<at::Tensor> outputs = run_model(entry_point, on_device);
-  for (at::Tensor& out : outputs) {
-    if (out.scalar_type() != at::kFloat) out = out.to(at::kFloat);
-    at::Tensor host =
-        at::empty(out.sizes(), out.options().device(c10::kCPU).pinned_memory(true));
-    host.copy_(out, /*non_blocking=*/true);
-    out = host;
-  }
-  stream.synchronize();  // the results must be complete before the CPU reads them
-  return outputs;
-}
-#endif
 
 // "features (stage0, stage3)": what an artifact outputs, for messages.
 static std::string outputs_text(const detail::ModelMetadata& m) {
@@ -618,6 +438,7 @@ int64_t Runtime::format_version() const noexcept { return impl_->metadata().form
 bool Runtime::verified() const noexcept { return impl_->verified; }
 double Runtime::self_check_error() const noexcept { return impl_->self_check_error; }
 double Runtime::self_check_tolerance() const noexcept { return impl_->self_check_tolerance; }
+const std::string& Runtime::gemm_plan() const noexcept { return impl_->gemm_plan; }
 int64_t Runtime::num_classes() const noexcept {
   return static_cast<int64_t>(impl_->metadata().labels.size());
 }

@@ -6,38 +6,15 @@
 #include <torch/csrc/jit/serialization/import.h>
 
 #include <optional>
-#include <sstream>
 
-#include "integrity.hpp"
+#include "manifest.hpp"
+#include "messages.hpp"
 #include "model.hpp"
+#include "records.hpp"
 #include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/runtime.hpp"
 
 namespace repmlp_rt::detail {
-
-const char* entry_point_name(EntryPoint entry_point) noexcept {
-  return entry_point == EntryPoint::kForward ? "forward" : "forward_images";
-}
-
-std::string clean_message(const std::string& message) {
-  std::istringstream lines(message);
-  std::string line;
-  while (std::getline(lines, line)) {
-    const auto begin = line.find_first_not_of(" \t\r");
-    if (begin == std::string::npos) continue;
-    line = line.substr(begin);
-    if (line.rfind("Exception raised from", 0) == 0 || line.rfind("frame #", 0) == 0) continue;
-    // The zip reader appends a long explanation; the first sentence says what happened.
-    const auto noise = line.find(" This is an internal miniz error");
-    if (noise != std::string::npos) line = line.substr(0, noise) + " (corrupt or truncated file?)";
-    return line;
-  }
-  return "unknown error";
-}
-
-std::string clean_message(const c10::Error& error) {
-  return clean_message(error.what_without_backtrace());
-}
 
 namespace {
 
@@ -58,8 +35,7 @@ class TorchScriptModel final : public Model {
         throw ArtifactError("'" + path_ + "': optimize_for_inference failed: " + clean_message(e));
       }
     }
-    forward_.emplace(module_.get_method("forward"));
-    forward_images_.emplace(module_.get_method("forward_images"));
+    find_entry_points();
   }
 
   std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const override {
@@ -82,13 +58,24 @@ class TorchScriptModel final : public Model {
 
   const ModelMetadata& metadata() const noexcept override { return metadata_; }
 
+  GemmPlan plan_gemm(const GemmPlanRequest& request) override {
+    GemmPlan plan = apply_gemm_plan(module_, request);
+    find_entry_points();  // the rewrite may have replaced the methods
+    return plan;
+  }
+
  private:
+  void find_entry_points() {
+    forward_.emplace(module_.get_method("forward"));
+    forward_images_.emplace(module_.get_method("forward_images"));
+  }
+
   ArtifactError not_an_artifact(const std::string& missing) const {
     return ArtifactError("'" + path_ + "' is not a RepMLP artifact: it has no " + missing);
   }
 
   void load(c10::Device device) {
-    torch::jit::ExtraFilesMap extra_files{{"manifest.json", ""}, {integrity::kProbeRecord, ""}};
+    torch::jit::ExtraFilesMap extra_files{{records::kManifest, ""}, {records::kProbe, ""}};
     try {
       module_ = torch::jit::load(path_, device, extra_files);
     } catch (const c10::Error& e) {
@@ -101,9 +88,10 @@ class TorchScriptModel final : public Model {
     } catch (const std::exception& e) {
       throw ArtifactError("cannot load artifact '" + path_ + "': " + clean_message(e.what()));
     }
-    metadata_.manifest_json = extra_files["manifest.json"];
-    metadata_.probe = extra_files[integrity::kProbeRecord];
-    if (metadata_.manifest_json.empty()) throw not_an_artifact("manifest.json");
+    metadata_.manifest_json = extra_files[records::kManifest];
+    metadata_.probe = extra_files[records::kProbe];
+    if (metadata_.manifest_json.empty()) throw not_an_artifact(records::kManifest);
+    metadata_.manifest = parse_manifest(metadata_.manifest_json);
   }
 
   torch::jit::IValue call_metadata(const std::string& name) {

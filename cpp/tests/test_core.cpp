@@ -13,9 +13,10 @@
 #include <thread>
 #include <vector>
 
+#include "manifest.hpp"
+#include "npy.hpp"
 #include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/image.hpp"
-#include "repmlp_rt/npy.hpp"
 #include "repmlp_rt/runtime.hpp"
 
 namespace {
@@ -64,6 +65,49 @@ TEST(Npy, RejectsGarbage) {
   EXPECT_THROW(repmlp_rt::read_npy_f32(path), repmlp_rt::InputError);  // missing
 }
 
+// The manifest is read once into types: each field absent, of its type, or of another type
+// (then quoted as written, for messages).
+TEST(Manifest, ReadsTypedFields) {
+  using repmlp_rt::detail::parse_manifest;
+  EXPECT_FALSE(parse_manifest("[1, 2]"));
+  EXPECT_FALSE(parse_manifest("{\"format_version\": 1"));
+  const auto m = parse_manifest(R"({"format_version": 1e22,
+      "input": {"shape": [3, 32, 32], "compute_dtype": "int8"},
+      "output": {"num_classes": "10", "labels": ["a", 2]},
+      "probe": {"tolerance": {"cpu": 0.0001, "cuda": "x"}},
+      "aoti": {"torch_version": "2.13.0+cpu"}})");
+  ASSERT_TRUE(m);
+  EXPECT_TRUE(m->format_version.present);
+  EXPECT_FALSE(m->format_version.value);
+  EXPECT_EQ(m->format_version.text, "10000000000000000000000");
+  EXPECT_EQ(m->input_shape.value, (std::vector<int64_t>{3, 32, 32}));
+  EXPECT_EQ(m->input_shape.text, "[3, 32, 32]");
+  EXPECT_EQ(m->compute_dtype.value, "int8");
+  EXPECT_TRUE(m->num_classes.present);
+  EXPECT_FALSE(m->num_classes.value);
+  EXPECT_TRUE(m->labels.present);
+  EXPECT_FALSE(m->labels.value);
+  EXPECT_EQ(m->probe_tolerance.at("cpu").value, 0.0001);
+  EXPECT_FALSE(m->probe_tolerance.at("cuda").value);
+  EXPECT_EQ(m->aoti_torch_version.value, "2.13.0+cpu");
+  EXPECT_FALSE(m->aoti_device.present);
+  const auto empty = parse_manifest("{}");
+  ASSERT_TRUE(empty);
+  EXPECT_FALSE(empty->format_version.present);
+  EXPECT_TRUE(empty->probe_tolerance.empty());
+}
+
+TEST(Manifest, DigestRecord) {
+  using repmlp_rt::detail::parse_digest;
+  const auto digest =
+      parse_digest("a.pt", R"({"algorithm": "sha256", "records": {"x": "ab", "y": 3}})");
+  EXPECT_EQ(digest.records.at("x"), "ab");
+  EXPECT_FALSE(digest.records.at("y"));
+  EXPECT_THROW(parse_digest("a.pt", "{"), repmlp_rt::ArtifactError);
+  EXPECT_THROW(parse_digest("a.pt", R"({"algorithm": "md5", "records": {}})"),
+               repmlp_rt::ArtifactError);
+}
+
 TEST(Image, MissingFileThrows) {
   EXPECT_THROW(repmlp_rt::decode_image(temp_path("missing.png").string()), repmlp_rt::InputError);
 }
@@ -81,6 +125,7 @@ TEST(Runtime, ChecksOptionsBeforeLoading) {
   EXPECT_THROW(repmlp_rt::Runtime(missing, {.warmup = -1}), repmlp_rt::InputError);
   EXPECT_THROW(repmlp_rt::Runtime(missing, {.warmup_batch = 0}), repmlp_rt::InputError);
   EXPECT_THROW(repmlp_rt::Runtime(missing, {.device = "tpu"}), repmlp_rt::InputError);
+  EXPECT_THROW(repmlp_rt::Runtime(missing, {.gemm = "blas"}), repmlp_rt::InputError);
   EXPECT_THROW(repmlp_rt::Runtime(missing, {.threads = 1}), repmlp_rt::ArtifactError);
 }
 

@@ -1,4 +1,5 @@
-// repmlp_infer: run a RepMLPNet artifact on images or .npy batches from the command line.
+// repmlp_infer: run a RepMLPNet artifact (TorchScript .pt or AOTInductor .pt2) on images or
+// .npy batches from the command line.
 // A thin layer over the repmlp_rt core: argument parsing, input grouping, output formatting.
 // Exit codes: 0 success, 2 usage error, 1 anything else; errors are one line on stderr.
 #include <ATen/ATen.h>
@@ -22,14 +23,17 @@
 #include <string>
 #include <vector>
 
+#include "messages.hpp"
+#include "npy.hpp"
 #include "repmlp_rt/image.hpp"
-#include "repmlp_rt/npy.hpp"
 #include "repmlp_rt/runtime.hpp"
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using json = nlohmann::json;
+using repmlp_rt::detail::first_line;
+using repmlp_rt::detail::shape_string;
 
 constexpr int kExitError = 1;
 constexpr int kExitUsage = 2;
@@ -50,6 +54,7 @@ struct Options {
   bool optimize = false;
   bool no_verify = false;
   bool no_verify_digest = false;
+  std::string gemm = "auto";
   int64_t max_image_pixels = repmlp_rt::kDefaultMaxImagePixels;
 };
 
@@ -66,14 +71,6 @@ std::string json_text(const json& value, int indent = -1) {
   return value.dump(indent, ' ', false, json::error_handler_t::replace);
 }
 
-std::string first_line(const std::string& text) {
-  std::istringstream lines(text);
-  std::string line;
-  while (std::getline(lines, line))
-    if (line.find_first_not_of(" \t\r") != std::string::npos) return line;
-  return text;
-}
-
 // ASCII-only case folding: file names need not be UTF-8, and std::tolower on a plain char is
 // undefined for bytes >= 0x80 (negative values).
 char ascii_lower(char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; }
@@ -82,12 +79,6 @@ bool ends_with_ci(const std::string& text, const std::string& suffix) {
   if (text.size() < suffix.size()) return false;
   return std::equal(suffix.rbegin(), suffix.rend(), text.rbegin(),
                     [](char a, char b) { return ascii_lower(a) == ascii_lower(b); });
-}
-
-std::string shape_string(const std::vector<int64_t>& shape) {
-  std::string out = "[";
-  for (size_t i = 0; i < shape.size(); ++i) out += (i ? ", " : "") + std::to_string(shape[i]);
-  return out + "]";
 }
 
 // Prints one result line per row of `logits`, named by `names`.
@@ -296,7 +287,9 @@ std::string self_check_text(const repmlp_rt::Runtime& runtime, const Options& op
 }
 
 void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
-  const json manifest = json::parse(runtime.manifest_json());  // the runtime checked it
+  // For display only (the runtime read and checked it): printed whole, or with a long label
+  // list shortened.
+  const json manifest = json::parse(runtime.manifest_json());
   json facts = {{"artifact", runtime.path()},
                 {"device", runtime.device()},
                 {"format_version", runtime.format_version()},
@@ -313,6 +306,7 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
                                           {"error", runtime.self_check_error()},
                                           {"tolerance", runtime.self_check_tolerance()}}
                                    : json(nullptr)},
+                {"gemm_plan", runtime.gemm_plan()},
                 {"cuda_build", repmlp_rt::built_with_cuda()}};
   const repmlp_rt::CpuFeatures cpu = repmlp_rt::cpu_features();
   facts["cpu"] = {{"name", cpu.name}, {"kernel_level", cpu.kernel_level}, {"isa", cpu.isa}};
@@ -345,6 +339,8 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
             << "self-check:     " << self_check_text(runtime, opt) << '\n'
+            << "gemm plan:      " << (runtime.gemm_plan().empty() ? "none" : runtime.gemm_plan())
+            << '\n'
             << "cpu:            " << (cpu.name.empty() ? "unknown" : cpu.name) << ", torch kernels "
             << cpu.kernel_level << ", isa:";
   for (const auto& feature : cpu.isa) std::cout << ' ' << feature;
@@ -355,9 +351,11 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
 
 int run(int argc, char** argv) {
   Options opt;
-  CLI::App app{"Run a RepMLPNet TorchScript artifact on images (.png/.jpg) or float32 NCHW .npy batches.",
+  CLI::App app{"Run a RepMLPNet artifact on images (.png/.jpg) or float32 NCHW .npy batches.",
                "repmlp_infer"};
-  app.add_option("ARTIFACT", opt.artifact, "artifact .pt file written by repmlp-build")->required();
+  app.add_option("ARTIFACT", opt.artifact,
+                 "artifact written by repmlp-build: TorchScript (.pt) or AOTInductor (.pt2)")
+      ->required();
   app.add_option("INPUT", opt.inputs, "image files (RGB, any size) or .npy float32 (N, C, H, W) batches");
   app.add_option("--device", opt.device, "cpu, cuda or cuda:N")->capture_default_str();
   // Option values the runtime takes are checked by the runtime (its messages, exit 2).
@@ -380,6 +378,10 @@ int run(int argc, char** argv) {
                "loads a corrupt artifact without a word");
   app.add_flag("--no-verify-digest", opt.no_verify_digest,
                "keep the probe but skip hashing every record (about 30% of a large model's load)");
+  app.add_option("--gemm", opt.gemm,
+                 "how a TorchScript artifact's matrix products run on CPU: auto, aten, onednn or "
+                 "mkl-packed (--info shows the plan)")
+      ->capture_default_str();
   app.add_option("--max-image-pixels", opt.max_image_pixels,
                  "refuse images whose header claims more pixels (width x height); 0: no limit")
       ->check(CLI::Range(int64_t{0}, INT64_MAX))->capture_default_str();
@@ -416,6 +418,7 @@ int run(int argc, char** argv) {
   runtime_options.optimize = opt.optimize;
   runtime_options.verify = !opt.no_verify;
   runtime_options.verify_digest = !opt.no_verify_digest;
+  runtime_options.gemm = opt.gemm;
   // --bench warms up the batch shape it times, as a server would; a one-shot run skips the
   // warm-up, which would only add to its total time.
   if (opt.bench)
@@ -427,7 +430,7 @@ int run(int argc, char** argv) {
   try {
     runtime.emplace(opt.artifact, runtime_options);
   } catch (const repmlp_rt::InputError& e) {
-    throw UsageError(e.what());  // only option values (device, threads) reach here
+    throw UsageError(e.what());  // only option values (device, threads, gemm) reach here
   }
   const std::string& kind = runtime->output_kind();
   if (kind == "logits") {

@@ -1,4 +1,5 @@
-// A small, strict reader and writer for float32 .npy files (NumPy format 1.0/2.0/3.0).
+// A small, strict reader and writer for float32 .npy files (NumPy format 1.0/2.0/3.0), and an
+// .npz writer: repmlp_infer's own (not part of the installed library).
 #pragma once
 
 #include <cstdint>

@@ -1,6 +1,6 @@
 // A strict .npy reader/writer for float32 C-order arrays, and an .npz writer (numpy.savez's
 // uncompressed zip of .npy members), with no third-party dependency.
-#include "repmlp_rt/npy.hpp"
+#include "npy.hpp"
 
 #include <unistd.h>
 

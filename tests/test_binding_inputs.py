@@ -144,6 +144,27 @@ def test_bad_warmup_is_a_value_error(fake_artifact):
         repmlp_rt.Runtime(fake_artifact, warmup=1.5)
 
 
+def test_bad_gemm_is_a_value_error_naming_the_modes(fake_artifact):
+    with pytest.raises(ValueError, match="gemm must be one of auto, aten, onednn, mkl-packed, got 'blas'"):
+        repmlp_rt.Runtime(fake_artifact, gemm="blas")
+    with pytest.raises(ValueError, match="got ''"):
+        repmlp_rt.Runtime(fake_artifact, gemm="")
+    with pytest.raises(TypeError, match="gemm must be a str"):
+        repmlp_rt.Runtime(fake_artifact, gemm=None)
+
+
+@pytest.mark.parametrize("gemm", ["auto", "aten", "onednn", "mkl-packed"])
+def test_every_gemm_mode_gives_the_reference_logits(small_artifact, gemm):
+    reference = helpers.load_reference(small_artifact)
+    x = helpers.random_batch((3, 32, 32), n=3)
+    runtime = repmlp_rt.Runtime(small_artifact, gemm=gemm)
+    assert runtime.self_check is not None and isinstance(runtime.gemm_plan, str)
+    expected = reference(torch.from_numpy(x))
+    # a rewritten product may sum in another order: 1e-4 of the logit scale
+    torch.testing.assert_close(torch.from_numpy(runtime.infer(x)), expected, rtol=1e-4,
+                               atol=1e-4 * expected.abs().max().item())
+
+
 @pytest.mark.skipif(repmlp_rt.built_with_cuda(), reason="this build has CUDA support")
 def test_cuda_on_cpu_build_is_a_clear_error(fake_artifact):
     with pytest.raises(RuntimeError, match="no CUDA support") as info:

@@ -80,6 +80,25 @@ def test_optimize_flag_matches_python(small_artifact, tmp_path):
                                atol=1e-4 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("gemm", ["auto", "aten", "onednn", "mkl-packed"])
+def test_gemm_modes_match_python(small_artifact, tmp_path, gemm):
+    reference = helpers.load_reference(small_artifact)
+    x = np.random.default_rng(5).standard_normal((3, *reference.input_shape())).astype(np.float32)
+    npy = helpers.write_npy(tmp_path / "batch.npy", x)
+    out = tmp_path / "logits.npy"
+    result = run_cli(small_artifact, npy, "--gemm", gemm, "--output", out)
+    assert result.returncode == 0, result.stderr
+    expected = reference(torch.from_numpy(x))
+    # a rewritten product may sum in another order: 1e-4 of the logit scale
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, rtol=1e-4,
+                               atol=1e-4 * expected.abs().max().item())
+    info = run_cli(small_artifact, "--gemm", gemm, "--info", "--json")
+    assert info.returncode == 0, info.stderr
+    assert isinstance(json.loads(info.stdout)["runtime"]["gemm_plan"], str)
+    text = run_cli(small_artifact, "--gemm", gemm, "--info")
+    assert "gemm plan:      " in text.stdout, text.stdout
+
+
 def test_png_logits_and_topk_match_python(artifact, tmp_path):
     from PIL import Image
 
@@ -281,6 +300,7 @@ def test_bad_images(fake_artifact, tmp_path):
         (["--iters", "x"], "iters"),
         (["--device", "tpu"], "invalid device 'tpu'"),
         (["--output", "out.txt"], "--output must name a .npy or .npz file"),
+        (["--gemm", "blas"], "gemm must be one of auto, aten, onednn, mkl-packed, got 'blas'"),
     ],
 )
 def test_usage_errors_exit_2(fake_artifact, tmp_path, args, fragment):

@@ -232,7 +232,8 @@ void PybindRuntime(py::module_& m) {
   py::class_<Runtime>(m, "Runtime")
       .def(py::init([](const std::string& path, const std::string& device,
                        std::optional<int64_t> threads, std::optional<int64_t> warmup,
-                       int64_t warmup_batch, bool optimize, bool verify, bool verify_digest) {
+                       int64_t warmup_batch, bool optimize, bool verify, bool verify_digest,
+                       const std::string& gemm) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
@@ -241,11 +242,13 @@ void PybindRuntime(py::module_& m) {
              options.optimize = optimize;
              options.verify = verify;
              options.verify_digest = verify_digest;
+             options.gemm = gemm;
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
            "path"_a, "device"_a = "cpu", "threads"_a = py::none(), "warmup"_a = py::none(),
-           "warmup_batch"_a = 1, "optimize"_a = false, "verify"_a = true, "verify_digest"_a = true)
+           "warmup_batch"_a = 1, "optimize"_a = false, "verify"_a = true, "verify_digest"_a = true,
+           "gemm"_a = "auto")
       .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
            "uint8 NHWC images or a normalized float NCHW batch -> float32 logits.")
       .def("infer_normalized", &call_without_gil<&Runtime::infer_normalized>, "x"_a,
@@ -281,7 +284,8 @@ void PybindRuntime(py::module_& m) {
       .def_property_readonly("default_topk", &Runtime::default_topk)
       .def_property_readonly("verified", &Runtime::verified)
       .def_property_readonly("self_check_error", &Runtime::self_check_error)
-      .def_property_readonly("self_check_tolerance", &Runtime::self_check_tolerance);
+      .def_property_readonly("self_check_tolerance", &Runtime::self_check_tolerance)
+      .def_property_readonly("gemm_plan", &Runtime::gemm_plan);
 }
 
 }  // namespace

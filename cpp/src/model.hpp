@@ -14,6 +14,8 @@
 #include <string>
 #include <vector>
 
+#include "gemm_plan.hpp"
+
 namespace repmlp_rt::detail {
 
 // The artifact's entry points (docs/ARTIFACT.md).
@@ -46,6 +48,12 @@ class Model {
   // from several threads at once. Throws c10::Error / std::exception on failure.
   virtual std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const = 0;
   virtual const ModelMetadata& metadata() const noexcept = 0;
+  // The load-time GEMM plan (gemm_plan.hpp), for a CPU model; called once, before any run.
+  // A format without matrix products to rewrite keeps its model and returns an empty plan.
+  virtual GemmPlan plan_gemm(const GemmPlanRequest& request) {
+    (void)request;
+    return {};
+  }
 };
 
 // Loads a TorchScript artifact onto `device`. Throws ArtifactError.

@@ -120,6 +120,12 @@ void check_options(const RuntimeOptions& options) {
   if (options.warmup)
     check_range("warmup", *options.warmup, 0, kMaxWarmup, " (unset: the device's default)");
   check_range("warmup_batch", options.warmup_batch, 1, kMaxWarmup);
+  std::string valid;
+  for (const char* mode : kGemmModes) {
+    if (options.gemm == mode) return;
+    valid += (valid.empty() ? "" : ", ") + std::string(mode);
+  }
+  throw InputError("gemm must be one of " + valid + ", got '" + options.gemm + "'");
 }
 
 // A JSON number as its text, for messages: nlohmann reads integers beyond 64 bits as doubles.
@@ -170,10 +176,13 @@ struct Runtime::Impl {
   bool verified = false;
   double self_check_error = std::numeric_limits<double>::quiet_NaN();
   double self_check_tolerance = std::numeric_limits<double>::quiet_NaN();
+  std::string digest_record;  // the artifact's digest.json, when read
+  std::string gemm_plan;
 
   const detail::ModelMetadata& metadata() const { return model->metadata(); }
   void load(const RuntimeOptions& options);
   void check_metadata();
+  void plan_gemm(const RuntimeOptions& options);
   int64_t self_check(const RuntimeOptions& options, const Runtime& runtime);
   void warm_up(int64_t calls, int64_t batch, const Runtime& runtime) const;
   void check_nchw(const at::Tensor& x) const;
@@ -213,6 +222,7 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
     c10::impl::VirtualGuardImpl(s.device.type()).synchronizeDevice(s.device.index());
 #endif
   s.check_metadata();
+  if (s.device.is_cpu()) s.plan_gemm(options);
   const int64_t warmup_left = s.self_check(options, *this);
   s.warm_up(warmup_left, options.warmup_batch, *this);
 }
@@ -251,9 +261,9 @@ void Runtime::Impl::load(const RuntimeOptions& options) {
   }
   std::future<void> digest_check;
   if (check_digest) {
-    std::string digest = integrity::read_digest_record(path);
-    if (!digest.empty())
-      digest_check = std::async(std::launch::async, [file = path, digest = std::move(digest)] {
+    digest_record = integrity::read_digest_record(path);
+    if (!digest_record.empty())
+      digest_check = std::async(std::launch::async, [file = path, digest = digest_record] {
         integrity::check_digest(file, digest);
       });
   }
@@ -304,6 +314,31 @@ void Runtime::Impl::check_metadata() {
                         "' (expected float32, float16, bfloat16 or int8)");
   compute_dtype = *compute;
   integrity::check_manifest_agrees(path, m.manifest_json, m.input_shape, m.labels, m.compute_dtype);
+}
+
+// The GEMM plan (gemm_plan.hpp) for the loaded graph: after the digest check and the metadata
+// checks, before the probe, so that the self-check and the warm-up run the planned graph.
+void Runtime::Impl::plan_gemm(const RuntimeOptions& options) {
+  detail::GemmPlanRequest request;
+  request.mode = options.gemm;
+  request.threads = at::get_num_threads();
+  request.batch_sizes = {options.warmup_batch};
+  if (digest_record.empty()) digest_record = integrity::read_digest_record(path);
+  if (!digest_record.empty()) {
+    integrity::Sha256 hash;
+    hash.update(digest_record.data(), digest_record.size());
+    request.artifact_digest = hash.hex_digest();
+  }
+  request.compute_dtype = compute_dtype;
+  try {
+    gemm_plan = model->plan_gemm(request).summary;
+  } catch (const ArtifactError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    throw ArtifactError("'" + path + "': the GEMM plan failed: " + clean_message(e));
+  } catch (const std::exception& e) {
+    throw ArtifactError("'" + path + "': the GEMM plan failed: " + clean_message(e.what()));
+  }
 }
 
 // Self-verification, second half: the stored probe through both entry points, as the first
@@ -618,6 +653,7 @@ int64_t Runtime::format_version() const noexcept { return impl_->metadata().form
 bool Runtime::verified() const noexcept { return impl_->verified; }
 double Runtime::self_check_error() const noexcept { return impl_->self_check_error; }
 double Runtime::self_check_tolerance() const noexcept { return impl_->self_check_tolerance; }
+const std::string& Runtime::gemm_plan() const noexcept { return impl_->gemm_plan; }
 int64_t Runtime::num_classes() const noexcept {
   return static_cast<int64_t>(impl_->metadata().labels.size());
 }

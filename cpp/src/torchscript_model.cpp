@@ -58,8 +58,7 @@ class TorchScriptModel final : public Model {
         throw ArtifactError("'" + path_ + "': optimize_for_inference failed: " + clean_message(e));
       }
     }
-    forward_.emplace(module_.get_method("forward"));
-    forward_images_.emplace(module_.get_method("forward_images"));
+    find_entry_points();
   }
 
   std::vector<at::Tensor> run(EntryPoint entry_point, const at::Tensor& input) const override {
@@ -82,7 +81,18 @@ class TorchScriptModel final : public Model {
 
   const ModelMetadata& metadata() const noexcept override { return metadata_; }
 
+  GemmPlan plan_gemm(const GemmPlanRequest& request) override {
+    GemmPlan plan = apply_gemm_plan(module_, request);
+    find_entry_points();  // the rewrite may have replaced the methods
+    return plan;
+  }
+
  private:
+  void find_entry_points() {
+    forward_.emplace(module_.get_method("forward"));
+    forward_images_.emplace(module_.get_method("forward_images"));
+  }
+
   ArtifactError not_an_artifact(const std::string& missing) const {
     return ArtifactError("'" + path_ + "' is not a RepMLP artifact: it has no " + missing);
   }

@@ -50,6 +50,7 @@ struct Options {
   bool optimize = false;
   bool no_verify = false;
   bool no_verify_digest = false;
+  std::string gemm = "auto";
   int64_t max_image_pixels = repmlp_rt::kDefaultMaxImagePixels;
 };
 
@@ -313,6 +314,7 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
                                           {"error", runtime.self_check_error()},
                                           {"tolerance", runtime.self_check_tolerance()}}
                                    : json(nullptr)},
+                {"gemm_plan", runtime.gemm_plan()},
                 {"cuda_build", repmlp_rt::built_with_cuda()}};
   const repmlp_rt::CpuFeatures cpu = repmlp_rt::cpu_features();
   facts["cpu"] = {{"name", cpu.name}, {"kernel_level", cpu.kernel_level}, {"isa", cpu.isa}};
@@ -345,6 +347,8 @@ void print_info(const repmlp_rt::Runtime& runtime, const Options& opt) {
             << "classes:        " << runtime.num_classes() << '\n'
             << "image decoding: " << (repmlp_rt::has_image_decoding() ? "yes" : "no") << '\n'
             << "self-check:     " << self_check_text(runtime, opt) << '\n'
+            << "gemm plan:      " << (runtime.gemm_plan().empty() ? "none" : runtime.gemm_plan())
+            << '\n'
             << "cpu:            " << (cpu.name.empty() ? "unknown" : cpu.name) << ", torch kernels "
             << cpu.kernel_level << ", isa:";
   for (const auto& feature : cpu.isa) std::cout << ' ' << feature;
@@ -380,6 +384,10 @@ int run(int argc, char** argv) {
                "loads a corrupt artifact without a word");
   app.add_flag("--no-verify-digest", opt.no_verify_digest,
                "keep the probe but skip hashing every record (about 30% of a large model's load)");
+  app.add_option("--gemm", opt.gemm,
+                 "how a TorchScript artifact's matrix products run on CPU: auto, aten, onednn or "
+                 "mkl-packed (--info shows the plan)")
+      ->capture_default_str();
   app.add_option("--max-image-pixels", opt.max_image_pixels,
                  "refuse images whose header claims more pixels (width x height); 0: no limit")
       ->check(CLI::Range(int64_t{0}, INT64_MAX))->capture_default_str();
@@ -416,6 +424,7 @@ int run(int argc, char** argv) {
   runtime_options.optimize = opt.optimize;
   runtime_options.verify = !opt.no_verify;
   runtime_options.verify_digest = !opt.no_verify_digest;
+  runtime_options.gemm = opt.gemm;
   // --bench warms up the batch shape it times, as a server would; a one-shot run skips the
   // warm-up, which would only add to its total time.
   if (opt.bench)
@@ -427,7 +436,7 @@ int run(int argc, char** argv) {
   try {
     runtime.emplace(opt.artifact, runtime_options);
   } catch (const repmlp_rt::InputError& e) {
-    throw UsageError(e.what());  // only option values (device, threads) reach here
+    throw UsageError(e.what());  // only option values (device, threads, gemm) reach here
   }
   const std::string& kind = runtime->output_kind();
   if (kind == "logits") {

@@ -1,4 +1,5 @@
-"""repmlp_rt: run RepMLPNet artifacts with the C++ LibTorch runtime from Python.
+"""repmlp_rt: run RepMLPNet artifacts (TorchScript ``.pt`` or AOTInductor ``.pt2``) with the
+C++ LibTorch runtime from Python.
 
 A thin layer over the compiled extension ``repmlp_rt._runtime`` (which binds the same C++
 core that the ``repmlp_infer`` binary uses; every check of inputs and options is made there).
@@ -149,7 +150,8 @@ class Runtime:
     """A loaded artifact on one device.
 
     Args:
-        path: the artifact file (a TorchScript file with ``manifest.json``).
+        path: the artifact file written by ``repmlp-build``: TorchScript (``.pt``) or
+            AOTInductor (``.pt2``), told apart by content, not by name.
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         threads: intra-op threads in [1, 4096]; ``None`` leaves torch's default. Note that
             torch's thread pool is process-wide, so this affects every runtime in the process.
@@ -158,7 +160,8 @@ class Runtime:
             TorchScript's profiling executor; one call pays the one-time costs), 2 on CUDA
             (the executor profiles, then fuses). 0 loads fastest.
         warmup_batch: batch size of that zero batch; use the batch size you will serve.
-        optimize: apply ``torch.jit.optimize_for_inference`` after loading (in memory only).
+        optimize: apply ``torch.jit.optimize_for_inference`` after loading (in memory only;
+            TorchScript artifacts only, a ``.pt2`` is compiled already).
         verify: the load-time self-check (docs/ARTIFACT.md): every record must match the
             artifact's SHA-256 digest and the stored probe, run as the first warm-up call, must
             reproduce the build's outputs within the tolerance for this device; otherwise
@@ -167,15 +170,21 @@ class Runtime:
         verify_digest: with ``verify``, the digest half alone; ``False`` keeps the probe and
             skips hashing every record (about 30% of a B224 load on one core), so that bytes
             the probe cannot see (labels, the manifest) may change unnoticed.
+        gemm: how a TorchScript artifact's matrix products run on CPU, planned once at load
+            before the self-check: ``"auto"`` (the runtime chooses), ``"aten"``, ``"onednn"``
+            or ``"mkl-packed"``; anything else raises ``ValueError``. ``gemm_plan`` says what
+            was done.
     """
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
                  *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False,
-                 verify: bool = True, verify_digest: bool = True) -> None:
+                 verify: bool = True, verify_digest: bool = True, gemm: str = "auto") -> None:
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
+        if not isinstance(gemm, str):
+            raise TypeError(f"gemm must be a str such as 'auto', got {type(gemm).__name__}")
         load = functools.partial(_CoreRuntime, os.fspath(path), device=device, optimize=optimize,
-                                 verify=bool(verify), verify_digest=bool(verify_digest))
+                                 verify=bool(verify), verify_digest=bool(verify_digest), gemm=gemm)
         self._core = _call_with_ints(load, threads=threads, warmup=warmup, warmup_batch=warmup_batch)
         self._manifest: dict[str, Any] | None = None
         self._digest_checked = bool(verify) and bool(verify_digest)
@@ -204,6 +213,8 @@ class Runtime:
         list, 'The names of the artifact\'s outputs, in order (``["logits"]``, ``["embedding"]`` or '
         '``["stage0", ...]``).')
     format_version = _FromCore[int]()
+    gemm_plan = _FromCore[str](
+        doc="What the load-time GEMM plan (the ``gemm`` argument) did to the graph; empty when nothing.")
 
     @property
     def self_check(self) -> dict[str, Any] | None:

@@ -1,4 +1,5 @@
-// repmlp_rt::Runtime: load a RepMLPNet TorchScript artifact (docs/ARTIFACT.md) and run it.
+// repmlp_rt::Runtime: load a RepMLPNet artifact, TorchScript (.pt, docs/ARTIFACT.md) or
+// AOTInductor (.pt2, docs/FORMATS.md), and run it.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -61,7 +62,13 @@ struct RuntimeOptions {
   // turned off alone; the probe still runs. Without it, bytes the probe cannot see (labels,
   // the manifest, a weight bit below the tolerance) may change unnoticed.
   bool verify_digest = true;
+  // How a TorchScript artifact's matrix products run on CPU, chosen once at load, before the
+  // self-check: one of kGemmModes. "auto" lets the runtime choose; gemm_plan() says what it did.
+  std::string gemm = "auto";
 };
+
+// The values RuntimeOptions::gemm accepts.
+inline constexpr const char* kGemmModes[] = {"auto", "aten", "onednn", "mkl-packed"};
 
 // An artifact's outputs, named and in the order of Runtime::output_names().
 using NamedOutputs = std::vector<std::pair<std::string, at::Tensor>>;
@@ -121,7 +128,8 @@ class Runtime {
   const std::string& manifest_json() const noexcept;  // manifest.json, verbatim
   const std::vector<int64_t>& input_shape() const noexcept;  // [C, H, W]
   const std::vector<std::string>& labels() const noexcept;
-  const std::string& compute_dtype() const noexcept;  // "float32", "float16", "bfloat16"
+  // "float32", "float16", "bfloat16" or "int8"
+  const std::string& compute_dtype() const noexcept;
   int64_t format_version() const noexcept;
   int64_t num_classes() const noexcept;  // 0 without logits
   const std::string& output_kind() const noexcept;  // "logits", "features" or "embedding"
@@ -132,6 +140,10 @@ class Runtime {
   bool verified() const noexcept;
   double self_check_error() const noexcept;
   double self_check_tolerance() const noexcept;
+
+  // What the load-time GEMM plan (RuntimeOptions::gemm) did to the graph, in one line; ""
+  // when it changed nothing.
+  const std::string& gemm_plan() const noexcept;
 
  private:
   struct Impl;

@@ -1,0 +1,36 @@
+// A load-time rewrite of a TorchScript CPU graph's matrix products (internal, not installed).
+// Runtime calls apply_gemm_plan once per load, after the module is loaded (and, with
+// RuntimeOptions::optimize, optimized) and before the self-check probe runs, so the probe and
+// the warm-up run the rewritten graph.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace torch::jit {
+struct Module;
+}  // namespace torch::jit
+
+namespace repmlp_rt::detail {
+
+// What the rewrite may adapt to.
+struct GemmPlanRequest {
+  std::string mode = "auto";  // RuntimeOptions::gemm: "auto", "aten", "onednn" or "mkl-packed"
+  int64_t threads = 1;        // intra-op threads the calls will run with
+  std::vector<int64_t> batch_sizes;  // batch sizes expected (the warm-up batch)
+  std::string artifact_digest;       // SHA-256 of the artifact's digest record ("" when none)
+  c10::ScalarType compute_dtype = c10::ScalarType::Float;
+};
+
+// What was done; `summary` is printed by repmlp_infer --info ("" when nothing was changed).
+struct GemmPlan {
+  std::string summary;
+};
+
+// Rewrites `module` in place for `request`; returns what it did. Throws ArtifactError.
+GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& request);
+
+}  // namespace repmlp_rt::detail

@@ -17,7 +17,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/csrc/jit/api/function_impl.h>
 #include <torch/csrc/jit/api/module.h>
@@ -177,61 +176,53 @@ void find_sites(torch::jit::Block* block, c10::ScalarType dtype, std::vector<Sit
   }
 }
 
-// ---- Which row counts each weight sees: one forward per batch size, observed through
-// RecordFunction (the ops' inputs name the weight by its data pointer).
+// ---- Which row counts each group sees: one forward per batch size on a copy of the graph in
+// which every site first appends (its index, its row count) to a list that the copy also
+// returns. (RecordFunction's view of the interpreter's inputs is not reliable for this.)
 
-using RowCounts = std::map<const void*, std::map<int64_t, std::vector<int64_t>>>;  // key -> b -> M
-thread_local RowCounts* observed = nullptr;
-thread_local int64_t observed_batch = 0;
+// group -> batch -> row counts M of its calls.
+using RowCounts = std::map<std::string, std::map<int64_t, std::vector<int64_t>>>;
 
-std::unique_ptr<at::ObserverContext> observe_call(const at::RecordFunction& fn) {
-  if (!observed) return nullptr;
-  const std::string_view name = fn.name();
-  const auto inputs = fn.inputs();
-  auto tensor = [&](size_t i) -> const at::Tensor* {
-    return i < inputs.size() && inputs[i].isTensor() ? &inputs[i].toTensor() : nullptr;
-  };
-  const at::Tensor *x = nullptr, *w = nullptr;
-  int64_t rows = 0;
-  if (name == "aten::linear") {
-    x = tensor(0), w = tensor(1);
-    if (x && x->dim() >= 1 && x->size(-1) > 0) rows = x->numel() / x->size(-1);
-  } else if (name == "aten::addmm") {
-    x = tensor(1), w = tensor(2);
-    if (x && x->dim() == 2) rows = x->size(0);
-  } else if (name == "aten::baddbmm") {
-    x = tensor(2), w = tensor(1);
-    if (x && x->dim() == 3) rows = x->size(2);
+std::shared_ptr<Graph> counting_copy(Graph& forward, c10::ScalarType dtype) {
+  std::shared_ptr<Graph> graph = forward.copy();
+  std::vector<Site> sites;
+  find_sites(graph->block(), dtype, sites);
+  Value* calls = nullptr;
+  {
+    torch::jit::WithInsertPoint point(graph->param_node()->next());
+    calls = graph->insertNode(graph->createList(c10::IntType::get(), {}))->output();
   }
-  if (x && w && w->defined()) (*observed)[w->data_ptr()][observed_batch].push_back(rows);
-  return nullptr;
+  for (size_t i = 0; i < sites.size(); ++i) {
+    torch::jit::WithInsertPoint point(sites[i].node);
+    Value* rows = graph->insert(c10::aten::size, {sites[i].input, int64_t{0}});
+    graph->insert(c10::aten::append, {calls, static_cast<int64_t>(i)});
+    graph->insert(c10::aten::append, {calls, rows});
+  }
+  torch::jit::WithInsertPoint point(graph->return_node());
+  Value* both = graph->insertNode(graph->createTuple({graph->outputs()[0], calls}))->output();
+  graph->return_node()->replaceInput(0, both);
+  return graph;
 }
 
 RowCounts observe_rows(torch::jit::Module& module, const std::shared_ptr<Graph>& forward,
+                       const std::vector<Site>& forward_sites, c10::ScalarType dtype,
                        const std::vector<int64_t>& batches) {
   RowCounts counts;
   const auto shape = module.get_method("input_shape")({}).toIntVector();
-  // A copy of the graph, so that the module's own methods keep no executor from this run.
-  torch::jit::GraphFunction function("gemm_plan_observe", forward->copy(), nullptr);
-  auto handle = at::addThreadLocalCallback(
-      at::RecordFunctionCallback(observe_call).needsInputs(true).scopes({at::RecordScope::FUNCTION}));
-  observed = &counts;
-  try {
-    c10::InferenceMode inference_mode;
-    torch::jit::GraphOptimizerEnabledGuard plain_interpreter(false);
-    at::Generator generator = at::detail::createCPUGenerator(0);
-    for (int64_t batch : batches) {
-      observed_batch = batch;
-      at::Tensor x = at::randn({batch, shape[0], shape[1], shape[2]}, generator, at::kFloat);
-      function({module._ivalue(), x});
+  // A copy, so that the module's own methods keep no executor from this run.
+  torch::jit::GraphFunction function("gemm_plan_observe", counting_copy(*forward, dtype), nullptr);
+  c10::InferenceMode inference_mode;
+  torch::jit::GraphOptimizerEnabledGuard plain_interpreter(false);
+  at::Generator generator = at::detail::createCPUGenerator(0);
+  for (int64_t batch : batches) {
+    at::Tensor x = at::randn({batch, shape[0], shape[1], shape[2]}, generator, at::kFloat);
+    const auto calls = function({module._ivalue(), x}).toTupleRef().elements()[1].toIntVector();
+    for (size_t i = 0; i + 1 < calls.size(); i += 2) {
+      const auto site = static_cast<size_t>(calls[i]);
+      if (site < forward_sites.size())
+        counts[forward_sites[site].group][batch].push_back(calls[i + 1]);
     }
-  } catch (...) {
-    observed = nullptr;
-    at::removeCallback(handle);
-    throw;
   }
-  observed = nullptr;
-  at::removeCallback(handle);
   return counts;
 }
 
@@ -309,21 +300,6 @@ int64_t usual_rows(const std::vector<int64_t>& rows) {
   return best;
 }
 
-// Rows seen per group, per batch size.
-std::map<std::string, std::map<int64_t, std::vector<int64_t>>> rows_by_group(
-    const std::vector<Site>& sites, const RowCounts& counts) {
-  std::map<std::string, std::map<int64_t, std::vector<int64_t>>> rows;
-  std::set<const void*> seen;
-  for (const Site& site : sites) {
-    if (!seen.insert(site.key).second) continue;
-    auto it = counts.find(site.key);
-    if (it == counts.end()) continue;
-    for (const auto& [batch, ms] : it->second)
-      rows[site.group][batch].insert(rows[site.group][batch].end(), ms.begin(), ms.end());
-  }
-  return rows;
-}
-
 bool path_available(const std::string& path, c10::ScalarType dtype) {
   if (path == "aten") return true;
   if (path == "onednn") return at::hasMKLDNN() && (dtype == at::kFloat || dtype == at::kBFloat16);
@@ -382,7 +358,7 @@ Plan measure_plan(const std::vector<Site>& sites, const RowCounts& counts,
   Plan plan;
   Clock clock;
   bool announced = false;
-  const auto rows = rows_by_group(sites, counts);
+  const RowCounts& rows = counts;
   std::vector<std::string> paths;
   for (const char* path : kPaths)
     if (path_available(path, dtype)) paths.push_back(path);
@@ -606,6 +582,7 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
   std::vector<std::pair<std::shared_ptr<Graph>, std::vector<Site>>> methods;
   std::vector<Site> all;
   std::shared_ptr<Graph> forward;
+  std::vector<Site> forward_sites;
   for (const auto& method : module.get_methods()) {
     auto* function = dynamic_cast<torch::jit::GraphFunction*>(&method.function());
     if (!function) continue;
@@ -613,7 +590,7 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
     std::vector<Site> sites;
     find_sites(graph->block(), dtype, sites);
     if (sites.empty()) continue;
-    if (method.name() == "forward") forward = graph;
+    if (method.name() == "forward") forward = graph, forward_sites = sites;
     all.insert(all.end(), sites.begin(), sites.end());
     methods.emplace_back(graph, std::move(sites));
   }
@@ -637,7 +614,8 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
       source = "from cache " + file.string();
     } else {
       Clock clock;
-      plan = measure_plan(all, observe_rows(module, forward, batches), dtype, file.string());
+      plan = measure_plan(all, observe_rows(module, forward, forward_sites, dtype, batches), dtype,
+                          file.string());
       write_cache(file, key, plan);
       char text[64];
       std::snprintf(text, sizeof text, "measured in %.1f s, ", clock.seconds());
@@ -649,7 +627,8 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
     for (const Site& site : all) groups.insert(site.group);
     std::map<std::string, int64_t> rows;
     if (request.mode == "mkl-packed") {
-      for (const auto& [group, by_batch] : rows_by_group(all, observe_rows(module, forward, batches))) {
+      for (const auto& [group, by_batch] :
+           observe_rows(module, forward, forward_sites, dtype, batches)) {
         std::vector<int64_t> ms;
         for (const auto& [batch, m] : by_batch) ms.insert(ms.end(), m.begin(), m.end());
         rows[group] = usual_rows(ms);

@@ -1,0 +1,149 @@
+"""The load-time GEMM plan (RuntimeOptions::gemm, docs/PERFORMANCE.md "GEMM plan"): every path
+computes what ATen computes, within the artifact's self-check tolerance; auto's plan is cached
+per host, artifact and thread count, and an unusable cache file is a warning and a new plan."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import repmlp_rt
+from repmlp.artifact import build_artifact
+
+from helpers import SMALL_ARCH
+
+MODES = ["aten", "onednn", "mkl-packed", "auto"]
+BATCHES = [1, 5, 8]
+
+
+@pytest.fixture(autouse=True)
+def _cache_home(tmp_path, monkeypatch):
+    """Each test plans into its own cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def small_bf16_artifact(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("gemm") / "small_bf16.pt")
+    build_artifact(SMALL_ARCH, img_size=32, num_classes=10, out=path, seed=3, dtype="bfloat16")
+    return path
+
+
+def cache_files(tmp_path):
+    folder = tmp_path / "cache" / "repmlp_rt"
+    return sorted(folder.glob("*.json")) if folder.exists() else []
+
+
+def batch(runtime, n: int, seed: int = 1) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, *runtime.input_shape, generator=generator).numpy()
+
+
+def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def plan_of(runtime) -> str:
+    """The plan itself: the summary up to where it says where the plan came from."""
+    return runtime.gemm_plan.split(";")[0]
+
+
+def check_paths(path: str) -> None:
+    reference = repmlp_rt.Runtime(path, threads=2, gemm="aten")
+    inputs = {n: batch(reference, n) for n in BATCHES}
+    expected = {n: reference.infer(x) for n, x in inputs.items()}
+    tolerance = reference.self_check["tolerance"]
+    for mode in MODES[1:]:
+        runtime = repmlp_rt.Runtime(path, threads=2, gemm=mode)
+        assert runtime.gemm_plan.startswith(mode + ":"), runtime.gemm_plan
+        for n, x in inputs.items():
+            error = relative_error(runtime.infer(x), expected[n])
+            assert error <= tolerance, (mode, n, error, tolerance, runtime.gemm_plan)
+
+
+@pytest.mark.parametrize("name", ["small_artifact", "digits_artifact", "small_bf16_artifact"])
+def test_every_path_matches_aten(name, request):
+    check_paths(request.getfixturevalue(name))
+
+
+@pytest.mark.parametrize("mode", ["onednn", "mkl-packed"])
+def test_pinned_path_rewrites_every_gemm(small_artifact, mode):
+    """A pinned float32 plan moves every GEMM of the graph onto its path (nothing left on ATen)."""
+    summary = repmlp_rt.Runtime(small_artifact, threads=1, gemm=mode).gemm_plan
+    assert f": {mode} " in summary and "aten" not in summary.split(";")[0], summary
+
+
+def test_mkl_packed_leaves_bfloat16_as_built(small_bf16_artifact):
+    summary = repmlp_rt.Runtime(small_bf16_artifact, threads=1, gemm="mkl-packed").gemm_plan
+    assert "left as built" in summary, summary
+
+
+def test_cache_is_reused(small_artifact, tmp_path):
+    first = repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    files = cache_files(tmp_path)
+    assert len(files) == 1, files
+    stamp, text = files[0].stat().st_mtime_ns, files[0].read_text()
+    second = repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    assert cache_files(tmp_path) == files
+    assert files[0].stat().st_mtime_ns == stamp and files[0].read_text() == text
+    assert "from cache" in second.gemm_plan and "measured" in first.gemm_plan
+    assert plan_of(second) == plan_of(first)
+    data = json.loads(text)
+    assert data["key"]["threads"] == 1 and data["key"]["mode"] == "auto"
+    assert {entry["path"] for entry in data["plan"].values()} <= {"aten", "onednn", "mkl-packed"}
+
+
+def test_cache_key_changes(small_artifact, digits_artifact, tmp_path):
+    """Another thread count or another artifact is another key: planned again, cached apart."""
+    repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    assert len(cache_files(tmp_path)) == 1
+    other_threads = repmlp_rt.Runtime(small_artifact, threads=2, gemm="auto")
+    assert "measured" in other_threads.gemm_plan
+    assert len(cache_files(tmp_path)) == 2
+    other_artifact = repmlp_rt.Runtime(digits_artifact, threads=1, gemm="auto")
+    assert "measured" in other_artifact.gemm_plan
+    assert len(cache_files(tmp_path)) == 3
+    keys = [json.loads(f.read_text())["key"] for f in cache_files(tmp_path)]
+    assert len({k["artifact_digest"] for k in keys}) == 2 and {k["threads"] for k in keys} == {1, 2}
+
+
+@pytest.mark.parametrize("garbage", [b"", b"{not json", b'{"key": 1, "plan": {}}', b"\xff\xfe\x00"])
+def test_corrupt_cache_warns_and_plans_again(small_artifact, tmp_path, capfd, garbage):
+    reference = repmlp_rt.Runtime(small_artifact, threads=1, gemm="aten")
+    repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    (cache,) = cache_files(tmp_path)
+    cache.write_bytes(garbage)
+    capfd.readouterr()
+    runtime = repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    err = capfd.readouterr().err
+    assert "warning: GEMM plan cache" in err and "planning again" in err, err
+    assert "measured" in runtime.gemm_plan
+    x = batch(runtime, 5)
+    assert relative_error(runtime.infer(x), reference.infer(x)) <= runtime.self_check["tolerance"]
+    assert json.loads(cache.read_text())["key"]["threads"] == 1  # rewritten whole
+    assert not [f for f in os.listdir(cache.parent) if ".tmp" in f]
+
+
+def test_cache_entry_with_unknown_path_is_refused(small_artifact, tmp_path, capfd):
+    repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    (cache,) = cache_files(tmp_path)
+    data = json.loads(cache.read_text())
+    for entry in data["plan"].values():
+        entry["path"] = "fastest"
+    cache.write_text(json.dumps(data))
+    capfd.readouterr()
+    runtime = repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
+    assert "unknown path" in capfd.readouterr().err
+    assert "measured" in runtime.gemm_plan
+
+
+def test_bad_mode_is_value_error(small_artifact):
+    with pytest.raises(ValueError, match="auto, aten, onednn, mkl-packed.*'fast'"):
+        repmlp_rt.Runtime(small_artifact, gemm="fast")
+
+
+@pytest.mark.slow
+def test_b224_paths_match_aten(b224_artifact):
+    check_paths(b224_artifact)

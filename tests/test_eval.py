@@ -125,7 +125,9 @@ def test_json_schema(evaluated, folders):
 
 def test_progress_bar_on_stderr(evaluated):
     _, _, stderr = evaluated
-    assert "\r" in stderr and stderr.rstrip().endswith("450/450 images")
+    lines = stderr.splitlines()  # text mode reads the bar's carriage returns as line ends
+    assert lines[0] == "" and lines[1].endswith("] 0/450 images")
+    assert lines[-1] == "repmlp-eval [" + "#" * 30 + "] 450/450 images"
 
 
 def test_plot_is_a_confusion_matrix_image(evaluated):

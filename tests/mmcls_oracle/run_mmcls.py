@@ -13,7 +13,8 @@ seeded random weights and BN statistics, and writes to OUT_DIR:
 - ``NAME-outputs.pt``: mmcls's outputs on that input, a dict keyed ``FORM/DTYPE/WHAT``
   (FORM ``training``, ``deploy`` (fused in DTYPE) or ``deploy_file`` (``NAME-deploy.pth``:
   fused in float32); DTYPE ``float64`` or ``float32``; WHAT ``out_indices=0,1``
-  for a backbone's tuple of maps, ``logits`` or ``embedding`` for a classifier).
+  for a backbone's tuple of maps, ``logits`` or ``embedding`` for a classifier). The deploy
+  forms are run for the first selection of stages only.
 
 Nothing here imports the project: every number comes from mmcls itself.
 """
@@ -154,17 +155,22 @@ def run_case(case, out_dir):
     torch.save(x, os.path.join(out_dir, f"{name}-input.pt"))
 
     results = {}
-    for indices in index_sets:
+    for position, indices in enumerate(index_sets):
         # Each selection of stages is its own mmcls model, loaded from the saved weights.
         variant, _ = build(case, indices)
         variant.load_state_dict(model.state_dict(), strict=True)
         variant.eval()
         for dtype in (torch.float64, torch.float32):
             results.update(outputs_of(variant, case, x, "training", dtype, indices))
-            # Locality injection in the comparison's own dtype (float64 for the float64 reference).
-            results.update(outputs_of(switch_to_deploy(variant, case, dtype), case, x, "deploy", dtype, indices))
-            # What NAME-deploy.pth computes: fused in float32, then run in ``dtype``.
-            results.update(outputs_of(switch_to_deploy(variant, case), case, x, "deploy_file", dtype, indices))
+        if position:
+            continue  # the deploy forms once, on the first selection (the test slices it)
+        # Locality injection in the comparison's own dtype (float64 for the float64 reference),
+        # and the deploy file's model (fused in float32) run in both dtypes.
+        in_float32 = switch_to_deploy(variant, case)
+        for dtype in (torch.float64, torch.float32):
+            fused = in_float32 if dtype == torch.float32 else switch_to_deploy(variant, case, dtype)
+            results.update(outputs_of(fused, case, x, "deploy", dtype, indices))
+            results.update(outputs_of(in_float32, case, x, "deploy_file", dtype, indices))
     torch.save(results, os.path.join(out_dir, f"{name}-outputs.pt"))
 
 

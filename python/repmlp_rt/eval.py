@@ -70,7 +70,8 @@ def _images_under(folder: str) -> list[str]:
 
 def read_folders(root: str) -> Dataset:
     """DATA as ImageFolder: every sub-folder is a class named after the folder."""
-    classes = sorted(name for name in os.listdir(root) if os.path.isdir(os.path.join(root, name)))
+    classes = sorted(name for name in os.listdir(root)
+                     if os.path.isdir(os.path.join(root, name)) and not name.startswith("."))
     if not classes:
         raise EvalError(f"DATA folder {root!r} has no class folders (expected {root}/<label>/<image files>)")
     paths: list[str] = []
@@ -143,7 +144,7 @@ def load_runtimes(paths: Sequence[str], device: str, threads: int | None, batch_
     runtimes = []
     for path in paths:
         if not os.path.isfile(path):
-            raise EvalError(f"artifact {path!r} does not exist")
+            raise EvalError(f"artifact {path!r} " + ("is a folder, expected an artifact file" if os.path.isdir(path) else "does not exist"))
         runtime = repmlp_rt.Runtime(path, device=device, threads=threads, warmup_batch=batch_size)
         if runtime.output_kind != "logits":
             raise EvalError(f"artifact {path!r} outputs {runtime.output_kind}, expected logits (a classifier)")
@@ -259,8 +260,8 @@ def summarize(paths: Sequence[str], runtimes: Sequence[repmlp_rt.Runtime], datas
     }
 
 
-def plot_confusion(summary: dict[str, Any], out: str) -> None:
-    """One panel per artifact: counts, true class down, predicted class across."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend; EvalError when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -268,6 +269,12 @@ def plot_confusion(summary: dict[str, Any], out: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as error:
         raise EvalError(f"--plot needs matplotlib ({error}): pip install matplotlib") from None
+    return plt
+
+
+def plot_confusion(summary: dict[str, Any], out: str) -> None:
+    """One panel per artifact: counts, true class down, predicted class across."""
+    plt = pyplot()
     names = summary["data"]["classes"]
     artifacts = summary["artifacts"]
     figure, axes = plt.subplots(1, len(artifacts), squeeze=False,
@@ -347,6 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: --plot {args.plot!r}: its folder does not exist", file=sys.stderr)
         return 2
     try:
+        if args.plot:
+            pyplot()  # before the evaluation: a missing matplotlib fails at once
         summary = evaluate(args.artifacts, args.data, batch_size=args.batch_size, device=args.device,
                            threads=args.threads, progress=not args.no_progress)
         if args.plot:

@@ -229,7 +229,7 @@ def test_bad_artifacts_and_options(artifacts, folders, tmp_path):
     not_an_artifact = tmp_path / "x.pt"
     not_an_artifact.write_bytes(b"nonsense")
     features = tmp_path / "features.pt"
-    build_artifact(out=str(features), output="features", num_classes=0, out_indices=(3,))
+    build_artifact(out=str(features), output="features", out_indices=(3,))
     three_classes = tmp_path / "three.pt"
     build_artifact(SMALL_ARCH, img_size=32, num_classes=3, out=str(three_classes), seed=1)
     cases = [

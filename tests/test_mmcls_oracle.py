@@ -256,7 +256,7 @@ def test_mmcls_backbone_checkpoint_builds_into_a_features_artifact(oracle, tmp_p
     indices = case["out_indices"][0]
     x, expected = _load(oracle, name)
     out = tmp_path / f"{name}.pt"
-    build_artifact(case["arch"], checkpoint=str(oracle / f"{name}.pth"), out=str(out), num_classes=0,
+    build_artifact(case["arch"], checkpoint=str(oracle / f"{name}.pth"), out=str(out),
                    output="features", out_indices=indices, final_norm=case["final_norm"], **_build_options(case))
     outputs = repmlp_rt.Runtime(out).infer_outputs(x.to(torch.float32).numpy())
     reference = reference_maps(expected, case, "deploy", torch.float32, indices)

@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.repmlp
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # Python packages the build, the tests and the demo need (torch pinned: other specs download CUDA wheels).
-PY_DEPS := torch==2.13.0 numpy pybind11 cmake ninja pytest pillow scikit-learn onnx onnxscript onnxruntime
+PY_DEPS := torch==2.13.0 numpy pybind11 cmake ninja pytest pillow scikit-learn onnx onnxscript onnxruntime matplotlib
 # The benchmark's peers (ONNX Runtime is also a test dependency: tests/test_onnx_export.py).
 BENCH_DEPS := openvino
 # Debian header packages the C++ runtime builds against.
@@ -16,7 +16,7 @@ DEB_DEPS := libstb-dev libcli11-dev nlohmann-json3-dev zlib1g-dev libssl-dev
 
 ARTIFACT := repmlp-digits.pt
 
-.PHONY: all setup install serve-deps triton-server demo test test-fast test-avx2 test-torch-latest bench ctest clean fuzz
+.PHONY: all setup install serve-deps triton-server mmcls-oracle demo test test-fast test-avx2 test-torch-latest bench ctest clean fuzz
 
 all: demo
 
@@ -68,6 +68,23 @@ $(TRITON_DIR)/.installed: | $(STAMP)/python
 
 triton-server: $(TRITON_DIR)/.installed
 
+# mmcls 0.25.0, the tests' independent oracle (tests/test_mmcls_oracle.py), in a venv of its own:
+# mmcv 1.7.2 built without its C++ ops (its setup.py needs pkg_resources, so setuptools<81), no
+# torchvision (tests/mmcls_oracle/stub stands in). About 2 minutes the first time.
+MMCLS_VENV := .venv-mmcls
+MMCLS_PY   := $(MMCLS_VENV)/bin/python
+MMCLS_DEPS := torch==2.13.0 numpy==2.4.6 setuptools==80.10.2 addict==2.4.0 yapf==0.43.0 pyyaml==6.0.4 \
+              opencv-python-headless==5.1.0.95 matplotlib==3.11.2
+
+$(MMCLS_VENV)/.installed:
+	@[ -x $(MMCLS_PY) ] || $(PYTHON) -m venv $(MMCLS_VENV)
+	$(MMCLS_PY) -m pip install -q $(MMCLS_DEPS)
+	MMCV_WITH_OPS=0 $(MMCLS_PY) -m pip install -q --no-build-isolation --no-deps mmcv==1.7.2
+	$(MMCLS_PY) -m pip install -q --no-deps mmcls==0.25.0
+	@touch $@
+
+mmcls-oracle: $(MMCLS_VENV)/.installed
+
 # Rebuilds incrementally (CMake build folder under build/); cheap when nothing changed.
 install: setup
 	@echo "building the C++ runtime, repmlp_infer and the binding (first time: 2-3 minutes; pip -q hides CMake's output)"
@@ -80,17 +97,17 @@ demo: install
 	$(VENV)/bin/repmlp_infer --info $(ARTIFACT) | head -n 5
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) examples/digits/demo.py $(ARTIFACT) examples/digits/images
 
-test: install serve-deps triton-server
+test: install serve-deps triton-server mmcls-oracle
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
-test-fast: install serve-deps triton-server
+test-fast: install serve-deps triton-server mmcls-oracle
 	PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest -m "not slow"
 
 # The suite with torch's kernel libraries (ATen, oneDNN, MKL) capped at AVX2: the code paths of
 # a CPU without AVX-512 or VNNI (int8 sums, last-bit differences between kernels), on any x86 host.
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
 
-test-avx2: install serve-deps triton-server
+test-avx2: install serve-deps triton-server mmcls-oracle
 	$(AVX2_ONLY) PATH=$(abspath $(VENV)/bin):$$PATH $(PY) -m pytest
 
 # Seeded fuzzing of artifacts (.pt and .pt2), checkpoints, .npy, PNG and JPEG through repmlp_infer, repmlp_rt
@@ -109,7 +126,7 @@ LATEST_VENV  := .venv-torch-latest
 LATEST_PY    := $(LATEST_VENV)/bin/python
 LATEST_BUILD := build/cmake-torch-latest
 
-test-torch-latest: $(STAMP)/system
+test-torch-latest: $(STAMP)/system mmcls-oracle
 	@[ -x $(LATEST_PY) ] || $(PYTHON) -m venv $(LATEST_VENV)
 	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q torch==$(TORCH_LATEST) $(filter-out torch==%,$(PY_DEPS))
 	PIP_CONSTRAINT=/dev/null $(LATEST_PY) -m pip install -q -r requirements-serve.txt

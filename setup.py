@@ -109,6 +109,7 @@ setup(
         "repmlp-build = repmlp.cli:main",
         "repmlp-serve = repmlp_rt.serve:main",
         "repmlp-classify = repmlp_rt.batch:main",
+        "repmlp-eval = repmlp_rt.eval:main",
         "repmlp-triton-repo = repmlp_rt.triton:main",
     ]},
     install_requires=["numpy", "torch>=2.11"],

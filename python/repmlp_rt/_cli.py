@@ -1,10 +1,13 @@
-"""Pieces shared by the commands of repmlp_rt (serve, classify, triton-repo): Ray start-up,
+"""Pieces shared by the commands of repmlp_rt (serve, classify, eval, triton-repo): Ray start-up,
 argparse types, the umask. Nothing here imports Ray at module level."""
 
 from __future__ import annotations
 
 import argparse
 import os
+
+# File names the runtime's image decoder reads (what a folder of images is scanned for).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tga", ".pnm", ".ppm", ".pgm", ".psd", ".hdr")
 
 
 def init_ray(address: str | None, num_cpus: int | None = None) -> None:

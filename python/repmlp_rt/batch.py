@@ -28,7 +28,7 @@ import numpy as np
 
 import repmlp_rt
 
-from ._cli import add_ray_arguments, current_umask, init_ray, positive_int
+from ._cli import IMAGE_EXTENSIONS, add_ray_arguments, current_umask, init_ray, positive_int
 from .contract import topk_json
 
 try:
@@ -38,7 +38,6 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(f"repmlp_rt.batch needs Ray Data ({error}): pip install 'repmlp[serve]'") from None
 
 PROG = "repmlp-classify"
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tga", ".pnm", ".ppm", ".pgm", ".psd", ".hdr")
 
 
 def list_images(inputs: Iterable[str]) -> list[str]:

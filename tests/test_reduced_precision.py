@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+import repmlp_rt
 import torch
 from helpers import make_model, relative_close, repmlp_infer_binary
 from repmlp import fuse_model
@@ -255,7 +256,6 @@ def test_int8_needs_the_fused_model():
 
 
 def test_int8_artifact_through_the_cpp_runtime_and_cli(digits_builds, digits_inputs):
-    repmlp_rt = pytest.importorskip("repmlp_rt")
     images, _, test_idx = digits_inputs
     path = digits_builds["int8"]
     module = torch.jit.load(path, map_location="cpu").eval()
@@ -290,7 +290,6 @@ def test_info_prints_the_cpu_features_the_kernel_reports(digits_builds):
     with open("/proc/cpuinfo") as fh:
         flags = next(line for line in fh if line.startswith("flags")).split(":", 1)[1].split()
     expected = [CPUINFO_NAMES[f] for f in CPUINFO_NAMES if f in flags]
-    repmlp_rt = pytest.importorskip("repmlp_rt")
     cpu = repmlp_rt.cpu_features()
     assert sorted(cpu["isa"]) == sorted(expected) and cpu["kernel_level"]
     info = subprocess.run([repmlp_infer_binary(), "--info", "--json", digits_builds["float32"]],

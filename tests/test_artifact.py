@@ -239,8 +239,9 @@ def test_checkpoint_json_report_and_mmcls_deploy_layout(tmp_path):
     result = run_build(
         ["--arch", "B224", "--checkpoint", str(ckpt), "--out", str(out), "--json"], cwd=tmp_path
     )
-    # B224 weights do not fit this small checkpoint: a clean error, nothing written
-    assert result.returncode == 1 and "does not match" in result.stderr and not out.exists()
+    # B224's structure is not this small checkpoint's: one usage line naming each field, nothing written
+    assert result.returncode == 2 and not out.exists()
+    assert "argument --arch: channels: checkpoint (16, 32, 64, 128), --arch B224 (96, 192, 384, 768); depths:" in result.stderr
     assert "Traceback" not in result.stderr
     report = build_artifact(SMALL_ARCH, img_size=32, num_classes=10, checkpoint=str(ckpt), out=str(out), labels_file=str(labels))
     module, manifest = _load(str(out))
@@ -322,9 +323,11 @@ def test_bad_checkpoints_leave_nothing(tmp_path):
     torch.save(export_state_dict(create_model(SMALL_ARCH, img_size=32, num_classes=10)), wrong)
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    for ckpt, message in ((truncated, "cannot read checkpoint"), (wrong, "does not match")):
-        result = run_build(["--checkpoint", str(ckpt), "--out", str(out_dir / "a.pt")])
-        assert result.returncode == 1 and message in result.stderr, result.stderr
+    cases = ((truncated, 1, "cannot read checkpoint"),
+             (wrong, 2, "argument --arch: sharesets: checkpoint (1, 4, 8, 16), --arch digits (1, 2, 4, 8)"))
+    for ckpt, code, message in cases:
+        result = run_build(["--arch", "digits", "--checkpoint", str(ckpt), "--out", str(out_dir / "a.pt")])
+        assert result.returncode == code and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) <= 2  # at most the load line and the error
         assert os.listdir(out_dir) == []
 

@@ -194,7 +194,9 @@ def _apply(
     try:
         config = base.with_changes(changes) if changes else base
         size = img_size if img_size is not None else meta_pre.get("img_size")
-        return resolve_config(config, img_size=size, num_classes=num_classes)
+        config = resolve_config(config, img_size=size, num_classes=num_classes)
+        config.validate()
+        return config
     except ValueError as exc:
         raise OptionError(str(exc), "img_size" if "input size" in str(exc) else None) from None
 

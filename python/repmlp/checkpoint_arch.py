@@ -9,6 +9,7 @@ classifier is (classes, C_last), absent in a backbone-only file. What the weight
 the checkpoint's saved config (:mod:`repmlp.mm_config`).
 """
 
+import json
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -211,7 +212,7 @@ def describe_checkpoint(checkpoint: Checkpoint) -> Dict[str, Any]:
         variant = matching_variant(found.config(size, found.num_classes or 0), found.kernels_known)
     info = found.to_dict()
     meta = preprocessing_from_config(config_from_meta(checkpoint.meta))
-    return {
+    described = {
         "path": checkpoint.path,
         "layout": info.pop("layout"),
         "form": info.pop("form"),
@@ -221,5 +222,6 @@ def describe_checkpoint(checkpoint: Checkpoint) -> Dict[str, Any]:
         "arch": info,
         "img_size": list(size) if size is not None else None,
         "variant": variant,
-        "config_preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()},
+        "config_preprocessing": meta,
     }
+    return json.loads(json.dumps(described))  # tuples as lists, as a reader of the JSON sees them

@@ -438,7 +438,7 @@ class RepMLPNet(nn.Module):
         config: ArchConfig,
         *,
         deploy: bool = False,
-        out_indices: Sequence[int] = (3,),
+        out_indices: Optional[Sequence[int]] = None,
         final_norm: bool = True,
         pre_downsample: bool = False,
     ) -> None:
@@ -446,6 +446,7 @@ class RepMLPNet(nn.Module):
         config.validate()
         self.config = config
         num_stages = len(config.channels)
+        out_indices = (num_stages - 1,) if out_indices is None else tuple(out_indices)
         check_out_indices(out_indices, num_stages)
         self.out_indices = list(out_indices)
         self.pre_downsample = pre_downsample
@@ -594,7 +595,7 @@ def create_model(
     img_size: Any = None,
     num_classes: Optional[int] = None,
     deploy: bool = False,
-    out_indices: Sequence[int] = (3,),
+    out_indices: Optional[Sequence[int]] = None,
     final_norm: bool = True,
     pre_downsample: bool = False,
     **overrides: Any,
@@ -611,7 +612,7 @@ def create_model(
             variant's (1000 for ImageNet variants).
         deploy: build the locality-injected structure directly (to load deploy checkpoints).
         out_indices: stages returned by ``forward_backbone`` (mmcls's meaning: a stage before
-            the last is taken after its downsampling layer).
+            the last is taken after its downsampling layer); default the last stage.
         final_norm: keep the BN before pooling (mmcls's ``final_norm``).
         pre_downsample: ``forward_backbone`` takes each stage before its downsampling instead
             (each stage's own width and resolution); off by default, as in mmcls.

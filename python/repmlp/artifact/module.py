@@ -59,7 +59,7 @@ class ArtifactModule(nn.Module):
         # Only logits have classes to name.
         self.label_list = list(cfg.class_labels()) if kind == "logits" else []
         self.output_name_list = [o["name"] for o in describe_outputs(model, kind)]
-        self.image_transform = ImageTransform(cfg.preprocessing)
+        self.image_transform = ImageTransform(cfg.preprocessing, cfg.in_channels)
         self.compute_dtype_ = DTYPES[dtype_name]
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:

@@ -224,6 +224,9 @@ def _architecture(
         mismatches = arch_mismatches(found, config, requested)
         if mismatches:
             raise OptionError("; ".join(mismatches), "arch")
+    if config.in_channels not in (1, 3):
+        raise OptionError(f"forward_images takes RGB images: in_channels must be 1 or 3, got {config.in_channels}",
+                          "in_channels")
     pre = {k: v for k, v in meta_pre.items() if k != "img_size"}
     if pre:
         config = replace(config, preprocessing=config.preprocessing.with_changes(pre))

@@ -46,7 +46,7 @@ def _model_outputs(model: RepMLPNet, kind: str, x: torch.Tensor) -> List[torch.T
 def reference_outputs(model: RepMLPNet, config: Any, inputs: VerifyInputs, kind: str = "logits") -> Dict[str, List[torch.Tensor]]:
     """What the loaded model gives through each entry point (eager preprocessing, float32):
     every output of the artifact's kind, in order."""
-    transform = ImageTransform(config.preprocessing).to(inputs.images.device)
+    transform = ImageTransform(config.preprocessing, config.in_channels).to(inputs.images.device)
     return {
         "forward": _model_outputs(model, kind, inputs.batch),
         "forward_images": _model_outputs(model, kind, transform(inputs.images)),
@@ -57,7 +57,7 @@ def make_probe(model: RepMLPNet, options: BuildOptions) -> Dict[str, torch.Tenso
     """The self-check probe stored in the artifact (repmlp.integrity): the loaded model's
     outputs for one seeded batch and one seeded image, the runtime's first warm-up call."""
     config = options.config
-    transform = ImageTransform(config.preprocessing).to(options.device)
+    transform = ImageTransform(config.preprocessing, config.in_channels).to(options.device)
     shape = (config.in_channels, config.img_size[0], config.img_size[1])
     kind = options.output.kind
 

@@ -280,8 +280,8 @@ def _match_head(model: RepMLPNet, mapped: Dict[str, torch.Tensor], layout: str) 
         raise CheckpointError(
             f"the checkpoint ({layout} layout) has no classifier ({named} keys): a backbone-only "
             f"checkpoint gives features or embeddings, not the model's {model.config.num_classes} "
-            "class logits; create the model with num_classes=0 (repmlp-build --output features "
-            "or --output embedding)"
+            "class logits; create the model with num_classes=0, or build output='features' or "
+            "output='embedding'"
         )
     return "loaded"
 
@@ -297,12 +297,12 @@ def _shape_hints(
         key = fc3[0]
         hints.append(
             f"fc3 sizes follow the input size ({key}: {found[key].shape[1]} vs {expected[key].shape[1]} "
-            "positions per shareset): build at the checkpoint's img_size (--img-size)"
+            "positions per shareset): build at the checkpoint's input size, img_size=<H>x<W>"
         )
     if "head.weight" in mismatched:
         hints.append(
             f"the checkpoint's classifier has {found['head.weight'].shape[0]} classes: "
-            "pass num_classes (--num-classes)"
+            "pass num_classes=<N>"
         )
     return hints
 

@@ -62,13 +62,9 @@ def _device(text: str) -> str:
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+    if not re.fullmatch(r"\s*\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
 
 
 def _ints(text: str) -> Tuple[int, ...]:
@@ -117,7 +113,7 @@ def as_flags(message: str) -> str:
             return flag if value == "True" else flag.replace("--", "--no-", 1)
         return f"{flag} {value}"
 
-    pattern = r"\b(" + "|".join(_KEYWORDS) + r")=('[^']*'|[\w.+-]+)"
+    pattern = r"\b(" + "|".join(_KEYWORDS) + r")=('[^']*'|<[^>]*>(?:x<[^>]*>)?|[\w.+-]+)"
     return re.sub(pattern, replace, message)
 
 

@@ -32,7 +32,7 @@ CASES = {
     "custom_patch2_gray": dict(arch={"channels": (12, 24, 48), "depths": (2, 1, 3), "sharesets": (3, 6, 12)},
                                patch_size=2, gp_ratio=2, in_channels=1, reparam_conv_kernels=(1, 3)),
     "custom_five_stages": dict(arch={"channels": (8, 8, 16, 16, 32), "depths": (1, 1, 1, 1, 2),
-                                     "sharesets": (2, 2, 4, 4, 8)}, patch_size=2, gp_ratio=2, reparam_conv_kernels=(3, 5)),
+                                     "sharesets": (2, 2, 4, 4, 8), "patch_size": 2}, gp_ratio=2, reparam_conv_kernels=(3, 5)),
 }
 IMG = 32
 

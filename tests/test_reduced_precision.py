@@ -1,4 +1,4 @@
-"""bfloat16 and int8 artifacts (issue 18): accuracy bounds on the digits set, the int8 layer
+"""bfloat16 and int8 artifacts: accuracy bounds on the digits set, the int8 layer
 against a float64 model of its arithmetic, and the int8 artifact through the C++ runtime.
 
 Bounds: held-out accuracy of the bf16 and int8 digits artifacts within 0.5 points of the fp32

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build a verified RepMLPNet TorchScript artifact (a thin entry point; see repmlp.cli)."""
+"""Build a verified RepMLPNet artifact, TorchScript or AOTInductor (a thin entry point; see repmlp.cli)."""
 
 import os
 import sys

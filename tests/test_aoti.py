@@ -8,12 +8,12 @@ per module: digits (exact resize) and SMALL_ARCH at 64x96 (short-side resize, an
 
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import re
 import struct
 import subprocess
-import types
 import zipfile
 from dataclasses import replace
 from pathlib import Path
@@ -26,10 +26,9 @@ import torch
 from helpers import SMALL_ARCH, relative_close, repmlp_infer_binary
 
 from repmlp import integrity
-from repmlp.artifact import BuildError, build_artifact, default_out_path, read_manifest
-from repmlp.artifact import build as build_module
+from repmlp.artifact import FORMATS, BuildError, build_artifact, default_out_path, deploy, load_weights, read_manifest, resolve_options
 from repmlp.artifact.aoti import MANIFEST_RECORD, CompiledArtifact, Pt2Artifact, export_programs, is_pt2_archive
-from repmlp.artifact.build import deploy, load_weights, resolve_options
+from repmlp.artifact.publish import load_checked
 from repmlp.preprocess import ImageTransform
 from repmlp.utils import quiet_jit
 from repmlp.variants import get_variant
@@ -278,12 +277,12 @@ def test_default_out_path_follows_the_format():
 
 
 def test_a_failed_aoti_build_leaves_nothing(tmp_path, monkeypatch):
-    import repmlp.artifact.build as build
+    import repmlp.artifact.aoti as aoti
 
     def broken(exported):
         raise RuntimeError("compiler exploded")
 
-    monkeypatch.setattr(build, "compile_programs", broken)
+    monkeypatch.setattr(aoti, "compile_programs", broken)
     with pytest.raises(BuildError, match="build failed: compiler exploded"):
         build_artifact(out=str(tmp_path / "d.pt2"), format="aoti")
     assert list(tmp_path.iterdir()) == []
@@ -515,21 +514,21 @@ def test_a_pt2_probe_beyond_the_tolerance_is_refused(digits_pt2, tmp_path):
 
 
 def test_the_builders_reload_checks_the_pt2_digest_then_its_probe(digits_pt2, weight_flipped, tmp_path):
-    """The reload step's check (build._load_checked) on the built file, a skewed probe and a
+    """The reload step's check (publish.load_checked) on the built file, a skewed probe and a
     flipped weight."""
-    build = types.SimpleNamespace(options=types.SimpleNamespace(device=torch.device("cpu"), format="aoti"))
+    check = functools.partial(load_checked, FORMATS["aoti"], torch.device("cpu"))
     written = CompiledArtifact({})
     manifest = read_manifest(str(digits_pt2))
-    reloaded = build_module._load_checked(build, str(digits_pt2), manifest, written)
+    reloaded = check(str(digits_pt2), manifest, written)
     errors = integrity.probe_errors(reloaded, _probe(digits_pt2), torch.device("cpu"))
     assert set(errors) == {"forward", "forward_images"} and max(errors.values()) <= 1e-4
     with pytest.raises(BuildError, match=r"the stored probe's forward_images: relative error \S+ exceeds the tolerance"):
-        build_module._load_checked(build, str(_skewed(digits_pt2, tmp_path / "skewed.pt2")), manifest, written)
+        check(str(_skewed(digits_pt2, tmp_path / "skewed.pt2")), manifest, written)
     path, record = weight_flipped
     # Python's zip reader checks each record's CRC-32 first: the flip is caught there.
     with pytest.raises(BuildError, match=re.escape(f"the written file fails its own digest: {path}: record {record} "
                                                    "cannot be read (corrupt file): Bad CRC-32")):
-        build_module._load_checked(build, str(path), manifest, written)
+        check(str(path), manifest, written)
 
 
 def test_the_published_pt2_is_the_verified_file(tmp_path, monkeypatch):
@@ -542,7 +541,7 @@ def test_the_published_pt2_is_the_verified_file(tmp_path, monkeypatch):
         checked.append(hashlib.sha256(open(path, "rb").read()).hexdigest())
         return real_check(path)
 
-    monkeypatch.setattr(build_module.integrity, "check_digest", hashing_check)
+    monkeypatch.setattr(integrity, "check_digest", hashing_check)
     out = tmp_path / "digits.pt2"
     report = build_artifact(out=str(out), format="aoti")
     published = hashlib.sha256(out.read_bytes()).hexdigest()

@@ -142,7 +142,7 @@ def test_backbone_only_checkpoint_loads_without_a_classifier(layout):
             for got, want in zip(model.forward_backbone(x), expected):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
             # num_classes 0: the model returns the embedding, the classifier's input
-            torch.testing.assert_close(model(x), trained.forward_features(x), rtol=0, atol=0)
+            torch.testing.assert_close(model(x), trained.forward_head(trained.forward_features(x), pre_logits=True), rtol=0, atol=0)
 
     classifier = create_model(SMALL_ARCH, img_size=32, num_classes=10)
     expected_keys = "head.fc" if layout == "mmcls" else r"head\.\*"

@@ -144,7 +144,7 @@ def test_embedding_artifact_is_the_classifiers_input(digits_embedding):
     model.eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        expected = model.forward_features(x)
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
         # the classifier applied to the embedding gives the logits
         torch.testing.assert_close(model.head(expected), model(x))
     manifest = read_manifest(str(digits_embedding))
@@ -202,7 +202,7 @@ def test_logits_artifact_from_a_backbone_only_checkpoint_is_a_clear_error(tmp_pa
     checkpoint = tmp_path / "backbone.pth"
     torch.save(state, checkpoint)
     out = tmp_path / "a.pt"
-    with pytest.raises(ValueError, match=r"no classifier .*--output features or --output embedding"):
+    with pytest.raises(ValueError, match=r"no classifier .*output='features' or output='embedding'"):
         build_artifact(SMALL_ARCH, img_size=32, num_classes=10, checkpoint=str(checkpoint), out=str(out))
     assert not out.exists()
     # the same checkpoint makes a features artifact
@@ -216,9 +216,9 @@ def test_logits_artifact_from_a_backbone_only_checkpoint_is_a_clear_error(tmp_pa
         ({"output": "pixels"}, "output must be one of logits, features, embedding"),
         ({"output": "features", "out_indices": (4,)}, r"must lie in \[0, 4\)"),
         ({"output": "features", "out_indices": ()}, "at least one stage"),
-        ({"output": "logits", "out_indices": (1,)}, "out_indices apply to --output features"),
-        ({"output": "embedding", "num_classes": 10}, "num_classes applies to --output logits"),
-        ({"output": "embedding", "pre_downsample": True}, "pre_downsample applies to --output features"),
+        ({"output": "logits", "out_indices": (1,)}, "out_indices apply to output='features'"),
+        ({"output": "embedding", "num_classes": 10}, "num_classes applies to output='logits'"),
+        ({"output": "embedding", "pre_downsample": True}, "pre_downsample applies to output='features'"),
     ],
 )
 def test_bad_output_options_are_build_errors(tmp_path, options, message):

@@ -164,8 +164,8 @@ def test_other_input_size_is_a_shape_error(trained):
     other = create_model(SMALL_ARCH, img_size=64, num_classes=7)
     with pytest.raises(CheckpointError) as info:
         load_checkpoint(other, export_state_dict(trained))
-    assert "fc3 sizes follow the input size" in str(info.value) and "(--img-size)" in str(info.value)
-    assert "the checkpoint's classifier has 10 classes: pass num_classes (--num-classes)" in str(info.value)
+    assert "fc3 sizes follow the input size" in str(info.value) and "img_size=<H>x<W>" in str(info.value)
+    assert "the checkpoint's classifier has 10 classes: pass num_classes=<N>" in str(info.value)
 
 
 def test_kernel_mismatch_names_the_branches(trained):

@@ -17,7 +17,6 @@ import runtime_helpers as helpers
 import torch
 from test_runtime_cli import assert_error, run_cli
 
-from repmlp.artifact import build as build_module
 from repmlp import integrity
 from repmlp.artifact import build_artifact
 
@@ -179,7 +178,7 @@ def test_the_published_file_is_the_verified_file(tmp_path, monkeypatch):
         verified.append(hashlib.sha256(open(path, "rb").read()).hexdigest())
         return real_load(path, *args, **kwargs)
 
-    monkeypatch.setattr(build_module.torch.jit, "load", hashing_load)
+    monkeypatch.setattr(torch.jit, "load", hashing_load)
     out = tmp_path / "digits.pt"
     report = build_artifact(out=str(out))
     published = hashlib.sha256(out.read_bytes()).hexdigest()

@@ -51,6 +51,13 @@ class Checkpoint:
     form: str  # "training" | "deploy"
     path: Optional[str] = None  # None for an in-memory state dict
     sha256: Optional[str] = None
+    meta: Optional[Mapping[str, Any]] = None  # the file's ``meta`` (mmcls/mmpretrain save a config there)
+
+    def official_state(self) -> Dict[str, torch.Tensor]:
+        """The tensors under the official layout's names (``repconv{k}`` kept)."""
+        if self.layout == "official":
+            return dict(self.state)
+        return {_rename(key, to_mmcls=False): value for key, value in self.state.items()}
 
     def info(self) -> CheckpointInfo:
         return CheckpointInfo(self.layout, self.form, len(self.state), self.path, self.sha256)
@@ -161,6 +168,7 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any], Checkpoin
             raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from None
     else:
         obj = source
+    meta = obj.get("meta") if isinstance(obj, Mapping) and isinstance(obj.get("meta"), Mapping) else None
     for wrapper in ("state_dict", "model"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
@@ -183,6 +191,7 @@ def read_checkpoint(source: Union[str, os.PathLike, Mapping[str, Any], Checkpoin
         form=detect_form(keys),
         path=os.path.abspath(path) if path else None,
         sha256=sha256_file(path) if path else None,
+        meta=meta,
     )
 
 
@@ -271,8 +280,8 @@ def _match_head(model: RepMLPNet, mapped: Dict[str, torch.Tensor], layout: str) 
         raise CheckpointError(
             f"the checkpoint ({layout} layout) has no classifier ({named} keys): a backbone-only "
             f"checkpoint gives features or embeddings, not the model's {model.config.num_classes} "
-            "class logits; create the model with num_classes=0 (repmlp-build --output features "
-            "or --output embedding)"
+            "class logits; create the model with num_classes=0, or build output='features' or "
+            "output='embedding'"
         )
     return "loaded"
 
@@ -288,12 +297,12 @@ def _shape_hints(
         key = fc3[0]
         hints.append(
             f"fc3 sizes follow the input size ({key}: {found[key].shape[1]} vs {expected[key].shape[1]} "
-            "positions per shareset): build at the checkpoint's img_size (--img-size)"
+            "positions per shareset): build at the checkpoint's input size, img_size=<H>x<W>"
         )
     if "head.weight" in mismatched:
         hints.append(
             f"the checkpoint's classifier has {found['head.weight'].shape[0]} classes: "
-            "pass num_classes (--num-classes)"
+            "pass num_classes=<N>"
         )
     return hints
 

@@ -35,6 +35,7 @@ __all__ = [
     "ConvFFN",
     "RepMLPNetUnit",
     "RepMLPNet",
+    "check_out_indices",
     "create_model",
     "reparameterize_model",
     "fuse_model",
@@ -400,10 +401,23 @@ class RepMLPNetUnit(nn.Module):
         self.prebn2 = None
 
 
+def check_out_indices(out_indices: Sequence[int], num_stages: int) -> None:
+    """ValueError unless ``out_indices`` names distinct stages of the ``num_stages``, at least one."""
+    if len(out_indices) == 0:
+        raise ValueError("out_indices must name at least one stage")
+    bad = [i for i in out_indices if not 0 <= i < num_stages]
+    if bad:
+        raise ValueError(f"out_indices {list(out_indices)} must lie in [0, {num_stages})")
+    if len(set(out_indices)) != len(out_indices):
+        raise ValueError(f"out_indices {list(out_indices)} repeat a stage")
+
+
 class RepMLPNet(nn.Module):
     """RepMLPNet backbone + classifier (final BN -> global average pool -> linear).
 
-    ``forward(x)`` returns logits, or pooled features when ``num_classes == 0``.
+    ``forward(x)`` returns logits, or the pooled embedding when ``num_classes == 0``;
+    ``forward_features(x)`` is the unpooled last map and ``forward_head(map, pre_logits=True)``
+    the pooled embedding, as in timm.
     ``forward_backbone(x)`` returns one map per entry of ``out_indices``, as mmcls's
     ``RepMLPNet.forward`` does: stage ``i`` before the last is taken after the downsampling
     layer that follows it (so it has the next stage's width and half the stage's resolution),
@@ -424,7 +438,7 @@ class RepMLPNet(nn.Module):
         config: ArchConfig,
         *,
         deploy: bool = False,
-        out_indices: Sequence[int] = (3,),
+        out_indices: Optional[Sequence[int]] = None,
         final_norm: bool = True,
         pre_downsample: bool = False,
     ) -> None:
@@ -432,11 +446,8 @@ class RepMLPNet(nn.Module):
         config.validate()
         self.config = config
         num_stages = len(config.channels)
-        bad = [i for i in out_indices if not 0 <= i < num_stages]
-        if bad:
-            raise ValueError(f"out_indices {list(out_indices)} must lie in [0, {num_stages})")
-        if len(set(out_indices)) != len(out_indices):
-            raise ValueError(f"out_indices {list(out_indices)} repeat a stage")
+        out_indices = (num_stages - 1,) if out_indices is None else tuple(out_indices)
+        check_out_indices(out_indices, num_stages)
         self.out_indices = list(out_indices)
         self.pre_downsample = pre_downsample
         self.final_norm = final_norm
@@ -514,7 +525,8 @@ class RepMLPNet(nn.Module):
         return specs
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled features after the final norm, (N, C_last)."""
+        """The last stage's map through the final norm, unpooled: (N, C_last, H/32, W/32) for
+        four stages (timm's meaning of the name)."""
         self._check_input(x)
         x = self.conv_embedding(x)
         for i, stage in enumerate(self.stages):
@@ -522,17 +534,16 @@ class RepMLPNet(nn.Module):
             for j, embed in enumerate(self.embeds):
                 if j == i:
                     x = embed(x)
-        return self.head_norm(x).mean((2, 3))
+        return self.head_norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Global average pooling of :meth:`forward_features`' map, then the classifier;
+        ``pre_logits`` stops before it: the (N, C_last) embedding."""
+        pooled = x.mean((2, 3))
+        return pooled if pre_logits else self.head(pooled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Locality injection in every block (the upstream deploy form). Idempotent."""
-        for module in self.modules():
-            if isinstance(module, RepMLPBlock):
-                module.reparameterize()
+        return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
     def fuse_batchnorms(self) -> None:
@@ -584,7 +595,7 @@ def create_model(
     img_size: Any = None,
     num_classes: Optional[int] = None,
     deploy: bool = False,
-    out_indices: Sequence[int] = (3,),
+    out_indices: Optional[Sequence[int]] = None,
     final_norm: bool = True,
     pre_downsample: bool = False,
     **overrides: Any,
@@ -601,7 +612,7 @@ def create_model(
             variant's (1000 for ImageNet variants).
         deploy: build the locality-injected structure directly (to load deploy checkpoints).
         out_indices: stages returned by ``forward_backbone`` (mmcls's meaning: a stage before
-            the last is taken after its downsampling layer).
+            the last is taken after its downsampling layer); default the last stage.
         final_norm: keep the BN before pooling (mmcls's ``final_norm``).
         pre_downsample: ``forward_backbone`` takes each stage before its downsampling instead
             (each stage's own width and resolution); off by default, as in mmcls.

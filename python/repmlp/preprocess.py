@@ -11,15 +11,21 @@ from torch import nn
 from .utils import is_exporting
 from .variants import Preprocessing
 
-__all__ = ["ImageTransform"]
+__all__ = ["LUMA", "ImageTransform"]
+
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601: RGB -> grey for one-channel models
 
 
 class ImageTransform(nn.Module):
-    """uint8 (N, H, W, 3) RGB images of any size -> normalized float32 (N, 3, crop_h, crop_w).
+    """uint8 (N, H, W, 3) RGB images of any size -> normalized float32 (N, C, crop_h, crop_w).
 
     Resize (short side, torchvision's rule, or exact), center crop, ``(x - mean) / std`` on
-    0..255 values. Values are not re-quantized to uint8 after resizing.
+    0..255 values. Values are not re-quantized to uint8 after resizing. For a model of one
+    input channel (``channels=1``), the crop's luma (ITU-R BT.601 weights) is normalized with
+    the first mean and std.
     """
+
+    gray: torch.jit.Final[bool]
 
     short_side: torch.jit.Final[bool]
     resize_h: torch.jit.Final[int]
@@ -29,16 +35,20 @@ class ImageTransform(nn.Module):
     interpolation: torch.jit.Final[str]
     antialias: torch.jit.Final[bool]
 
-    def __init__(self, config: Preprocessing) -> None:
+    def __init__(self, config: Preprocessing, channels: int = 3) -> None:
         super().__init__()
         config.validate()
+        if channels not in (1, 3):
+            raise ValueError(f"images are RGB: a model of {channels} input channels cannot take them (1 or 3)")
+        self.gray = channels == 1
         self.short_side = config.resize_mode == "short_side"
         self.resize_h, self.resize_w = config.resize
         self.crop_h, self.crop_w = config.crop
         self.interpolation = config.interpolation
         self.antialias = config.antialias
-        self.register_buffer("mean", torch.tensor(config.mean, dtype=torch.float32).reshape(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(config.std, dtype=torch.float32).reshape(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(config.mean[:channels], dtype=torch.float32).reshape(1, channels, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std[:channels], dtype=torch.float32).reshape(1, channels, 1, 1))
+        self.register_buffer("luma", torch.tensor(LUMA, dtype=torch.float32).reshape(1, 3, 1, 1))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dim() != 4 or images.shape[3] != 3 or images.dtype != torch.uint8:
@@ -81,6 +91,8 @@ class ImageTransform(nn.Module):
         top = (dh + (dh // 2) % 2) // 2
         left = (dw + (dw // 2) % 2) // 2
         x = x[:, :, top : top + self.crop_h, left : left + self.crop_w]
+        if self.gray:
+            x = (x * self.luma).sum(1, keepdim=True)
         # Contiguous NCHW, the layout forward is fastest in: kept in the channels-last layout the
         # image arrives in, B224's fc3 fell back to one GEMM per shareset and a conv weight was
         # re-laid out on every call (10% slower at batch 1, 2 threads; benchmarks/RESULTS.md).

@@ -2,14 +2,27 @@
 
 import contextlib
 import hashlib
+import os
 import warnings
-from typing import Iterator, Optional, Tuple
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["randomize_bn_", "randomize_model_", "count_flops", "sha256_file", "quiet_jit", "is_exporting", "script_module"]
+__all__ = [
+    "count_flops",
+    "first_line",
+    "is_exporting",
+    "new_file_mode",
+    "output_error",
+    "quiet_jit",
+    "randomize_bn_",
+    "randomize_model_",
+    "script_module",
+    "sha256_file",
+    "shape_string",
+]
 
 # torch 2.13+ warns on every torch.jit.script/freeze/save/load call; only those are silenced.
 JIT_DEPRECATION_MESSAGE = r"`torch\.jit\.\w+` is deprecated"
@@ -114,3 +127,22 @@ def sha256_file(path: str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (torch's messages carry long explanations)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def shape_string(dims: Iterable[int]) -> str:
+    """``(3, 224, 224)`` as ``3x224x224``."""
+    return "x".join(str(int(d)) for d in dims)
+
+
+def new_file_mode(base: int = 0o666) -> int:
+    """``base`` less the process umask: the mode open() gives a new file (mkstemp gives 0o600).
+    The umask is read by setting it and restoring it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return base & ~mask

@@ -13,6 +13,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "INTERPOLATIONS",
+    "PREPROCESSING_OPTIONS",
+    "RESIZE_MODES",
     "ArchConfig",
     "Preprocessing",
     "VARIANTS",
@@ -26,6 +29,8 @@ __all__ = [
 
 IMAGENET_MEAN: Tuple[float, float, float] = (123.675, 116.28, 103.53)
 IMAGENET_STD: Tuple[float, float, float] = (58.395, 57.12, 57.375)
+RESIZE_MODES = ("short_side", "exact")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
 def to_2tuple(value: Any, name: str = "value") -> Tuple[int, int]:
@@ -67,15 +72,10 @@ class Preprocessing:
     antialias: bool = True
 
     def validate(self) -> None:
-        if self.resize_mode not in ("short_side", "exact"):
-            raise ValueError(
-                f"resize_mode must be 'short_side' or 'exact', got {self.resize_mode!r}"
-            )
-        if self.interpolation not in ("bilinear", "bicubic", "nearest"):
-            raise ValueError(
-                "interpolation must be 'bilinear', 'bicubic' or 'nearest', "
-                f"got {self.interpolation!r}"
-            )
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {self.interpolation!r}")
         if (
             len(self.mean) != 3
             or len(self.std) != 3
@@ -98,6 +98,23 @@ class Preprocessing:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    def with_changes(self, changes: Mapping[str, Any]) -> "Preprocessing":
+        """A validated copy with the given :data:`PREPROCESSING_OPTIONS` replaced (None: keep);
+        lists become tuples and an int ``resize`` means (N, N). ValueError names bad values."""
+        unknown = set(changes) - set(PREPROCESSING_OPTIONS)
+        if unknown:
+            raise ValueError(f"unknown preprocessing option(s) {sorted(unknown)}; valid: {sorted(PREPROCESSING_OPTIONS)}")
+        values = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in changes.items() if v is not None}
+        if _is_int(values.get("resize")):
+            values["resize"] = (values["resize"], values["resize"])
+        new = replace(self, **values)
+        new.validate()
+        return new
+
+
+# What a caller may change; the crop is always the model's input size.
+PREPROCESSING_OPTIONS: Tuple[str, ...] = tuple(f for f in Preprocessing.__dataclass_fields__ if f != "crop")
 
 
 def official_preprocessing(img_size: Tuple[int, int]) -> Preprocessing:
@@ -210,11 +227,6 @@ class ArchConfig:
         new = replace(cfg, **_normalize_fields(changes))
         new.validate()
         return new
-
-    def to_dict(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["preprocessing"] = self.preprocessing.to_dict()
-        return d
 
     def architecture_dict(self) -> Dict[str, Any]:
         """The network's structure only: labels and preprocessing have their own places."""

@@ -17,16 +17,19 @@ not check shapes: readers make inputs contiguous and check them first.
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
+from .. import integrity
+from ..utils import first_line
+from .contract import MANIFEST_NAME, ArtifactFormat, Step
 from .errors import BuildError
-from .manifest import MANIFEST_NAME, first_line
 from .module import ArtifactModule
 
 __all__ = [
+    "FORMAT",
     "MANIFEST_RECORD",
     "PROGRAMS",
     "Pt2Artifact",
@@ -177,3 +180,38 @@ class Pt2Artifact(_Composed):
         programs = {name: load_package(path, name, device_index=index) for name in PROGRAMS}
         super().__init__(programs["forward"], programs["preprocess"])
         self.compiled = compiled
+
+
+def _write(form: Any, path: str, extra_files: Dict[str, Any]) -> None:
+    write_pt2(form.compiled if isinstance(form, Pt2Artifact) else form, path, extra_files)
+
+
+def _load(path: str, device: torch.device, written: Any) -> Tuple[Any, str]:
+    """The package loaded back (``written``: the compiled form, kept for a re-write)."""
+    compiled = written.compiled if isinstance(written, Pt2Artifact) else written
+    if not isinstance(compiled, CompiledArtifact):
+        raise BuildError(f"a .pt2 is reloaded from its compiled form, got {type(written).__name__}")
+    reloaded = Pt2Artifact(path, device, compiled)
+    return reloaded, json.dumps(reloaded.manifest, indent=2)
+
+
+def _export_step(form: Any, batch: torch.Tensor, images: torch.Tensor) -> Any:
+    return export_programs(form, batch, images)
+
+
+def _compile_step(form: Any, batch: torch.Tensor, images: torch.Tensor) -> Any:
+    return compile_programs(form)
+
+
+FORMAT = ArtifactFormat(
+    name="aoti",
+    suffix=".pt2",
+    temp_suffix=".tmp.pt2",  # AOTInductor's package loader warns about names not ending in .pt2
+    probe_record=integrity.PROBE_TEXT_RECORD,  # torch's PT2 loader reads extra records as UTF-8 text
+    steps=(Step("export", _export_step), Step("compile", _compile_step, verify=False)),
+    write=_write,
+    load=_load,
+    is_format=is_pt2_archive,
+    read_manifest=read_pt2_manifest,
+    manifest_section=lambda device: {"aoti": aoti_section(device)},
+)

@@ -1,4 +1,4 @@
-"""The artifact's manifest (``manifest.json``): its schema, how it is made and read back.
+"""The artifact's manifest (``manifest.json``): its schema, made from plain values.
 
 The manifest is the human- and tool-readable record of an artifact; docs/ARTIFACT.md lists
 every key. Each fact is stored once: labels under ``output``, preprocessing under
@@ -8,57 +8,58 @@ every key. Each fact is stored once: labels under ``output``, preprocessing unde
 import datetime
 import json
 import os
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from .. import __version__
+from .. import __version__, integrity
+from ..checkpoints import Checkpoint
 from ..quantize import quantization_record
-from ..utils import quiet_jit
 from ..variants import ArchConfig
-from .errors import BuildError
+from .contract import ARTIFACT_FORMAT_VERSION, OutputSpec
+from .formats import FORMATS
 
-if TYPE_CHECKING:  # build.py and module.py import this module
-    from .build import BuildOptions
-    from .module import OutputSpec
+__all__ = ["make_manifest", "manifest_text", "utc_now", "weights_section"]
 
-__all__ = ["ARTIFACT_FORMAT_VERSION", "MANIFEST_NAME", "make_manifest", "read_manifest"]
 
-# Bump when the artifact's methods or the manifest's meaning change; the C++ runtime checks it
-# (cpp/include/repmlp_rt/runtime.hpp, kFormatVersion).
-ARTIFACT_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
+def weights_section(checkpoint: Optional[Checkpoint], head: Optional[str], seed: int) -> Dict[str, Any]:
+    """Where the weights came from: the checkpoint (``head``: CheckpointInfo.head) or a seed."""
+    if checkpoint is None:
+        return {"source": "random", "seed": seed}
+    return {
+        "source": "checkpoint",
+        "file": os.path.basename(checkpoint.path or ""),
+        "sha256": checkpoint.sha256,
+        "layout": checkpoint.layout,
+        "form": checkpoint.form,
+        "head": head,
+    }
 
 
 def make_manifest(
-    options: "BuildOptions",
     *,
+    arch: Dict[str, Any],
+    config: ArchConfig,
+    dtype: str,
+    output: OutputSpec,
     outputs: List[Dict[str, Any]],
-    head: Optional[str],
+    weights: Dict[str, Any],
     model_stats: Dict[str, Any],
-    verification: Dict[str, Any],
+    device: torch.device,
     built_at: str,
+    verification: Dict[str, Any],
+    file_format: str,
+    probe: Mapping[str, torch.Tensor],
+    probe_tolerances: Mapping[str, float],
 ) -> Dict[str, Any]:
     """The manifest as JSON-ready data (tuples already turned into lists).
 
-    ``outputs`` describes every output the artifact's methods return, in order; ``head`` is
-    what became of the checkpoint's classifier (CheckpointInfo.head)."""
-    config, checkpoint, dtype = options.config, options.checkpoint, options.dtype
-    if checkpoint is not None:
-        weights: Dict[str, Any] = {
-            "source": "checkpoint",
-            "file": os.path.basename(checkpoint.path or ""),
-            "sha256": checkpoint.sha256,
-            "layout": checkpoint.layout,
-            "form": checkpoint.form,
-            "head": head,
-        }
-    else:
-        weights = {"source": "random", "seed": options.seed}
+    ``arch``: the ``arch`` section without ``config`` (the name, and where the numbers came
+    from); ``outputs`` describes every output the artifact's methods return, in order."""
     manifest = {
         "format": "repmlp-artifact",
         "format_version": ARTIFACT_FORMAT_VERSION,
-        "arch": {"name": options.arch_name, "config": config.architecture_dict()},
+        "arch": {**arch, "config": config.architecture_dict()},
         "input": {
             "method": "forward",
             "layout": "NCHW",
@@ -73,7 +74,7 @@ def make_manifest(
             "input": "uint8 (N, H, W, 3) RGB, any H and W",
             **config.preprocessing.to_dict(),
         },
-        "output": _output_summary(config, options.output),
+        "output": _output_summary(config, output),
         "outputs": outputs,
         "weights": weights,
         "deploy_form": "fused (locality injection + BN folding), fc3 as batched matmul",
@@ -82,17 +83,25 @@ def make_manifest(
             "repmlp_version": __version__,
             "torch_version": torch.__version__,
             "built_at": built_at,
-            "verify_device": str(options.device),
+            "verify_device": str(device),
         },
         "verification": verification,
     }
     if dtype == "int8":
         manifest["quantization"] = quantization_record(config)
+    fmt = FORMATS[file_format]
+    manifest["file_format"] = file_format
+    if fmt.manifest_section is not None:
+        manifest.update(fmt.manifest_section(device))
+    manifest["probe"] = integrity.probe_section(
+        probe, probe_tolerances, f"the loaded model in eval mode, float32, on {device}", fmt.probe_record
+    )
+    manifest["digest"] = integrity.digest_section()
     # A JSON round trip turns tuples into lists, so later comparisons are like for like.
     return json.loads(json.dumps(manifest))
 
 
-def _output_summary(config: ArchConfig, output: "OutputSpec") -> Dict[str, Any]:
+def _output_summary(config: ArchConfig, output: OutputSpec) -> Dict[str, Any]:
     """The ``output`` key: the kind and what defines it (the labels, for logits)."""
     summary: Dict[str, Any] = {"kind": output.kind, "dtype": "float32"}
     if output.kind == "logits":
@@ -114,27 +123,3 @@ def utc_now() -> str:
 
 def manifest_text(manifest: Dict[str, Any]) -> str:
     return json.dumps(manifest, indent=2)
-
-
-def read_manifest(path: str) -> Dict[str, Any]:
-    """The manifest embedded in an artifact of either format (raises BuildError if absent or
-    unreadable); the format is told from the file's content."""
-    from .aoti import is_pt2_archive, read_pt2_manifest
-
-    if is_pt2_archive(path):
-        return read_pt2_manifest(path)
-    extra = {MANIFEST_NAME: ""}
-    try:
-        with quiet_jit():
-            torch.jit.load(path, map_location="cpu", _extra_files=extra)
-    except Exception as exc:
-        raise BuildError(f"cannot load artifact {path}: {first_line(exc)}") from None
-    if not extra[MANIFEST_NAME]:
-        raise BuildError(f"{path} has no {MANIFEST_NAME}: not a RepMLP artifact")
-    return json.loads(extra[MANIFEST_NAME])
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line of text (torch's messages carry long explanations)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

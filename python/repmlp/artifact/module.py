@@ -3,76 +3,22 @@
 Its exported methods are the artifact's interface (docs/ARTIFACT.md): what the C++ runtime
 reads about the artifact comes from these methods, not from a second copy of the facts.
 
-Three output kinds (:class:`OutputSpec`): ``logits`` (the classifier), ``embedding`` (final
+Three output kinds (:class:`~.contract.OutputSpec`): ``logits`` (the classifier), ``embedding`` (final
 norm then global average pooling: the classifier's input) and ``features`` (the backbone's
 maps at ``out_indices``, as mmcls's RepMLPNet returns them, docs/BACKBONE.md). The first two
 return one tensor; ``features`` returns a list of tensors, named by ``output_names()``.
 """
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
 from ..model import RepMLPNet
 from ..preprocess import ImageTransform
-from .manifest import ARTIFACT_FORMAT_VERSION
+from .contract import ARTIFACT_FORMAT_VERSION, DTYPES
 
-__all__ = [
-    "DTYPES",
-    "EXPORTED_METHODS",
-    "OUTPUT_KINDS",
-    "ArtifactModule",
-    "FeaturesArtifactModule",
-    "OutputSpec",
-    "artifact_module",
-]
-
-# dtype name -> what the input is cast to and the float layers compute in. int8 artifacts keep
-# float32 there and run their large GEMMs in int8 (repmlp.quantize).
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.float32}
-# Methods besides forward that freezing must keep and the runtime calls.
-EXPORTED_METHODS = (
-    "forward_images",
-    "format_version",
-    "input_shape",
-    "labels",
-    "compute_dtype",
-    "output_kind",
-    "output_names",
-)
-OUTPUT_KINDS = ("logits", "features", "embedding")
-
-
-@dataclass(frozen=True)
-class OutputSpec:
-    """What an artifact outputs. ``out_indices`` and ``pre_downsample`` apply to features;
-    ``final_norm`` is part of the network (a checkpoint has the final BN or not)."""
-
-    kind: str = "logits"
-    out_indices: Tuple[int, ...] = (0, 1, 2, 3)
-    final_norm: bool = True
-    pre_downsample: bool = False
-
-    def validate(self, num_stages: int) -> None:
-        if self.kind not in OUTPUT_KINDS:
-            raise ValueError(f"output kind must be one of {', '.join(OUTPUT_KINDS)}, got {self.kind!r}")
-        if not self.out_indices:
-            raise ValueError("out_indices must name at least one stage")
-        bad = [i for i in self.out_indices if not 0 <= i < num_stages]
-        if bad:
-            raise ValueError(f"out_indices {list(self.out_indices)} must lie in [0, {num_stages})")
-        if len(set(self.out_indices)) != len(self.out_indices):
-            raise ValueError(f"out_indices {list(self.out_indices)} repeat a stage")
-
-    def model_kwargs(self) -> Dict[str, Any]:
-        """The RepMLPNet arguments that make ``forward_backbone`` give these outputs."""
-        return {
-            "out_indices": tuple(sorted(self.out_indices)),
-            "final_norm": self.final_norm,
-            "pre_downsample": self.pre_downsample,
-        }
+__all__ = ["ArtifactModule", "FeaturesArtifactModule", "artifact_module", "describe_outputs"]
 
 
 def describe_outputs(model: RepMLPNet, kind: str) -> List[Dict[str, Any]]:
@@ -113,7 +59,7 @@ class ArtifactModule(nn.Module):
         # Only logits have classes to name.
         self.label_list = list(cfg.class_labels()) if kind == "logits" else []
         self.output_name_list = [o["name"] for o in describe_outputs(model, kind)]
-        self.image_transform = ImageTransform(cfg.preprocessing)
+        self.image_transform = ImageTransform(cfg.preprocessing, cfg.in_channels)
         self.compute_dtype_ = DTYPES[dtype_name]
 
     def checked(self, x: torch.Tensor) -> torch.Tensor:

@@ -319,4 +319,4 @@ def test_triton_repository_is_for_logits_artifacts(small_features, tmp_path):
     result = subprocess.run([sys.executable, "-m", "repmlp", "--arch", "digits", "--output", "embedding",
                              "--triton-repo", str(tmp_path), "--out", str(tmp_path / "e.pt")],
                             capture_output=True, text=True, timeout=300, check=False)
-    assert result.returncode == 2 and "--triton-repo serves logits artifacts" in result.stderr, result.stderr
+    assert result.returncode == 2 and "--triton-backend libtorch serves logits artifacts" in result.stderr, result.stderr

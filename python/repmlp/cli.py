@@ -209,13 +209,12 @@ def _add_triton_arguments(p: argparse.ArgumentParser) -> None:
     triton = p.add_argument_group("Triton model repository (also for an existing artifact: repmlp-triton-repo; "
                                   "needs the runtime, repmlp_rt)")
     triton.add_argument("--triton-repo", metavar="DIR", help="also write DIR/<name>/{config.pbtxt,labels.txt,1/model.pt}")
-    triton.add_argument("--triton-backend", choices=("libtorch", "python"), default="libtorch",
-                        help="Triton backend the model runs on (default libtorch)")
     try:  # the repository options live with the runtime; without it they are not offered
-        from repmlp_rt.triton import add_arguments
+        from repmlp_rt.triton import add_arguments, add_backend_arguments
     except ImportError:
         return
     add_arguments(triton, prefix="triton-")
+    add_backend_arguments(triton, prefix="triton-")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -319,7 +318,8 @@ def _write_triton(args: argparse.Namespace, artifact: str) -> int:
         model = write_triton_repository(artifact, args.triton_repo, name=args.triton_name,
                                         max_batch_size=args.triton_max_batch_size, kind=args.triton_kind,
                                         instances=args.triton_instances, force=args.force,
-                                        backend=args.triton_backend)
+                                        backend=args.triton_backend, threads=args.triton_threads,
+                                        python_path=args.triton_python_path)
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"{PROG}: error: the artifact was written, the Triton repository was not: {exc}", file=sys.stderr)
         return 1
@@ -339,12 +339,14 @@ def _check_triton_repo(parser: argparse.ArgumentParser, args: argparse.Namespace
     existing model folder without --force."""
     if not hasattr(args, "triton_name"):
         parser.error("--triton-repo needs the runtime (repmlp_rt and its compiled extension), which cannot be imported")
-    if args.format != "torchscript":
-        parser.error("--triton-repo needs --format torchscript: Triton's PyTorch backend loads TorchScript")
+    if args.triton_backend == "libtorch" and args.format != "torchscript":
+        parser.error("--triton-repo with --triton-backend libtorch needs --format torchscript: Triton's PyTorch "
+                     "backend loads TorchScript (--triton-backend python serves .pt2 too)")
     if not os.path.isdir(args.triton_repo):
         parser.error(f"--triton-repo {args.triton_repo!r} is not an existing folder")
-    if args.output != "logits":
-        parser.error(f"--triton-repo serves logits artifacts, not --output {args.output}")
+    if args.triton_backend == "libtorch" and args.output != "logits":
+        parser.error(f"--triton-repo with --triton-backend libtorch serves logits artifacts, not --output "
+                     f"{args.output} (--triton-backend python serves every output kind)")
     if args.out is None and args.arch in (None, "auto") and args.checkpoint is not None:
         return  # the model's name follows the architecture read from the checkpoint
     name = args.triton_name or os.path.splitext(os.path.basename(args.out or default_out_path(args.arch or DEFAULT_ARCH)))[0]

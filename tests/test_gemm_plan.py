@@ -144,6 +144,29 @@ def test_bad_mode_is_value_error(small_artifact):
         repmlp_rt.Runtime(small_artifact, gemm="fast")
 
 
+def test_python_mode_list_is_the_runtimes(small_artifact):
+    """repmlp_rt.GEMM_MODES (the choices of the serving commands) is exactly what the C++
+    runtime accepts: its refusal lists them, and each loads."""
+    with pytest.raises(ValueError) as refused:
+        repmlp_rt.Runtime(small_artifact, gemm="x")
+    assert ", ".join(repmlp_rt.GEMM_MODES) in str(refused.value)
+    for mode in repmlp_rt.GEMM_MODES:
+        assert repmlp_rt.Runtime(small_artifact, threads=1, gemm=mode).gemm_plan.startswith(mode)
+
+
+@pytest.mark.parametrize("module", ["repmlp_rt.serve", "repmlp_rt.batch"])
+def test_serving_commands_take_gemm(module, capsys):
+    import importlib
+
+    parser = importlib.import_module(module)._parser()
+    base = ["a.pt", "x", "--out", "o.jsonl"] if module.endswith("batch") else ["a.pt", "x"]
+    assert parser.parse_args([*base, "--gemm", "onednn"]).gemm == "onednn"
+    assert parser.parse_args(base).gemm == "auto"
+    with pytest.raises(SystemExit) as usage:
+        parser.parse_args([*base, "--gemm", "blas"])
+    assert usage.value.code == 2 and "invalid choice: 'blas'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_b224_paths_match_aten(b224_artifact):
     check_paths(b224_artifact)

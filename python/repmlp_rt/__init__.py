@@ -49,10 +49,12 @@ from ._runtime import (
 )
 from ._runtime import Runtime as _CoreRuntime
 from ._version import __version__
+from .contract import GEMM_MODES
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
     "FORMAT_VERSION",
+    "GEMM_MODES",
     "ArtifactError",
     "DeviceError",
     "InputError",

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .contract import GEMM_MODES
+
 # File names the runtime's image decoder reads (what a folder of images is scanned for).
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tga", ".pnm", ".ppm", ".pgm", ".psd", ".hdr")
 
@@ -31,6 +33,9 @@ def add_ray_arguments(parser: argparse.ArgumentParser, *, worker: str, threads: 
     parser.add_argument("--threads", type=positive_int, default=threads,
                         help=f"intra-op threads (and reserved CPUs) per {worker} (default %(default)s)")
     parser.add_argument("--device", default="cpu", help=f"cpu or cuda (each {worker} then reserves one GPU)")
+    parser.add_argument("--gemm", choices=GEMM_MODES, default="auto",
+                        help=f"how each {worker}'s runtime runs the matrix products on CPU: planned at load by "
+                             "timing on that node (auto), or pinned (default %(default)s)")
 
 
 def positive_int(text: str) -> int:

@@ -66,8 +66,8 @@ def list_images(inputs: Iterable[str]) -> list[str]:
 class Classifier:
     """A Ray Data actor: decodes the paths of a batch and classifies them."""
 
-    def __init__(self, artifact: str, threads: int, topk: int | None, device: str) -> None:
-        self.runtime = repmlp_rt.Runtime(artifact, device=device, threads=threads)
+    def __init__(self, artifact: str, threads: int, topk: int | None, device: str, gemm: str = "auto") -> None:
+        self.runtime = repmlp_rt.Runtime(artifact, device=device, threads=threads, gemm=gemm)
         self.labels = self.runtime.labels
         self.topk = topk
 
@@ -89,7 +89,8 @@ class Classifier:
 
 
 def classify_images(artifact: str, paths: Sequence[str], *, topk: int | None = None, batch_size: int = 32,
-                    actors: int = 1, threads: int = 1, device: str = "cpu") -> list[dict[str, Any]]:
+                    actors: int = 1, threads: int = 1, device: str = "cpu",
+                    gemm: str = "auto") -> list[dict[str, Any]]:
     """Classifies ``paths`` on the connected Ray (``ray.init`` first) with a pool of ``actors``
     runtime actors; returns one dict per path, in the order given."""
     if not paths:
@@ -107,7 +108,7 @@ def classify_images(artifact: str, paths: Sequence[str], *, topk: int | None = N
     # of -1, its defaults for actor pools), so a node lost mid-job costs time, not rows.
     dataset = ray.data.from_items(items).map_batches(
         Classifier,
-        fn_constructor_kwargs={"artifact": artifact, "threads": threads, "topk": topk, "device": device},
+        fn_constructor_kwargs={"artifact": artifact, "threads": threads, "topk": topk, "device": device, "gemm": gemm},
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ray.data.DataContext.get_current().enable_progress_bars = not args.no_progress
         results = classify_images(args.artifact, paths, topk=args.topk, batch_size=args.batch_size,
-                                  actors=args.actors, threads=args.threads, device=args.device)
+                                  actors=args.actors, threads=args.threads, device=args.device,
+                                  gemm=args.gemm)
         write_jsonl(results, args.out)
     except (ValueError, RuntimeError) as error:  # bad topk, ArtifactError, a failed job
         print(f"{PROG}: error: {error}", file=sys.stderr)

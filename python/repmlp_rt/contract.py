@@ -1,11 +1,15 @@
-"""What every serving path of repmlp_rt agrees on: the model-name rule and the JSON shape of one
-input's top-k, as ``repmlp_infer --json`` prints it. No Ray, no torch."""
+"""What every serving path of repmlp_rt agrees on: the model-name rule, the JSON shape of one
+input's top-k, as ``repmlp_infer --json`` prints it, and the GEMM modes. No Ray, no torch."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
 from typing import Any
+
+# The values of Runtime(gemm=...), as the C++ runtime names them (kGemmModes in runtime.hpp;
+# tests/test_gemm_plan.py checks that the runtime accepts exactly these).
+GEMM_MODES = ("auto", "aten", "onednn", "mkl-packed")
 
 MODEL_NAME_MAX = 64
 # Letters, digits, '_', '.', '-', starting with a letter or digit: safe in a URL path, a Ray

@@ -83,6 +83,7 @@ class ServeOptions:
     max_ongoing_requests: int = 64
     threads: int = 1  # intra-op threads per replica, also the CPUs each replica reserves
     device: str = "cpu"
+    gemm: str = "auto"  # Runtime(gemm=...): each replica plans its GEMMs on its own node
     max_body_bytes: int = 16 << 20
     access_log: bool = False  # Serve's per-request log lines (they cost throughput under load)
     # Requests each caller (a proxy) may hold for the model beyond what its replicas take; the
@@ -250,7 +251,7 @@ class ModelDeployment:
         self.spec = spec
         self.options = options
         self.runtime = repmlp_rt.Runtime(spec.path, device=options.device, threads=options.threads,
-                                         warmup_batch=options.max_batch_size)
+                                         warmup_batch=options.max_batch_size, gemm=options.gemm)
         self.labels = self.runtime.labels
         self.input_shape = self.runtime.input_shape
         for method in (self.classify_batch, self.infer_batch):
@@ -544,7 +545,7 @@ def _parser() -> argparse.ArgumentParser:
 def _options(args: argparse.Namespace) -> ServeOptions:
     return ServeOptions(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
                         replicas=args.replicas, max_ongoing_requests=args.max_ongoing_requests,
-                        threads=args.threads, device=args.device, access_log=args.access_log,
+                        threads=args.threads, device=args.device, gemm=args.gemm, access_log=args.access_log,
                         max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))),
                         max_queued_requests=args.max_queued_requests, retry_after_s=args.retry_after_s,
                         max_replicas_per_node=args.max_replicas_per_node,

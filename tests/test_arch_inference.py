@@ -116,6 +116,16 @@ def test_published_variants_are_named_from_their_weights(name, layout, form):
     assert info["arch"]["kernels"] == (list(cfg.reparam_conv_kernels) if form == "training" else "folded")
 
 
+@pytest.mark.parametrize("kernels", [(3,), (1, 3), (1, 3, 5)])
+def test_this_packages_own_state_dict_gives_its_kernels(kernels):
+    """``RepMLPNet.state_dict()`` names its branches ``local_convs.{i}``, not ``repconv{k}``:
+    their kernels come from the weights' shapes."""
+    model = create_model("T224", reparam_conv_kernels=kernels)
+    info = describe_checkpoint(read_checkpoint(model.state_dict()))
+    assert info["variant"] == ("T224" if kernels == (1, 3) else None)
+    assert info["arch"]["kernels"] == list(kernels)
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "digits" else n for n in VARIANTS])
 def test_published_variant_structures_convert_without_arch(tmp_path, name):
     """Every variant's structure at a small input (fc3 grows with the fourth power of the

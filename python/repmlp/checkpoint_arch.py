@@ -38,6 +38,9 @@ ARCH_FIELDS = (
 
 _BLOCK = re.compile(r"^stages\.(\d+)\.(\d+)\.")
 _REPCONV = re.compile(r"^stages\.\d+\.\d+\.repmlp_block\.repconv(\d+)\.conv\.weight$")
+# This package's own state dict (``RepMLPNet.state_dict()``) keeps the branches as
+# ``local_convs.{i}``; their kernel size is the weight's last dimension.
+_LOCAL_CONV = re.compile(r"^stages\.\d+\.\d+\.repmlp_block\.local_convs\.\d+\.conv\.weight$")
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ def _stage(state: Dict[str, torch.Tensor], i: int) -> Tuple[int, int, int, int, 
 
 def _kernels(state: Dict[str, torch.Tensor], form: str) -> Optional[Tuple[int, ...]]:
     found = {int(m.group(1)) for m in map(_REPCONV.match, state) if m}
+    found |= {int(state[key].shape[-1]) for key in state if _LOCAL_CONV.match(key)}
     return tuple(sorted(found)) if found and form == "training" else None
 
 

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import repmlp_rt
+from repmlp_rt.oip import terminate_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIGIT_PNGS = sorted(glob.glob(os.path.join(ROOT, "examples", "digits", "images", "*.png")))
@@ -219,15 +219,7 @@ class ServeProcess:
 
     def terminate(self, timeout_s: float = 120.0) -> float:
         """SIGTERM; seconds until the process exited (SIGKILL past ``timeout_s``)."""
-        start = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return math.inf
-        return time.monotonic() - start
+        return terminate_process(self.process, timeout_s)
 
     def kill(self) -> None:
         if self.process.poll() is None:

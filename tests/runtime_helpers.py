@@ -11,6 +11,7 @@ TorchScript module, a truncated file, random bytes.
 
 import json
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -273,3 +274,25 @@ def save_png(path: os.PathLike | str, image_hwc: np.ndarray) -> Path:
 
     Image.fromarray(image_hwc, mode="RGB").save(str(path))
     return Path(path)
+
+
+def run_in_threads(work, count: int, timeout: float = 300.0) -> None:
+    """Runs ``work(i)`` for i in range(count), each in its own thread; fails if a thread is
+    still running after ``timeout`` seconds, and re-raises the first failure of any kind."""
+    failures: list = []
+
+    def guarded(i: int) -> None:
+        try:
+            work(i)
+        except BaseException as error:  # noqa: BLE001 - any failure, re-raised below
+            failures.append((i, error))
+
+    threads = [threading.Thread(target=guarded, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=timeout)
+    assert not any(thread.is_alive() for thread in threads), f"a thread did not finish within {timeout} s"
+    if failures:
+        i, error = failures[0]
+        raise AssertionError(f"thread {i} failed ({len(failures)} thread(s) in all)") from error

@@ -1,7 +1,6 @@
 """repmlp_rt on CUDA (marked ``cuda``: skipped where torch sees no GPU, or where the binding was
 built against a CPU-only torch): values against the CPU reference, threads, memory."""
 
-import threading
 
 import pytest
 import repmlp_rt
@@ -47,26 +46,14 @@ def test_cuda_threads_get_their_own_results(tmp_path):
     reference = helpers.load_reference(path)
     inputs = [helpers.random_batch((3, 32, 32), n=2 + i, seed=100 + i) for i in range(4)]
     expected = [reference(torch.from_numpy(x)) for x in inputs]
-    failures: list = []
     finished: list = []
 
     def work(i: int) -> None:
-        try:
-            for _ in range(10):
-                relative_close(torch.from_numpy(runtime.infer(inputs[i])), expected[i], CUDA_RTOL["float32"])
-            finished.append(i)
-        except BaseException as error:  # noqa: BLE001 - any failure, re-raised below
-            failures.append((i, error))
+        for _ in range(10):
+            relative_close(torch.from_numpy(runtime.infer(inputs[i])), expected[i], CUDA_RTOL["float32"])
+        finished.append(i)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a thread did not finish within 300 s"
-    if failures:
-        i, error = failures[0]
-        raise AssertionError(f"thread {i} failed ({len(failures)} thread(s) in all)") from error
+    helpers.run_in_threads(work, 4)
     assert sorted(finished) == [0, 1, 2, 3]
 
 

@@ -142,12 +142,15 @@ def reference_maps(expected, case, form, dtype, indices):
     return [expected[key + ",".join(map(str, first))][first.index(i)] for i in indices]
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("form", FORMS)
+def every_form_and_dtype(test):
+    """Runs ``test`` for each model form and each dtype."""
+    return pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)(pytest.mark.parametrize("form", FORMS)(test))
+
+
+@every_form_and_dtype
 @pytest.mark.parametrize("name", BACKBONES)
 def test_backbone_maps_equal_mmcls(oracle, name, form, dtype):
-    case = BY_NAME[name]
-    x, expected = _load(oracle, name)
+    case, (x, expected) = BY_NAME[name], _load(oracle, name)
     for indices in case["out_indices"]:
         model = loaded_model(oracle, case, form, dtype, indices)
         with torch.no_grad():
@@ -159,15 +162,14 @@ def test_backbone_maps_equal_mmcls(oracle, name, form, dtype):
             relative_close(got, want, rtol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
-@pytest.mark.parametrize("form", FORMS)
+@every_form_and_dtype
 @pytest.mark.parametrize("name", CLASSIFIERS)
 def test_classifier_logits_and_embedding_equal_mmcls(oracle, name, form, dtype):
-    case = BY_NAME[name]
-    x, expected = _load(oracle, name)
+    case, (x, expected) = BY_NAME[name], _load(oracle, name)
     model = loaded_model(oracle, case, form, dtype)
     with torch.no_grad():
-        logits, embedding = model(x.to(dtype)), model.forward_features(x.to(dtype))
+        logits = model(x.to(dtype))
+        embedding = model.forward_head(model.forward_features(x.to(dtype)), pre_logits=True)
     prefix = f"{mmcls_form(form)}/{dtype_name(dtype)}"
     relative_close(logits, expected[f"{prefix}/logits"], rtol=TOLERANCE[dtype])
     relative_close(embedding, expected[f"{prefix}/embedding"], rtol=TOLERANCE[dtype])

@@ -30,25 +30,16 @@ def test_eight_threads_match_single_threaded_bitwise(small_artifact):
     inputs = [rng.standard_normal((1 + i % 4, 3, 32, 32)).astype(np.float32) for i in range(THREADS)]
     images = [helpers.random_images(1 + i % 2, 29 + i, 41, seed=i) for i in range(THREADS)]
     serial = [(runtime.infer(x), runtime.infer(im)) for x, im in zip(inputs, images)]
-    results, errors = [], []
-    start = threading.Barrier(THREADS)
+    results = []
+    start = threading.Barrier(THREADS, timeout=300)
 
     def worker(tid):
-        try:
-            start.wait()
-            for rep in range(6):
-                i = (tid + rep) % THREADS
-                results.append((i, runtime.infer(inputs[i]), runtime.infer(images[i])))
-        except Exception as error:  # noqa: BLE001 - reported below
-            errors.append(error)
+        start.wait()
+        for rep in range(6):
+            i = (tid + rep) % THREADS
+            results.append((i, runtime.infer(inputs[i]), runtime.infer(images[i])))
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(THREADS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not any(t.is_alive() for t in threads), "a worker did not finish within 300 s"
-    assert not errors, errors[:2]
+    helpers.run_in_threads(worker, THREADS)
     assert len(results) == THREADS * 6
     for i, logits, image_logits in results:
         np.testing.assert_array_equal(logits, serial[i][0])

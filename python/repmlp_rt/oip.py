@@ -497,14 +497,24 @@ class ServerProcess:
 
     def stop(self, grace: float = 30.0) -> int:
         """Stops the process by its id; returns its exit status."""
-        import signal
-        import subprocess
-
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            terminate_process(self.process, grace)
         return self.process.returncode
+
+
+def terminate_process(process: Any, grace: float) -> float:
+    """SIGTERM to a ``subprocess.Popen``, then SIGKILL after ``grace`` seconds; returns the
+    seconds until it exited (``inf`` when it had to be killed)."""
+    import signal
+    import subprocess
+    import time
+
+    start = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return float("inf")
+    return time.monotonic() - start

@@ -223,7 +223,7 @@ class RepMLPBlock(nn.Module):
             # batched GEMM: MKL then gives each thread its own panel instead of splitting the
             # few (N*C) rows, and no weight is copied or re-laid out (the panels are a view).
             # B224 stage 0 (96 x 3136 x 3136) on the 2-core AVX2 CPU: 16-22% faster at 2
-            # threads, ~5% at 1 (benchmarks/gemm_variants.py, "wxtpan").
+            # threads, ~5% at 1 (`python -m benchmarks.gemm --shapes`, "wxtpan").
             panels = self.fc3_panels
             cols = rows.reshape(-1, area).t().expand(panels, area, -1)
             weight_panels = weight.reshape(panels, area // panels, area)

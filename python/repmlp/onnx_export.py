@@ -1,6 +1,6 @@
 """ONNX export of the fused model with a dynamic batch (one file for every batch size).
 
-For ONNX Runtime and OpenVINO (``benchmarks/bench.py`` runs both on this file). The export
+For ONNX Runtime and OpenVINO (``python -m benchmarks.bench`` runs both on this file). The export
 goes through ``torch.export`` with a symbolic batch dimension. The fused FFN splits its token
 rows into chunks of ``chunk_rows`` (a CPU cache blocking, benchmarks/RESULTS.md); a loop over
 a symbolic row count would fix the batch, so the exported copy takes all rows in one chunk

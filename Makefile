@@ -87,7 +87,7 @@ mmcls-oracle: $(MMCLS_VENV)/.installed
 
 # Rebuilds incrementally (CMake build folder under build/); cheap when nothing changed.
 install: setup
-	@echo "building the C++ runtime, repmlp_infer and the binding (first time: 2-3 minutes; pip -q hides CMake's output)"
+	@echo "building the C++ runtime, repmlp_infer and the binding (first time: a few minutes; pip -q hides CMake's output)"
 	$(PIP) install -q --no-build-isolation -e .
 
 # Main job: build the artifact from the embedded digits checkpoint, run the C++ binary on the

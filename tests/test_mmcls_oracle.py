@@ -233,7 +233,7 @@ def test_the_oracle_sees_two_swapped_same_shape_keys(oracle, tmp_path, first, se
 
 def _build_options(case):
     kernels = case["kernels"]
-    return dict(img_size=case["img_size"], reparam_conv_kernels=None if kernels is None else tuple(kernels),
+    return dict(img_size=case["img_size"], kernels=() if kernels is None else tuple(kernels),
                 patch_size=case.get("patch_size", 4), gp_ratio=case.get("gp_ratio", 4),
                 in_channels=case.get("in_channels", 3))
 

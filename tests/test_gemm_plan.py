@@ -4,6 +4,7 @@ per host, artifact and thread count, and an unusable cache file is a warning and
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -46,8 +47,9 @@ def relative_error(out: np.ndarray, ref: np.ndarray) -> float:
 
 
 def plan_of(runtime) -> str:
-    """The plan itself: the summary up to where it says where the plan came from."""
-    return runtime.gemm_plan.split(";")[0]
+    """The plan itself: the summary (or a runtime's) up to where it says where it came from."""
+    summary = runtime if isinstance(runtime, str) else runtime.gemm_plan
+    return summary.split(";")[0]
 
 
 def check_paths(path: str) -> None:
@@ -70,9 +72,10 @@ def test_every_path_matches_aten(name, request):
 
 @pytest.mark.parametrize("mode", ["onednn", "mkl-packed"])
 def test_pinned_path_rewrites_every_gemm(small_artifact, mode):
-    """A pinned float32 plan moves every GEMM of the graph onto its path (nothing left on ATen)."""
+    """A pinned float32 plan moves every GEMM of the graph that the path can run onto it: all
+    but fc3 of the blocks with several sharesets (4 in SMALL_ARCH), which stay on ATen."""
     summary = repmlp_rt.Runtime(small_artifact, threads=1, gemm=mode).gemm_plan
-    assert f": {mode} " in summary and "aten" not in summary.split(";")[0], summary
+    assert re.fullmatch(rf"{mode}: aten 4, {mode} \d+ of \d+ GEMMs \(\d+ methods\)", plan_of(summary)), summary
 
 
 def test_mkl_packed_leaves_bfloat16_as_built(small_bf16_artifact):
@@ -92,7 +95,7 @@ def test_cache_is_reused(small_artifact, tmp_path):
     assert plan_of(second) == plan_of(first)
     data = json.loads(text)
     assert data["key"]["threads"] == 1 and data["key"]["mode"] == "auto"
-    assert {entry["path"] for entry in data["plan"].values()} <= {"aten", "onednn", "mkl-packed"}
+    assert {entry["path"] for entry in data["plan"].values()} <= {"aten", "onednn", "mkl-packed", "aten-kn"}
 
 
 def test_cache_key_changes(small_artifact, digits_artifact, tmp_path):
@@ -136,6 +139,50 @@ def test_cache_entry_with_unknown_path_is_refused(small_artifact, tmp_path, capf
     capfd.readouterr()
     runtime = repmlp_rt.Runtime(small_artifact, threads=1, gemm="auto")
     assert "unknown path" in capfd.readouterr().err
+    assert "measured" in runtime.gemm_plan
+
+
+def planned_cache(artifact: str, tmp_path) -> tuple:
+    """auto's cache file for ``artifact`` at 2 threads, and its data."""
+    repmlp_rt.Runtime(artifact, threads=2, gemm="auto")
+    (cache,) = cache_files(tmp_path)
+    return cache, json.loads(cache.read_text())
+
+
+@pytest.mark.parametrize("name", ["digits_artifact", "small_bf16_artifact"])
+def test_batched_fc3_on_its_own_layout_matches_aten(name, request, tmp_path):
+    """fc3 with several sharesets on its second path ("aten-kn": the batched GEMM reading a
+    (S, K, N) copy of the weight), forced through a cache entry since no mode pins it, gives
+    ATen's outputs at batch 1, 5 and 8, in float32 and bfloat16."""
+    path = request.getfixturevalue(name)
+    reference = repmlp_rt.Runtime(path, threads=2, gemm="aten")
+    cache, data = planned_cache(path, tmp_path)
+    batched = [group for group in data["plan"] if group.startswith("fc3 ") and " x" in group]
+    assert len(batched) >= 2, data["plan"]  # digits and SMALL_ARCH: stages with 2-16 sharesets
+    for group in batched:
+        data["plan"][group]["path"] = "aten-kn"
+    cache.write_text(json.dumps(data))
+    runtime = repmlp_rt.Runtime(path, threads=2, gemm="auto")
+    on_kn = re.search(r"aten-kn (\d+) of", runtime.gemm_plan)
+    assert "from cache" in runtime.gemm_plan and on_kn and int(on_kn[1]) >= len(batched), runtime.gemm_plan
+    tolerance = reference.self_check["tolerance"]
+    for n in BATCHES:
+        x = batch(runtime, n)
+        error = relative_error(runtime.infer(x), reference.infer(x))
+        assert error <= tolerance, (n, error, tolerance)
+
+
+def test_cache_entry_with_a_path_its_gemm_cannot_take_is_refused(small_artifact, tmp_path, capfd):
+    """A cache that puts a batched fc3 on oneDNN's linear (it has no such form) is a warning and
+    a new plan, never a failed load."""
+    cache, data = planned_cache(small_artifact, tmp_path)
+    for group in data["plan"]:
+        if group.startswith("fc3 ") and " x" in group:
+            data["plan"][group]["path"] = "onednn"
+    cache.write_text(json.dumps(data))
+    capfd.readouterr()
+    runtime = repmlp_rt.Runtime(small_artifact, threads=2, gemm="auto")
+    assert "a path that cannot run it" in capfd.readouterr().err
     assert "measured" in runtime.gemm_plan
 
 

@@ -5,12 +5,17 @@
 //   aten::addmm(b, x, Wt, 1, 1)               the FFN's two GEMMs (Wt a transposed view of W)
 //   aten::baddbmm(b', W', x^T expanded, 1, 1) fc3 with one shareset, as weight panels, read
 //                                             back through reshape + t()
+//   aten::baddbmm(b, x_s, W_s^T, 1, 1)        fc3 with S sharesets: S GEMMs in one batch, W_s^T
+//                                             a transposed view of each shareset's weight
 // Each is a GEMM x (M x K) by W^T (K x N). A site may run as it is (ATen: MKL for float32,
 // oneDNN for bfloat16), as oneDNN's linear on a weight reordered once for this CPU
 // (mkldnn::_linear_pointwise, with a following GELU fused), or as MKL's packed GEMM on a
 // weight packed once (mkl::_mkl_linear; float32 only; packed for one row count M, other row
-// counts run MKL's plain GEMM). Packed weights are machine-specific, so they cannot be saved in
-// the artifact: they are built here, after every load.
+// counts run MKL's plain GEMM). Batched fc3 has neither library's packed form; its second
+// candidate is ATen's batched GEMM on W_s^T copied once into (S, K, N) rows ("aten-kn"), which
+// few-row batches (batch 1) run faster than the transposed view. Packed weights are
+// machine-specific, so they cannot be saved in the artifact: they are built here, after every
+// load.
 #include "gemm_plan.hpp"
 
 #include <ATen/ATen.h>
@@ -42,6 +47,7 @@
 #include <unistd.h>
 
 #include "integrity.hpp"
+#include "manifest.hpp"
 #include "repmlp_rt/errors.hpp"
 #include "repmlp_rt/runtime.hpp"
 
@@ -53,17 +59,27 @@ using torch::jit::Node;
 using torch::jit::Value;
 using nlohmann::json;
 
-constexpr int kPlanFormat = 1;
+constexpr int kPlanFormat = 2;
+// What RuntimeOptions::gemm may pin; "aten-kn" (batched fc3 only) is one more path auto may pick.
 const char* const kPaths[] = {"aten", "onednn", "mkl-packed"};
+const char* const kPlanPaths[] = {"aten", "onednn", "mkl-packed", "aten-kn"};
+
+// How a site's GEMM appears in the graph.
+enum class Form {
+  kMatrix,   // linear / addmm: x (M, K)
+  kPanels,   // fc3 with one shareset: x (M, K), computed as W @ x^T in panels
+  kBatched,  // fc3 with S sharesets: x (S, M, K), W (S, N, K)
+};
 
 // One matrix product of a graph whose weight is a constant.
 struct Site {
+  Form form = Form::kMatrix;
   Node* node = nullptr;          // linear / addmm / baddbmm
   Node* gelu = nullptr;          // the aten::gelu that is its only reader, if any
   Value* result = nullptr;       // the value the rewrite replaces (fc3: the t() after it)
-  Value* input = nullptr;        // x, (M, K)
-  at::Tensor weight;             // W, (N, K) contiguous
-  std::optional<at::Tensor> bias;
+  Value* input = nullptr;        // x, (M, K); batched: (S, M, K)
+  at::Tensor weight;             // W, (N, K) contiguous; batched: (S, N, K)
+  std::optional<at::Tensor> bias;  // (N); batched: (S, 1, N)
   const void* key = nullptr;     // the weight's data: the same in every method of the module
   std::string group;             // sites of one group share shapes and so the plan
 };
@@ -96,8 +112,10 @@ Node* only_use(Value* value, c10::Symbol kind) {
 }
 
 std::string group_name(const char* kind, const Site& site, c10::ScalarType dtype) {
-  std::string name = std::string(kind) + " " + std::to_string(site.weight.size(1)) + "x" +
-                     std::to_string(site.weight.size(0));
+  const int64_t n = site.weight.dim();
+  std::string name = std::string(kind) + " " + std::to_string(site.weight.size(n - 1)) + "x" +
+                     std::to_string(site.weight.size(n - 2));
+  if (site.form == Form::kBatched) name += " x" + std::to_string(site.weight.size(0));
   if (site.gelu) name += "+gelu";
   return name + " " + c10::toString(dtype);
 }
@@ -157,6 +175,7 @@ std::optional<Site> match_fc3(Node* node, c10::ScalarType dtype) {
   Node* back_t = back ? only_use(back->output(), c10::aten::t) : nullptr;
   if (!back_t) return std::nullopt;
   Site site;
+  site.form = Form::kPanels;
   site.node = node;
   site.input = transpose->input(0);
   site.key = weight->data_ptr();
@@ -167,11 +186,46 @@ std::optional<Site> match_fc3(Node* node, c10::ScalarType dtype) {
   return site;
 }
 
+bool constant_int_is(Value* value, int64_t expected) {
+  auto ivalue = torch::jit::toIValue(value);
+  return ivalue && ivalue->isInt() && ivalue->toInt() == expected;
+}
+
+// fc3 with S sharesets (python/repmlp/model.py): baddbmm(reshape(b), x_s,
+// transpose(reshape(W), 1, 2)) with W the (S*N, K) fc3 weight, x_s (S, M, K) of any layout.
+std::optional<Site> match_batched_fc3(Node* node, c10::ScalarType dtype) {
+  if (node->kind() != c10::aten::baddbmm || node->inputs().size() != 5) return std::nullopt;
+  Node* transpose = node->input(2)->node();
+  if (transpose->kind() != c10::aten::transpose || !constant_int_is(transpose->input(1), 1) ||
+      !constant_int_is(transpose->input(2), 2))
+    return std::nullopt;
+  auto bias = constant_through_reshapes(node->input(0));
+  auto weight = constant_through_reshapes(transpose->input(0));
+  if (!bias || !weight || !constant_is_one(node->input(3)) || !constant_is_one(node->input(4)) ||
+      weight->scalar_type() != dtype || bias->numel() == 0 || weight->numel() % bias->numel())
+    return std::nullopt;
+  const int64_t area = weight->numel() / bias->numel();  // K = N
+  if (bias->numel() % area) return std::nullopt;
+  const int64_t sets = bias->numel() / area;
+  if (sets < 2) return std::nullopt;
+  Site site;
+  site.form = Form::kBatched;
+  site.node = node;
+  site.input = node->input(1);
+  site.key = weight->data_ptr();
+  site.weight = weight->reshape({sets, area, area}).contiguous();
+  site.bias = bias->reshape({sets, 1, area}).contiguous();
+  site.result = node->output();
+  site.group = group_name("fc3", site, dtype);
+  return site;
+}
+
 void find_sites(torch::jit::Block* block, c10::ScalarType dtype, std::vector<Site>& sites) {
   for (Node* node : block->nodes()) {
     for (torch::jit::Block* inner : node->blocks()) find_sites(inner, dtype, sites);
     std::optional<Site> site = match_linear(node, dtype);
     if (!site) site = match_fc3(node, dtype);
+    if (!site) site = match_batched_fc3(node, dtype);
     if (site) sites.push_back(std::move(*site));
   }
 }
@@ -194,7 +248,8 @@ std::shared_ptr<Graph> counting_copy(Graph& forward, c10::ScalarType dtype) {
   }
   for (size_t i = 0; i < sites.size(); ++i) {
     torch::jit::WithInsertPoint point(sites[i].node);
-    Value* rows = graph->insert(c10::aten::size, {sites[i].input, int64_t{0}});
+    const int64_t dim = sites[i].form == Form::kBatched ? 1 : 0;
+    Value* rows = graph->insert(c10::aten::size, {sites[i].input, dim});
     graph->insert(c10::aten::append, {calls, static_cast<int64_t>(i)});
     graph->insert(c10::aten::append, {calls, rows});
   }
@@ -243,9 +298,12 @@ at::Tensor mkl_pack(const at::Tensor& weight, int64_t rows) {
 }
 
 struct Packed {
-  at::Tensor onednn, mkl;
+  at::Tensor onednn, mkl, kn;
   int64_t mkl_rows = 0;
 };
+
+// Batched fc3's W_s^T as (S, K, N) rows of its own, for "aten-kn".
+at::Tensor kn_layout(const at::Tensor& weight) { return weight.transpose(1, 2).contiguous(); }
 
 // One call of `path` for a (rows x K) input, as the rewritten graph would make it.
 at::Tensor run_path(const std::string& path, const Site& site, const Packed& packed,
@@ -257,6 +315,8 @@ at::Tensor run_path(const std::string& path, const Site& site, const Packed& pac
                    {x, packed.onednn, bias, std::string(site.gelu ? "gelu" : "none"), scalars,
                     site.gelu ? c10::IValue(gelu) : c10::IValue(std::string())});
   }
+  if (site.form == Form::kBatched)  // as the artifact computes it, or on the (S, K, N) copy
+    return at::baddbmm(*site.bias, x, path == "aten-kn" ? packed.kn : site.weight.transpose(1, 2));
   at::Tensor y;
   if (path == "mkl-packed")
     y = call_op("mkl::_mkl_linear", {x, packed.mkl, site.weight, bias, packed.mkl_rows});
@@ -300,8 +360,12 @@ int64_t usual_rows(const std::vector<int64_t>& rows) {
   return best;
 }
 
-bool path_available(const std::string& path, c10::ScalarType dtype) {
+// Whether `path` can run `form` (nullopt form: any site of the graph).
+bool path_available(const std::string& path, c10::ScalarType dtype,
+                    std::optional<Form> form = std::nullopt) {
   if (path == "aten") return true;
+  if (path == "aten-kn") return !form || *form == Form::kBatched;
+  if (form && *form == Form::kBatched) return false;
   if (path == "onednn") return at::hasMKLDNN() && (dtype == at::kFloat || dtype == at::kBFloat16);
   return at::hasMKL() && dtype == at::kFloat;
 }
@@ -321,8 +385,13 @@ class Clock {
 std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t pack_rows,
                                          const std::vector<std::string>& paths) {
   at::Generator generator = at::detail::createCPUGenerator(rows);
+  const int64_t k = site.weight.size(-1);
+  // Batched fc3 reads its shareset rows as a transposed view, as the graph passes them.
   const at::Tensor x =
-      at::randn({rows, site.weight.size(1)}, generator, at::kFloat).to(site.weight.scalar_type());
+      site.form == Form::kBatched
+          ? at::randn({rows, site.weight.size(0), k}, generator, at::kFloat).transpose(0, 1)
+          : at::randn({rows, k}, generator, at::kFloat);
+  const at::Tensor input = x.to(site.weight.scalar_type());
   Packed packed;
   packed.mkl_rows = pack_rows;
   std::map<std::string, double> best;
@@ -332,7 +401,8 @@ std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t
     try {
       if (path == "onednn") packed.onednn = onednn_pack(site.weight, pack_rows);
       if (path == "mkl-packed") packed.mkl = mkl_pack(site.weight, pack_rows);
-      run_path(path, site, packed, x, gelu);  // first call: primitive creation, first touch
+      if (path == "aten-kn") packed.kn = kn_layout(site.weight);
+      run_path(path, site, packed, input, gelu);  // first call: primitive creation, first touch
       usable.push_back(path);
       best[path] = 1e30;
     } catch (const c10::Error&) {
@@ -343,7 +413,7 @@ std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t
   for (int round = 0; round < 7; ++round) {
     for (const std::string& path : usable) {
       Clock call;
-      run_path(path, site, packed, x, gelu);
+      run_path(path, site, packed, input, gelu);
       best[path] = std::min(best[path], call.seconds());
     }
     // Large products need fewer rounds to be measured well.
@@ -359,12 +429,12 @@ Plan measure_plan(const std::vector<Site>& sites, const RowCounts& counts,
   Clock clock;
   bool announced = false;
   const RowCounts& rows = counts;
-  std::vector<std::string> paths;
-  for (const char* path : kPaths)
-    if (path_available(path, dtype)) paths.push_back(path);
   std::set<std::string> done;
   for (const Site& site : sites) {
     if (!done.insert(site.group).second) continue;
+    std::vector<std::string> paths;
+    for (const char* path : kPlanPaths)
+      if (path_available(path, dtype, site.form)) paths.push_back(path);
     auto it = rows.find(site.group);
     if (it == rows.end()) {  // never called by forward(): left as it is
       plan[site.group] = Choice{};
@@ -419,8 +489,13 @@ Value* insert_constant(Graph& graph, const c10::IValue& value) {
 using PackCache = std::map<std::pair<const void*, std::string>, at::Tensor>;
 
 void rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
-  const bool onednn = choice.path == "onednn";
   at::Tensor& packed = packs[{site.key, choice.path}];
+  if (choice.path == "aten-kn") {  // the same batched GEMM, reading the (S, K, N) copy
+    if (!packed.defined()) packed = kn_layout(site.weight);
+    site.node->replaceInput(2, insert_tensor_constant(graph, packed));
+    return;
+  }
+  const bool onednn = choice.path == "onednn";
   if (!packed.defined())
     packed = onednn ? onednn_pack(site.weight, choice.rows) : mkl_pack(site.weight, choice.rows);
   Value* weight = insert_tensor_constant(graph, packed);
@@ -484,26 +559,31 @@ std::string warn_prefix(const std::filesystem::path& file) {
 
 // The cached plan for `key`, or nothing (with a warning when the file exists but is unusable).
 std::optional<Plan> read_cache(const std::filesystem::path& file, const json& key,
-                               const std::vector<Site>& sites) {
+                               const std::vector<Site>& sites, c10::ScalarType dtype) {
   std::error_code ec;
   if (!std::filesystem::exists(file, ec)) return std::nullopt;
   std::string why;
   try {
     std::ifstream in(file, std::ios::binary);
+    std::ostringstream text;
+    text << in.rdbuf();
     if (!in) throw std::runtime_error("cannot be read");
-    json data = json::parse(in);
-    if (!data.is_object() || data.value("key", json()) != key)
-      throw std::runtime_error("was written for another key");
+    const PlanCache cache = parse_plan_cache(text.str());
+    if (cache.key != key.dump()) throw std::runtime_error("was written for another key");
     Plan plan;
-    for (const auto& [group, entry] : data.at("plan").items()) {
-      Choice choice{entry.at("path").get<std::string>(), entry.at("rows").get<int64_t>()};
-      if (std::find(std::begin(kPaths), std::end(kPaths), choice.path) == std::end(kPaths) ||
-          choice.rows < 1 || choice.rows > (int64_t{1} << 32))
+    for (const auto& [group, entry] : cache.plan) {
+      if (std::find(std::begin(kPlanPaths), std::end(kPlanPaths), entry.path) ==
+              std::end(kPlanPaths) ||
+          entry.rows < 1 || entry.rows > (int64_t{1} << 32))
         throw std::runtime_error("names an unknown path or row count");
-      plan[group] = choice;
+      plan[group] = Choice{entry.path, entry.rows};
     }
-    for (const Site& site : sites)
-      if (!plan.count(site.group)) throw std::runtime_error("lacks a GEMM of this graph");
+    for (const Site& site : sites) {
+      auto it = plan.find(site.group);
+      if (it == plan.end()) throw std::runtime_error("lacks a GEMM of this graph");
+      if (!path_available(it->second.path, dtype, site.form))
+        throw std::runtime_error("puts a GEMM on a path that cannot run it");
+    }
     return plan;
   } catch (const std::exception& e) {
     why = e.what();
@@ -556,7 +636,7 @@ std::string counts_text(const std::string& mode, const std::vector<Site>& sites,
   }
   std::string text = mode + ":";
   bool first = true;
-  for (const char* path : kPaths)
+  for (const char* path : kPlanPaths)
     if (count[path]) {
       text += std::string(first ? " " : ", ") + path + " " + std::to_string(count[path]);
       first = false;
@@ -609,7 +689,7 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
     const std::string key_text = key.dump();
     hash.update(key_text.data(), key_text.size());
     const std::filesystem::path file = cache_folder() / ("gemm-plan-" + hash.hex_digest().substr(0, 24) + ".json");
-    if (auto cached = read_cache(file, key, all)) {
+    if (auto cached = read_cache(file, key, all, dtype)) {
       plan = *cached;
       source = "from cache " + file.string();
     } else {
@@ -622,9 +702,10 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
       source = text + ("cached in " + file.string());
     }
   } else {
-    // A pinned path: every GEMM on it, packed for the row count it sees most often.
-    std::set<std::string> groups;
-    for (const Site& site : all) groups.insert(site.group);
+    // A pinned path: every GEMM that it can run on it (batched fc3 has no packed form and
+    // stays as built), packed for the row count it sees most often.
+    std::map<std::string, Form> groups;
+    for (const Site& site : all) groups[site.group] = site.form;
     std::map<std::string, int64_t> rows;
     if (request.mode == "mkl-packed") {
       for (const auto& [group, by_batch] :
@@ -634,8 +715,10 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
         rows[group] = usual_rows(ms);
       }
     }
-    for (const std::string& group : groups)
-      plan[group] = Choice{request.mode, rows.count(group) ? rows[group] : 1};
+    for (const auto& [group, form] : groups)
+      plan[group] = path_available(request.mode, dtype, form)
+                        ? Choice{request.mode, rows.count(group) ? rows[group] : 1}
+                        : Choice{};
     source = "pinned";
   }
 

@@ -1,10 +1,11 @@
-// Reads the JSON records of manifest.hpp with nlohmann-json: the one place that parses JSON.
+// Reads the JSON inputs of manifest.hpp with nlohmann-json: the one place that parses JSON.
 #include "manifest.hpp"
 
 #include <nlohmann/json.hpp>
 
 #include <cmath>
 #include <cstdio>
+#include <stdexcept>
 
 #include "records.hpp"
 #include "repmlp_rt/errors.hpp"
@@ -117,6 +118,26 @@ Digest parse_digest(const std::string& path, const std::string& text) {
   digest.algorithm = "sha256";
   for (const auto& [record, hash] : root["records"].items()) digest.records[record] = as_string(hash);
   return digest;
+}
+
+PlanCache parse_plan_cache(const std::string& text) {
+  const json root = parse_json(text);
+  if (root.is_discarded()) throw std::runtime_error("is not valid JSON");
+  if (!root.is_object() || !root.contains("key") || !root.contains("plan") ||
+      !root["plan"].is_object())
+    throw std::runtime_error("is not a plan (expected an object with 'key' and 'plan')");
+  PlanCache cache;
+  cache.key = root["key"].dump();
+  for (const auto& [group, entry] : root["plan"].items()) {
+    const std::optional<std::string> path =
+        entry.is_object() && entry.contains("path") ? as_string(entry["path"]) : std::nullopt;
+    const std::optional<int64_t> rows =
+        entry.is_object() && entry.contains("rows") ? as_int(entry["rows"]) : std::nullopt;
+    if (!path || !rows)
+      throw std::runtime_error("has an entry without a string 'path' and an integer 'rows'");
+    cache.plan[group] = PlanCacheEntry{*path, *rows};
+  }
+  return cache;
 }
 
 }  // namespace repmlp_rt::detail

@@ -1,5 +1,6 @@
-// The artifact's JSON records, read once into types (internal, not installed): manifest.json
-// (docs/ARTIFACT.md) and the digest record digest.json. Only manifest.cpp knows JSON.
+// The runtime's JSON inputs, read once into types (internal, not installed): the artifact's
+// manifest.json (docs/ARTIFACT.md) and digest record digest.json, and the runtime's own GEMM
+// plan cache file (gemm_plan.cpp). Only manifest.cpp parses JSON.
 #pragma once
 
 #include <cstdint>
@@ -50,5 +51,20 @@ struct Digest {
 // Parses digest.json. Throws ArtifactError ("'<path>': self-check failed: ...") when it is not
 // JSON or not a sha256 digest of records.
 Digest parse_digest(const std::string& path, const std::string& text);
+
+// A GEMM plan cache file: the key it was written for (compact JSON text, as
+// nlohmann::json::dump() writes it) and, per GEMM group, the path and the row count packed for.
+struct PlanCacheEntry {
+  std::string path;
+  int64_t rows = 0;
+};
+struct PlanCache {
+  std::string key;
+  std::map<std::string, PlanCacheEntry> plan;
+};
+
+// Parses a plan cache file. Throws std::runtime_error saying what is wrong with it (the caller
+// warns and plans again).
+PlanCache parse_plan_cache(const std::string& text);
 
 }  // namespace repmlp_rt::detail

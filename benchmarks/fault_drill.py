@@ -9,6 +9,12 @@ serving system meets: a worker node killed (and a fresh one joining), a rolling 
 update whose artifact fails its self-check, a burst past the queue bound, SIGTERM; then a
 ``repmlp-classify`` job that loses a node mid-job. Prints one table. The scenarios are plain
 functions returning their counts; tests/test_cluster_faults.py runs them and asserts them.
+
+Every request carries its own ``X-Request-ID``; the server runs with ``--access-log``, so each
+replica logs ``started`` with that id when it takes a request, into its Serve log file (all
+nodes here share one session folder). At a node kill the drill reads the killed replica's
+file: the requests in flight on that node when it died are those it started and never
+answered (no 200 carrying its ``X-Served-By``).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class LocalCluster:
     """A Ray head and worker nodes on 127.0.0.1; every process is stopped by its id."""
 
     def __init__(self, workers: int = 2, worker_cpus: int = 1, temp_dir: str | None = None) -> None:
+        from ray._common.utils import get_default_ray_temp_dir
         from ray._private import ray_constants
         from ray.cluster_utils import Cluster
 
@@ -59,6 +66,9 @@ class LocalCluster:
         os.environ.update(RAY_ENV)
         ray_constants.ENABLE_RAY_CLUSTER = False  # read at call time; this process imported Ray already
         self.worker_cpus = worker_cpus
+        # Cluster.add_node records the head's address in Ray's default folder (/tmp/ray), which a
+        # fresh host lacks.
+        os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
         self.count = 0
         head = {"num_cpus": 0, "resources": {"node_head": 1}, "include_dashboard": False,
                 "node_ip_address": "127.0.0.1", "_system_config": HEALTH_CHECKS}
@@ -70,6 +80,7 @@ class LocalCluster:
             self.add_worker()
         self.cluster.wait_for_nodes()
         self.address = self.cluster.address
+        self.session_dir = self.cluster.head_node.get_session_dir_path()
 
     def add_worker(self) -> str:
         self.count += 1
@@ -113,6 +124,10 @@ class Record:
     version: str = ""
     answer: Any = None
     error: str = ""
+    request_id: str = ""
+    served_by: str = ""  # X-Served-By: "<node id>/<replica id>"
+    retry_after: str = ""
+    reason: str = ""  # a 503's JSON "reason"
 
 
 @dataclass
@@ -143,12 +158,13 @@ class Load:
         return sorted(self.records, key=lambda r: r.start)
 
     def _client(self, index: int) -> None:
-        connection, i = None, index
+        connection, i, sent = None, index, 0
         while not self.done.is_set():
             image = i % len(self.images)
             i += self.clients
+            sent += 1
             connection = connection or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-            record = send(connection, f"/v1/models/{MODEL}/classify", self.images[image])
+            record = send(connection, f"/v1/models/{MODEL}/classify", self.images[image], f"c{index}-{sent}")
             record.answer = (image, record.answer)
             self.records.append(record)
             if record.status == 0:
@@ -157,19 +173,26 @@ class Load:
                 time.sleep(0.05)
 
 
-def send(connection: http.client.HTTPConnection, path: str, body: bytes) -> Record:
+def send(connection: http.client.HTTPConnection, path: str, body: bytes, request_id: str = "") -> Record:
     start = time.monotonic()
+    headers = {"Content-Type": "image/png", **({"X-Request-ID": request_id} if request_id else {})}
     try:
-        connection.request("POST", path, body, {"Content-Type": "image/png"})
+        connection.request("POST", path, body, headers)
         response = connection.getresponse()
         data = response.read()
     except (OSError, http.client.HTTPException) as error:
-        return Record(start, time.monotonic(), 0, error=f"{type(error).__name__}: {error}")
-    record = Record(start, time.monotonic(), response.status, response.getheader("X-Model-Version") or "")
+        return Record(start, time.monotonic(), 0, error=f"{type(error).__name__}: {error}", request_id=request_id)
+    record = Record(start, time.monotonic(), response.status, response.getheader("X-Model-Version") or "",
+                    request_id=request_id, served_by=response.getheader("X-Served-By") or "",
+                    retry_after=response.getheader("Retry-After") or "")
     if response.status == 200:
         record.answer = json.loads(data)
     else:
         record.error = f"{response.getheader('Retry-After')}|{data[:200]!r}"
+        try:
+            record.reason = json.loads(data).get("reason", "")
+        except (ValueError, AttributeError):
+            pass
     return record
 
 
@@ -247,19 +270,39 @@ def same_answer(answer: dict[str, Any], expected: list[tuple[int, float]], rtol:
         math.isclose(s, e, rel_tol=rtol, abs_tol=1e-6) for (_, s), (_, e) in zip(got, expected))
 
 
-def replica_nodes(cluster: LocalCluster, app: str = MODEL) -> dict[str, int]:
-    """Worker name -> RUNNING replicas of ``app`` there (from the actors' node ids)."""
+def replica_placement(cluster: LocalCluster, app: str = MODEL) -> dict[str, list[str]]:
+    """Worker name -> ids of the live replicas of ``app`` there (from the actors' node ids)."""
     import ray
 
     names = cluster.node_names()
-    counts: dict[str, int] = {}
+    placement: dict[str, list[str]] = {}
+    prefix = f"SERVE_REPLICA::{app}#model#"
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if f"SERVE_REPLICA::{app}#model#" not in actor["name"]:
+        if not actor["name"].startswith(prefix):
             continue
         handle = ray.get_actor(actor["name"], namespace=actor["namespace"])
         node = ray.get(handle.__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id()), timeout=30)
-        counts[names.get(node, "?")] = counts.get(names.get(node, "?"), 0) + 1
-    return counts
+        placement.setdefault(names.get(node, "?"), []).append(actor["name"][len(prefix):])
+    return placement
+
+
+def replica_nodes(cluster: LocalCluster, app: str = MODEL) -> dict[str, int]:
+    """Worker name -> live replicas of ``app`` there."""
+    return {name: len(ids) for name, ids in replica_placement(cluster, app).items()}
+
+
+STARTED_LINE = re.compile(r" (\S+) -- started ")
+
+
+def started_requests(session_dir: str, replica_ids: list[str], app: str = MODEL) -> set[str]:
+    """The request ids the replicas ``replica_ids`` logged as started (``--access-log``), from
+    their Serve log files under the session folder, which outlive a killed node's processes."""
+    started: set[str] = set()
+    for replica in replica_ids:
+        for path in glob.glob(os.path.join(session_dir, "logs", "serve", f"replica_{app}_model_{replica}*.log")):
+            with open(path, encoding="utf-8", errors="replace") as file:
+                started.update(match.group(1) for match in map(STARTED_LINE.search, file) if match)
+    return started
 
 
 def running_replicas(app: str = MODEL) -> int:
@@ -273,13 +316,17 @@ def running_replicas(app: str = MODEL) -> int:
 
 def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> dict[str, Any]:
     """Load; kill a worker holding a replica; a fresh worker joins; load until ``seconds``
-    after the replica count is back. Failures are split at the recovery time."""
-    placement = replica_nodes(cluster)
+    after the replica count is back. Failures are split at the recovery time; the requests in
+    flight on the killed node are those its replica logged as started (the server must run with
+    ``--access-log``) and never answered (no 200 with its ``X-Served-By``)."""
+    replicas = replica_placement(cluster)
+    placement = {name: len(ids) for name, ids in replicas.items()}
     victim = sorted(name for name in placement if name != "head")[0]
     load = Load(url, clients).start()
     time.sleep(seconds / 3)
     killed = time.monotonic()
     cluster.kill(victim)
+    kill_done = time.monotonic()  # its raylet got SIGKILL in [killed, kill_done]
     cluster.add_worker()
     while running_replicas() < 2 and time.monotonic() - killed < 120:
         time.sleep(0.2)
@@ -287,12 +334,27 @@ def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> 
     time.sleep(seconds)
     records = load.stop()
     failed = [r for r in records if r.status != 200]
+    started = started_requests(cluster.session_dir, replicas[victim])
+    victim_ids = tuple("/" + replica for replica in replicas[victim])  # X-Served-By ends with one of them
+    # The node's worker processes outlive its raylet by up to a second or so (they exit once they
+    # see it gone) and may take requests meanwhile: in flight there at its death = taken by its
+    # replica and never answered by it.
+    answered_there = {r.request_id for r in records if r.status == 200 and r.served_by.endswith(victim_ids)}
+    on_victim = started - answered_there
     return {"fault": f"worker node {victim} killed (SIGKILL), a new node joins", "placement": placement,
             "after": replica_nodes(cluster), "requests": len(records),
-            "in_flight_at_kill": sum(1 for r in records if r.start <= killed < r.end),
+            "in_flight_at_kill": sum(1 for r in records if r.start <= kill_done and r.end > killed),
+            "kill_s": kill_done - killed,
+            "in_flight_on_killed_node": len(on_victim), "started_on_killed_node": len(started),
             "failed_during": sum(1 for r in failed if r.start < recovered),
             "failed_after": sum(1 for r in failed if r.start >= recovered),
-            "recovery_s": recovered - killed, "errors": sorted({(r.status, r.error[:80]) for r in failed})[:5]}
+            "failed_not_in_flight_there": sorted(r.request_id for r in failed if r.request_id not in on_victim),
+            "failed_without_retry_after": sum(1 for r in failed if r.status != 503 or not r.retry_after.isdigit()),
+            "failure_reasons": sorted({r.reason for r in failed}),
+            "served_by_killed_node": len(answered_there),
+            "recovery_s": recovered - killed, "errors": sorted({(r.status, r.error[:80]) for r in failed})[:5],
+            "failed_requests": [(r.request_id, r.status, r.reason, round(r.start - killed, 3), round(r.end - killed, 3),
+                                 r.request_id in started) for r in failed][:20]}
 
 
 def rolling_update(address: str, url: str, new_artifact: str, answers: dict[str, list], clients: int,
@@ -466,7 +528,7 @@ def serving_drill(cluster: LocalCluster, digits: str, other: str, folder: str, c
                   seconds: float) -> list[dict[str, Any]]:
     """Node loss, rolling update, refused update and SIGTERM on one two-replica server."""
     answers = {repmlp_rt_version(digits): expected_answers(digits), repmlp_rt_version(other): expected_answers(other)}
-    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1")
+    server = ServeProcess(cluster.address, digits, "--replicas", "2", "--max-replicas-per-node", "1", "--access-log")
     bad = flipped_copy(other, os.path.join(folder, "bad.pt"))
     try:
         return [report(node_loss(cluster, server.url, clients, seconds)),
@@ -518,7 +580,11 @@ def table(results: list[dict[str, Any]]) -> str:
 def _note(r: dict[str, Any]) -> str:
     """What the table's columns mean for this row, and its own counts."""
     if "placement" in r:
-        return f"{r['in_flight_at_kill']} in flight at the kill; recovery: replicas running again"
+        reasons = ", ".join(r["failure_reasons"]) or "none"
+        return (f"{r['in_flight_at_kill']} in flight at the kill, {r['in_flight_on_killed_node']} of them on the "
+                f"killed node; failed: {len(r['failed_not_in_flight_there'])} not in flight there, "
+                f"{r['failed_without_retry_after']} without 503 + Retry-After (reasons: {reasons}); "
+                "recovery: replicas running again")
     if "wrong_answers" in r:
         return f"recovery: the update command; {r['wrong_answers']} mixed answers, {r['old_after_swap']} old after it"
     if "update_rc" in r:

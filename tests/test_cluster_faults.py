@@ -2,11 +2,13 @@
 
 A head (no CPUs) and two worker nodes (one logical CPU and a custom resource each) on
 127.0.0.1, from benchmarks/fault_drill.py, whose scenarios these tests run under a short load
-and whose counts they assert: requests lost at a node kill and after recovery, failures and
+and whose counts they assert: requests lost at a node kill (only those in flight on the killed
+node, each answered 503 with Retry-After) and after recovery, failures and
 mixed answers during a rolling update, overload answered with fast 503s, in-flight requests
 answered across SIGTERM, rows lost when a node dies mid-job.
 """
 
+import json
 import math
 import sys
 
@@ -39,9 +41,10 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(cluster, digits_artifact):
-    """repmlp-serve --replicas 2 --max-replicas-per-node 1 on the cluster (stopped by the last test)."""
+    """repmlp-serve --replicas 2 --max-replicas-per-node 1 on the cluster (stopped by the last
+    test); --access-log: each replica logs the request ids it starts."""
     process = fault_drill.ServeProcess(cluster.address, digits_artifact, "--replicas", "2",
-                                       "--max-replicas-per-node", "1", "--graceful-shutdown-s", "10")
+                                       "--max-replicas-per-node", "1", "--graceful-shutdown-s", "10", "--access-log")
     yield process
     process.kill()
 
@@ -55,11 +58,17 @@ def versions(digits_artifact, fake_artifact):
 
 def test_replicas_spread_and_a_node_loss_costs_only_in_flight_requests(cluster, server):
     result = fault_drill.node_loss(cluster, server.url, CLIENTS, SECONDS)
-    assert result["placement"] == {"w1": 1, "w2": 1}, result  # one replica per worker, none on the head
-    assert sorted(result["after"].values()) == [1, 1] and "w1" not in result["after"], result
+    shown = json.dumps(result, default=str)  # in full, with the failed requests' ids, statuses and times
+    assert result["placement"] == {"w1": 1, "w2": 1}, shown  # one replica per worker, none on the head
+    assert sorted(result["after"].values()) == [1, 1] and "w1" not in result["after"], shown
     assert result["requests"] > 0
-    assert result["failed_during"] <= result["in_flight_at_kill"], result
-    assert result["failed_after"] == 0, result
+    assert result["started_on_killed_node"] > 0 and result["served_by_killed_node"] > 0, shown  # it did serve
+    # Only requests in flight on the killed node fail, each with the answer that says "retry".
+    assert result["failed_during"] <= result["in_flight_on_killed_node"], shown
+    assert result["failed_not_in_flight_there"] == [], shown
+    assert result["failed_without_retry_after"] == 0, shown
+    assert set(result["failure_reasons"]) <= {"replica_lost"}, shown
+    assert result["failed_after"] == 0, shown
 
 
 def test_a_rolling_update_loses_nothing_and_mixes_nothing(cluster, server, fake_artifact, versions):

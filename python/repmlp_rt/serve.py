@@ -19,7 +19,12 @@ fallback of Serve's proxy, every unknown path (a JSON 404). Routes:
 Every answer to a classify/infer request carries ``X-Batch-Size``: the size of the batch each
 of its images ran in (comma-separated, one per image). Every answer of a model application
 carries ``X-Model-Version``: the first 16 hex digits of the SHA-256 of the artifact file that
-answered. Errors are a 4xx with one JSON line ``{"error": "..."}``; the replica keeps serving.
+answered, and ``X-Served-By``: ``<Ray node id>/<replica id>`` of the replica that answered.
+Errors are a 4xx with one JSON line ``{"error": "..."}``; the replica keeps serving. A request
+no replica could answer (its replica died, or none is ready) gets 503 with ``Retry-After``
+and a JSON line naming the reason, from ``repmlp_rt.serve_retry`` in Serve's proxy; with
+``access_log`` each replica also logs ``started <method> <path>`` (with Serve's request id, the
+client's ``X-Request-ID`` if it sent one) when it takes a request.
 
 Command line: ``repmlp-serve ARTIFACT... [--address ADDR] [--port P]`` (``python -m
 repmlp_rt.serve``); ``repmlp-serve ARTIFACT --update --address ADDR`` replaces a running model
@@ -36,6 +41,7 @@ import binascii
 import hashlib
 import io
 import json
+import logging
 import os
 import signal
 import sys
@@ -48,13 +54,14 @@ import numpy as np
 
 import repmlp_rt
 
-from . import oip
+from . import oip, serve_retry
 from ._cli import add_ray_arguments, init_ray, positive_int
 from .contract import check_model_name, topk_json
 
 try:
     import ray
     from ray import serve
+    from ray.exceptions import RayActorError
     from ray.serve.api import RunTarget
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
@@ -67,9 +74,16 @@ INDEX_APP = "repmlp-index"
 NPY_MEDIA_TYPE = "application/octet-stream"
 SINGLE_INPUT = "body"  # the "input" of a one-image request; images[i] for a JSON list
 VERSION_HEADER = "X-Model-Version"
+SERVED_BY_HEADER = "X-Served-By"
+# Serve's proxies load their middlewares from this variable (set on the controller they inherit from).
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_LOCATIONS = ("EveryNode", "HeadOnly")
 # What a stop may take beyond the replicas' graceful period: Serve deleting the applications.
 SHUTDOWN_MARGIN_S = 10.0
+# How often Serve's controller checks each replica (Serve's default: 10 s). A dead replica
+# counts as gone, and is replaced, at most this long after Ray reports its actor or node dead;
+# until then requests waiting for its model wait, then get 503 (repmlp_rt.serve_retry).
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,10 @@ class ServeOptions:
     # Requests each caller (a proxy) may hold for the model beyond what its replicas take; the
     # excess is answered at once with 503 and Retry-After. None: unbounded (Serve's default).
     max_queued_requests: int | None = None
-    retry_after_s: int = 1
+    retry_after_s: int = 1  # the Retry-After of every 503 (queue full, replica lost, none ready)
+    # Serve's proxies answer requests no replica could answer with 503 + Retry-After
+    # (repmlp_rt.serve_retry); False leaves Serve's own answers (a bare 500, or waiting).
+    retry_answers: bool = True
     max_replicas_per_node: int | None = None  # 1 spreads the replicas over distinct nodes
     graceful_shutdown_s: float = 20.0  # how long a stopping replica lets its requests finish
     proxy_location: str = "EveryNode"
@@ -250,6 +267,9 @@ class ModelDeployment:
                                "deploy it again (repmlp-serve --update)")
         self.spec = spec
         self.options = options
+        context = serve.get_replica_context()
+        self.served_by = f"{ray.get_runtime_context().get_node_id()}/{context.replica_id.unique_id}"
+        self.logger = logging.getLogger("ray.serve") if options.access_log else None
         self.runtime = repmlp_rt.Runtime(spec.path, device=options.device, threads=options.threads,
                                          warmup_batch=options.max_batch_size, gemm=options.gemm)
         self.labels = self.runtime.labels
@@ -304,8 +324,11 @@ class ModelDeployment:
         return True
 
     async def __call__(self, request: Request) -> Response:
+        if self.logger is not None:  # Serve tags the line with the request id (the client's X-Request-ID)
+            self.logger.info("started %s %s", request.method, request.url.path)
         response = await self._route(request)
         response.headers[VERSION_HEADER] = self.spec.version  # which artifact answered, errors included
+        response.headers[SERVED_BY_HEADER] = self.served_by
         return response
 
     async def _route(self, request: Request) -> Response:
@@ -356,10 +379,12 @@ class IndexDeployment:
     through handles), and a JSON 404 for every path no model owns."""
 
     def __init__(self, manifests: dict[str, dict[str, Any]], interfaces: dict[str, oip.ModelInterface] | None = None,
-                 max_body_bytes: int = ServeOptions.max_body_bytes) -> None:
+                 max_body_bytes: int = ServeOptions.max_body_bytes,
+                 retry_after_s: int = ServeOptions.retry_after_s) -> None:
         self.manifests = manifests
         self.interfaces = interfaces or {}
         self.max_body_bytes = max_body_bytes
+        self.retry_after_s = retry_after_s
         self.v2 = oip.V2Router(PROG, self.interfaces, self._v2_infer, self._v2_ready)
 
     async def _v2_infer(self, name: str, items: list[np.ndarray]) -> tuple[np.ndarray, list[int]]:
@@ -378,7 +403,12 @@ class IndexDeployment:
         except RequestError as error:
             return error_response(error.status, str(error))
         headers = {key.lower(): value for key, value in request.headers.items()}
-        status, answer_headers, answer = await self.v2.handle(request.method, request.url.path, headers, body)
+        try:
+            status, answer_headers, answer = await self.v2.handle(request.method, request.url.path, headers, body)
+        except RayActorError:  # the model's replica died while it held the request
+            answer = serve_retry.retry_answer("replica_lost", None, self.retry_after_s)
+            return Response(answer, status_code=503, media_type="application/json",
+                            headers={"Retry-After": str(self.retry_after_s)})
         media = answer_headers.pop("content-type", None)
         return Response(answer, status_code=status, headers=answer_headers, media_type=media)
 
@@ -388,6 +418,12 @@ class IndexDeployment:
         return self.manifests, self.interfaces
 
     async def __call__(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except Exception as error:  # a JSON 500, never a bare one (the proxy's 503 means "retry")
+            return error_response(500, f"{type(error).__name__}: {error}")
+
+    async def _route(self, request: Request) -> Response:
         path = request.url.path.rstrip("/")
         if path == "/v2" or path.startswith("/v2/"):
             return await self._v2(request)
@@ -407,7 +443,7 @@ def index_application(manifests: dict[str, dict[str, Any]], interfaces: dict[str
                       options: ServeOptions) -> tuple[str, str, Any]:
     index = serve.deployment(IndexDeployment, name="index", ray_actor_options={"num_cpus": 0},
                              max_ongoing_requests=1000)
-    return INDEX_APP, "/", index.bind(manifests, interfaces, options.max_body_bytes)
+    return INDEX_APP, "/", index.bind(manifests, interfaces, options.max_body_bytes, options.retry_after_s)
 
 
 def model_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tuple[str, str, Any]]:
@@ -424,6 +460,7 @@ def model_applications(specs: list[ModelSpec], options: ServeOptions) -> list[tu
             backpressure_config={"status_code": 503, "retry_after_s": options.retry_after_s},
             max_replicas_per_node=options.max_replicas_per_node,
             graceful_shutdown_timeout_s=options.graceful_shutdown_s,
+            health_check_period_s=HEALTH_CHECK_PERIOD_S,
             ray_actor_options={"num_cpus": options.threads, "num_gpus": 1 if options.device != "cpu" else 0},
         )
         apps.append((spec.name, f"{API_PREFIX}/{spec.name}", model.bind(spec, options)))
@@ -443,11 +480,22 @@ def _run(apps: list[tuple[str, str, Any]], options: ServeOptions) -> None:
                     for name, prefix, app in apps])
 
 
+def controller_options(options: ServeOptions) -> dict[str, Any] | None:
+    """The Serve controller's environment, inherited by its proxies: the retry answers'
+    middleware (``repmlp_rt.serve_retry``) and their Retry-After. Serve applies it only when it
+    starts the controller: on a cluster where Serve already runs, its proxies keep theirs."""
+    if not options.retry_answers:
+        return None
+    return {"runtime_env": {"env_vars": {PROXY_CALLBACK_ENV: serve_retry.CALLBACK,
+                                         serve_retry.RETRY_AFTER_ENV: str(options.retry_after_s)}}}
+
+
 def deploy(specs: list[ModelSpec], options: ServeOptions, *, host: str = "127.0.0.1", port: int = 8000) -> str:
     """Starts Serve's HTTP proxy on host:port (on an already connected Ray) and deploys every
     application; waits until they are running. Returns the base URL. Where Serve already runs
     on this cluster, its proxy keeps the address it was started with (Serve logs that)."""
-    serve.start(http_options={"host": host, "port": port}, proxy_location=options.proxy_location)
+    serve.start(http_options={"host": host, "port": port}, proxy_location=options.proxy_location,
+                controller_options=controller_options(options))
     _run(build_applications(specs, options), options)
     # Serve has one proxy per cluster: where it already ran, its own address stands. Serve
     # exposes that only through its client object.

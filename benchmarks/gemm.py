@@ -17,7 +17,16 @@ W: N x K weights), each formulation, checked equal to the first before timing:
   mklpack  torch.ops.mkl._mkl_linear on a weight packed once by MKL
   dnnl     torch.ops.mkldnn._linear_pointwise on a weight packed once by oneDNN
 
-  python -m benchmarks.gemm [--threads 1 2] [--rounds 5] [--shapes] [--write]
+The fc3 study (``--fc3``): fc3 of B224's stages with several sharesets (S sharesets of an
+area x area weight, M = batch * channels / S rows each), at batch 1 and 8, in float32 and
+bfloat16, each candidate returning the (M, S * area) rows the block reads next:
+
+  view     baddbmm(b, x_s, W_s.t()) then the transposing copy  what the artifact runs ("aten")
+  kn       the same on W_s.t() copied once to (S, K, N) rows    the plan's "aten-kn"
+  conv     oneDNN's grouped 1x1 convolution on a weight reordered once
+  perset   oneDNN's prepacked linear per shareset, stacked     (4 sharesets only: S calls)
+
+  python -m benchmarks.gemm [--threads 1 2] [--rounds 5] [--shapes] [--fc3] [--write]
 """
 
 import argparse
@@ -96,6 +105,51 @@ def formulations(m: int, k: int, n: int) -> Dict[str, Callable[[], torch.Tensor]
     }
 
 
+# (channels, sharesets, area) of B224's stages 1-3.
+B224_FC3 = [(192, 4, 784), (384, 32, 196), (768, 128, 49)]
+
+
+def fc3_candidates(m: int, sets: int, area: int, dtype: torch.dtype) -> Dict[str, Callable[[], torch.Tensor]]:
+    """The batched fc3 candidates on x (M, S, area) rows, as the block's reshape gives them."""
+    x = torch.randn(m, sets, area).to(dtype)
+    w = (torch.randn(sets, area, area) / area**0.5).to(dtype)  # shareset s: out = x_s @ w[s].t()
+    b = torch.randn(sets, area).to(dtype)
+    kn = w.transpose(1, 2).contiguous()
+    conv_w = torch.ops.mkldnn._reorder_convolution_weight(w.reshape(sets * area, area, 1, 1), [0, 0], [1, 1], [1, 1], sets, [m, sets * area, 1, 1])
+    calls = {
+        "view": lambda: torch.baddbmm(b.unsqueeze(1), x.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1).reshape(m, -1),
+        "kn": lambda: torch.baddbmm(b.unsqueeze(1), x.transpose(0, 1), kn).transpose(0, 1).reshape(m, -1),
+        "conv": lambda: torch.ops.mkldnn._convolution_pointwise(
+            x.reshape(m, -1, 1, 1), conv_w, b.reshape(-1), [0, 0], [1, 1], [1, 1], sets, "none", [], "").reshape(m, -1),
+    }
+    if sets <= 4:
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w[s].contiguous(), m) for s in range(sets)]
+        calls["perset"] = lambda: torch.stack(
+            [torch.ops.mkldnn._linear_pointwise(x[:, s], packed[s], b[s], "none", [], "") for s in range(sets)], 1).reshape(m, -1)
+    return calls
+
+
+def fc3_rows(threads: List[int], rounds: int) -> List[List[object]]:
+    rows = []
+    for count in threads:
+        torch.set_num_threads(count)
+        for dtype in (torch.float32, torch.bfloat16):
+            for channels, sets, area in B224_FC3:
+                for batch in (1, 8):
+                    m = batch * channels // sets
+                    calls = fc3_candidates(m, sets, area, dtype)
+                    with torch.inference_mode():
+                        expected = calls["view"]().float()
+                        for call in calls.values():
+                            torch.testing.assert_close(call().float(), expected, rtol=0.05, atol=0.05 if dtype == torch.bfloat16 else 1e-4)
+                        times = time_rounds(calls, rounds, per_round=3)
+                    cells = {name: f"{statistics.median(t) * 1e3:.3f}" for name, t in times.items()}
+                    rows.append([count, str(dtype).replace("torch.", ""), f"{sets} x {area} x {area}", batch, m,
+                                 *(cells.get(name, "-") for name in ("view", "kn", "conv", "perset"))])
+                    log(f"  {count} thr {dtype} S{sets} A{area} b{batch}: {cells}")
+    return rows
+
+
 def shape_rows(threads: List[int], rounds: int) -> List[List[object]]:
     rows = []
     for count in threads:
@@ -120,6 +174,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="samples of each (interleaved)")
     parser.add_argument("--size", type=int, default=4096, help="n of the n^3 ceiling GEMMs")
     parser.add_argument("--shapes", action="store_true", help="also the B224 shapes study")
+    parser.add_argument("--fc3", action="store_true", help="also the batched fc3 study")
     parser.add_argument("--write", action="store_true", help="append the tables to RESULTS.md")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.size < 1 or min(args.threads) < 1:
@@ -136,6 +191,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         headers = ["threads", "M x K x N", *formulations(2, 2, 2)]
         body += f"\n\nB224's batch-1 GEMMs, ms per call (GFLOP/s), median of {args.rounds} interleaved rounds:\n\n"
         body += markdown_table(headers, shape_rows(args.threads, args.rounds))
+    if args.fc3:
+        body += f"\n\nfc3 with several sharesets, ms per call, median of {args.rounds} interleaved rounds x 3 calls:\n\n"
+        body += markdown_table(["threads", "dtype", "S x K x N", "batch", "rows M", "view (aten)", "kn (aten-kn)", "conv (oneDNN grouped 1x1)", "perset (oneDNN linear per shareset)"],
+                               fc3_rows(args.threads, args.rounds))
     publish("GEMM rates", "benchmarks.gemm", argv, body, args.write)
     return 0
 

@@ -13,6 +13,14 @@ For each int8 GEMM shape of the B224 int8 artifact at batch 8 (x: M x K rows, W:
            fused kernel that quantizes x while packing it and rescales in the GEMM's epilogue;
            one scale for the whole x (so an image's result depends on the rest of its batch)
            and quantized tensors, which torch 2.13 deprecates: measured for reference only
+  onednn   the prepacked int8 linear a load-time rewrite could use (onednn::qlinear_prepack once,
+           onednn::qlinear_pointwise per call, float32 out with the bias fused): one activation
+           scale for the whole x, computed per call here (amax), so it too would change what
+           an artifact computes; its error is measured beside ours
+  dnnlrows the same prepacked kernel keeping the artifact's per-row scheme: x quantized per row
+           as ours does (shifted to unsigned bytes), the kernel run with scale 1 and the weight
+           scales fused, then the row steps and the bias: what a load-time rewrite of the int8
+           GEMMs onto prepacked weights could run without changing what the artifact computes
 
 Prints ms per call and the speed-up over fp32 (interleaved rounds, medians), and each int8
 path's error against a float64 product (max |err| / max |exact|).
@@ -82,6 +90,34 @@ def fbgemm_linear(weight: torch.Tensor, bias: torch.Tensor) -> Optional[Callable
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
+def onednn_linear(ours: Int8Linear, m: int, per_row: bool = False) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """oneDNN's prepacked int8 linear on ``ours``' weight codes and scales (one dynamic
+    activation scale per call, or with ``per_row`` one per row applied after the kernel), or
+    None where this torch or CPU lacks it."""
+    codes, w_scale, bias = ours.weight_t.t().contiguous(), ours.weight_scale, ours.bias
+    w_zero = torch.zeros(codes.shape[0], dtype=torch.long)
+    try:
+        packed = torch.ops.onednn.qlinear_prepack(codes, [m, codes.shape[1]])
+    except (RuntimeError, AttributeError) as exc:
+        print(f"  onednn: not available ({str(exc).splitlines()[0]})")
+        return None
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        codes, row_step = _quantize_rows(x, float(INT8_LEVELS), None)
+        qx = codes.add(128).to(torch.uint8)  # the same codes as unsigned bytes, zero point 128
+        y = torch.ops.onednn.qlinear_pointwise(qx, 1.0, 128, packed, w_scale, w_zero, None, 1.0, 0,
+                                               torch.float32, "none", [], "")
+        return y.mul_(row_step).add_(bias)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        # uint8 activations with zero point 128: the form oneDNN's x86 int8 kernels take.
+        x_scale = float(x.abs().amax()) / 127.0 or 1.0
+        qx = torch.round(x / x_scale).add_(128).clamp_(0, 255).to(torch.uint8)
+        return torch.ops.onednn.qlinear_pointwise(qx, x_scale, 128, packed, w_scale, w_zero, bias, 1.0, 0,
+                                                  torch.float32, "none", [], "")
+    return rows if per_row else call
+
+
 def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
     gen = torch.Generator().manual_seed(m * k + n)
     # Rows of different scales, as pixel vectors are; weights at a conv's init scale.
@@ -97,9 +133,14 @@ def measure(m: int, k: int, n: int, rounds: int) -> Dict[str, Dict[str, float]]:
     fused = fbgemm_linear(weight, bias)
     if fused is not None:
         calls["fbgemm"] = lambda: fused(x)
+    prepacked = onednn_linear(ours, m)
+    if prepacked is not None:
+        calls["onednn"] = lambda: prepacked(x)
+        by_rows = onednn_linear(ours, m, per_row=True)
+        calls["dnnlrows"] = lambda: by_rows(x)
     exact = torch.addmm(bias.double(), x.double(), weight.double().t())
     with torch.inference_mode():
-        errors = {name: output_error(calls[name](), exact)[1] for name in ("fp32", "ours", "fbgemm") if name in calls}
+        errors = {name: output_error(calls[name](), exact)[1] for name in ("fp32", "ours", "fbgemm", "onednn", "dnnlrows") if name in calls}
         times = time_rounds(calls, rounds)
     return {name: {"s": statistics.median(t), "err": errors.get(name, float("nan"))} for name, t in times.items()}
 

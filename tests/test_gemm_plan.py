@@ -32,6 +32,13 @@ def small_bf16_artifact(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def small_int8_artifact(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("gemm") / "small_int8.pt")
+    build_artifact(SMALL_ARCH, img_size=32, num_classes=10, out=path, seed=3, dtype="int8")
+    return path
+
+
 def cache_files(tmp_path):
     folder = tmp_path / "cache" / "repmlp_rt"
     return sorted(folder.glob("*.json")) if folder.exists() else []
@@ -65,9 +72,26 @@ def check_paths(path: str) -> None:
             assert error <= tolerance, (mode, n, error, tolerance, runtime.gemm_plan)
 
 
-@pytest.mark.parametrize("name", ["small_artifact", "digits_artifact", "small_bf16_artifact"])
+@pytest.mark.parametrize("name", ["small_artifact", "digits_artifact", "small_bf16_artifact", "small_int8_artifact"])
 def test_every_path_matches_aten(name, request):
     check_paths(request.getfixturevalue(name))
+
+
+def test_int8_gemms_on_onednn_give_atens_sums(small_int8_artifact, tmp_path):
+    """The int8 GEMMs on oneDNN's packed int8 linear, everything else as built (forced through a
+    cache entry): the same int32 sums, so the same outputs to the last bit."""
+    reference = repmlp_rt.Runtime(small_int8_artifact, threads=2, gemm="aten")
+    cache, data = planned_cache(small_int8_artifact, tmp_path)
+    int8_groups = [group for group in data["plan"] if group.startswith("int8 ")]
+    assert int8_groups, data["plan"]
+    for group, entry in data["plan"].items():
+        entry["path"] = "onednn" if group in int8_groups else "aten"
+    cache.write_text(json.dumps(data))
+    runtime = repmlp_rt.Runtime(small_int8_artifact, threads=2, gemm="auto")
+    assert "from cache" in runtime.gemm_plan and "onednn" in plan_of(runtime), runtime.gemm_plan
+    for n in BATCHES:
+        x = batch(runtime, n)
+        np.testing.assert_array_equal(runtime.infer(x), reference.infer(x))
 
 
 @pytest.mark.parametrize("mode", ["onednn", "mkl-packed"])

@@ -13,7 +13,11 @@
 // weight packed once (mkl::_mkl_linear; float32 only; packed for one row count M, other row
 // counts run MKL's plain GEMM). Batched fc3 has neither library's packed form; its second
 // candidate is ATen's batched GEMM on W_s^T copied once into (S, K, N) rows ("aten-kn"), which
-// few-row batches (batch 1) run faster than the transposed view. Packed weights are
+// few-row batches (batch 1) run faster than the transposed view. The int8 artifact's GEMMs,
+//   aten::_int_mm(codes, Wt) -> aten::to(float)  int8 codes by an int8 (K x N) weight, int32 sums
+// may run as oneDNN's int8 linear on a weight packed once (onednn::qlinear_pointwise with scale
+// 1 and float32 out: the same int32 sums, converted as aten::to converts them; the reorder
+// torch._int_mm makes on every call is made once). Packed weights are
 // machine-specific, so they cannot be saved in the artifact: they are built here, after every
 // load.
 #include "gemm_plan.hpp"
@@ -69,6 +73,7 @@ enum class Form {
   kMatrix,   // linear / addmm: x (M, K)
   kPanels,   // fc3 with one shareset: x (M, K), computed as W @ x^T in panels
   kBatched,  // fc3 with S sharesets: x (S, M, K), W (S, N, K)
+  kInt8,     // torch._int_mm: x (M, K) int8 codes, W (N, K) int8, int32 sums read as float32
 };
 
 // One matrix product of a graph whose weight is a constant.
@@ -79,6 +84,7 @@ struct Site {
   Value* result = nullptr;       // the value the rewrite replaces (fc3: the t() after it)
   Value* input = nullptr;        // x, (M, K); batched: (S, M, K)
   at::Tensor weight;             // W, (N, K) contiguous; batched: (S, N, K)
+  at::Tensor graph_weight;       // int8: the (K, N) operand as the graph passes it
   std::optional<at::Tensor> bias;  // (N); batched: (S, 1, N)
   const void* key = nullptr;     // the weight's data: the same in every method of the module
   std::string group;             // sites of one group share shapes and so the plan
@@ -220,12 +226,37 @@ std::optional<Site> match_batched_fc3(Node* node, c10::ScalarType dtype) {
   return site;
 }
 
+// The int8 artifact's GEMM (python/repmlp/quantize.py): _int_mm(codes, Wt) read back once by
+// aten::to(float32).
+std::optional<Site> match_int8(Node* node) {
+  if (node->kind() != c10::aten::_int_mm || node->inputs().size() != 2) return std::nullopt;
+  auto weight_t = constant_tensor(node->input(1));
+  if (!weight_t || weight_t->dim() != 2 || weight_t->scalar_type() != at::kChar ||
+      !weight_t->device().is_cpu())
+    return std::nullopt;
+  Node* cast = only_use(node->output(), c10::aten::to);
+  if (!cast || cast->inputs().size() < 2 ||
+      !constant_int_is(cast->input(1), static_cast<int64_t>(at::kFloat)))
+    return std::nullopt;
+  Site site;
+  site.form = Form::kInt8;
+  site.node = node;
+  site.input = node->input(0);
+  site.key = weight_t->data_ptr();
+  site.graph_weight = *weight_t;
+  site.weight = weight_t->t().contiguous();
+  site.result = cast->output();
+  site.group = "int8 " + std::to_string(site.weight.size(1)) + "x" + std::to_string(site.weight.size(0));
+  return site;
+}
+
 void find_sites(torch::jit::Block* block, c10::ScalarType dtype, std::vector<Site>& sites) {
   for (Node* node : block->nodes()) {
     for (torch::jit::Block* inner : node->blocks()) find_sites(inner, dtype, sites);
     std::optional<Site> site = match_linear(node, dtype);
     if (!site) site = match_fc3(node, dtype);
     if (!site) site = match_batched_fc3(node, dtype);
+    if (!site) site = match_int8(node);
     if (site) sites.push_back(std::move(*site));
   }
 }
@@ -291,7 +322,15 @@ at::Tensor call_op(const char* name, std::vector<c10::IValue> args) {
 }
 
 at::Tensor onednn_pack(const at::Tensor& weight, int64_t rows) {
+  if (weight.scalar_type() == at::kChar)
+    return call_op("onednn::qlinear_prepack", {weight, std::vector<int64_t>{rows, weight.size(1)}});
   return call_op("mkldnn::_reorder_linear_weight", {weight, rows});
+}
+
+// The per-column scales and zero points of an int8 GEMM that is only to sum: ones and zeros.
+std::pair<at::Tensor, at::Tensor> unit_scales(const Site& site) {
+  const int64_t n = site.weight.size(0);
+  return {at::ones({n}, at::kFloat), at::zeros({n}, at::kLong)};
 }
 at::Tensor mkl_pack(const at::Tensor& weight, int64_t rows) {
   return call_op("mkl::_mkl_reorder_linear_weight", {weight, rows});
@@ -308,6 +347,14 @@ at::Tensor kn_layout(const at::Tensor& weight) { return weight.transpose(1, 2).c
 // One call of `path` for a (rows x K) input, as the rewritten graph would make it.
 at::Tensor run_path(const std::string& path, const Site& site, const Packed& packed,
                     const at::Tensor& x, const std::string& gelu) {
+  if (site.form == Form::kInt8) {
+    if (path != "onednn") return at::_int_mm(x, site.graph_weight).to(at::kFloat);
+    const auto [scales, zeros] = unit_scales(site);
+    return call_op("onednn::qlinear_pointwise",
+                   {x, 1.0, int64_t{0}, packed.onednn, scales, zeros, c10::IValue(), 1.0,
+                    int64_t{0}, static_cast<int64_t>(at::kFloat), std::string("none"),
+                    c10::List<std::optional<at::Scalar>>(), std::string()});
+  }
   const c10::IValue bias = site.bias ? c10::IValue(*site.bias) : c10::IValue();
   if (path == "onednn") {
     c10::List<std::optional<at::Scalar>> scalars;
@@ -366,6 +413,7 @@ bool path_available(const std::string& path, c10::ScalarType dtype,
   if (path == "aten") return true;
   if (path == "aten-kn") return !form || *form == Form::kBatched;
   if (form && *form == Form::kBatched) return false;
+  if (form && *form == Form::kInt8) return path == "onednn" && at::hasMKLDNN();
   if (path == "onednn") return at::hasMKLDNN() && (dtype == at::kFloat || dtype == at::kBFloat16);
   return at::hasMKL() && dtype == at::kFloat;
 }
@@ -391,7 +439,9 @@ std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t
       site.form == Form::kBatched
           ? at::randn({rows, site.weight.size(0), k}, generator, at::kFloat).transpose(0, 1)
           : at::randn({rows, k}, generator, at::kFloat);
-  const at::Tensor input = x.to(site.weight.scalar_type());
+  const at::Tensor input = site.form == Form::kInt8
+                               ? x.mul(40).round_().clamp_(-127, 127).to(at::kChar)
+                               : x.to(site.weight.scalar_type());
   Packed packed;
   packed.mkl_rows = pack_rows;
   std::map<std::string, double> best;
@@ -405,8 +455,9 @@ std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t
       run_path(path, site, packed, input, gelu);  // first call: primitive creation, first touch
       usable.push_back(path);
       best[path] = 1e30;
-    } catch (const c10::Error&) {
-      // This CPU or build cannot run the path for this dtype: it is not a candidate.
+    } catch (const std::exception& e) {
+      // This CPU or build cannot run the path for this GEMM (c10::Error, or oneDNN's own
+      // error type from ideep): it is not a candidate.
     }
   }
   Clock clock;
@@ -488,17 +539,48 @@ Value* insert_constant(Graph& graph, const c10::IValue& value) {
 // Packed weights, shared by every method that reads the same weight.
 using PackCache = std::map<std::pair<const void*, std::string>, at::Tensor>;
 
-void rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
+// _int_mm + aten::to(float) -> oneDNN's int8 linear on the packed weight, float32 out.
+void rewrite_int8(Graph& graph, const Site& site, Value* packed) {
+  const auto [scales, zeros] = unit_scales(site);
+  Value* scale_values = insert_tensor_constant(graph, scales);
+  Value* zero_values = insert_tensor_constant(graph, zeros);
+  torch::jit::WithInsertPoint point(site.node);
+  Node* no_scalars =
+      graph.insertNode(graph.createList(c10::OptionalType::create(c10::NumberType::get()), {}));
+  Node* call = graph.create(
+      c10::Symbol::fromQualString("onednn::qlinear_pointwise"),
+      {site.input, insert_constant(graph, 1.0), insert_constant(graph, int64_t{0}), packed,
+       scale_values, zero_values, insert_constant(graph, c10::IValue()),
+       insert_constant(graph, 1.0), insert_constant(graph, int64_t{0}),
+       insert_constant(graph, static_cast<int64_t>(at::kFloat)),
+       insert_constant(graph, std::string("none")), no_scalars->output(),
+       insert_constant(graph, std::string())});
+  call->output()->setType(c10::TensorType::get());
+  graph.insertNode(call);
+  site.result->replaceAllUsesWith(call->output());  // the int32 sums and their cast go
+}
+
+// Whether the site was rewritten: false, leaving it as built, where this torch build cannot
+// pack its weight for the path (a pinned mode, or a cache written by another build).
+bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
   at::Tensor& packed = packs[{site.key, choice.path}];
   if (choice.path == "aten-kn") {  // the same batched GEMM, reading the (S, K, N) copy
     if (!packed.defined()) packed = kn_layout(site.weight);
     site.node->replaceInput(2, insert_tensor_constant(graph, packed));
-    return;
+    return true;
   }
   const bool onednn = choice.path == "onednn";
-  if (!packed.defined())
-    packed = onednn ? onednn_pack(site.weight, choice.rows) : mkl_pack(site.weight, choice.rows);
+  try {
+    if (!packed.defined())
+      packed = onednn ? onednn_pack(site.weight, choice.rows) : mkl_pack(site.weight, choice.rows);
+  } catch (const c10::Error&) {
+    return false;
+  }
   Value* weight = insert_tensor_constant(graph, packed);
+  if (site.form == Form::kInt8) {
+    rewrite_int8(graph, site, weight);
+    return true;
+  }
   Value* bias = site.bias ? insert_tensor_constant(graph, *site.bias)
                           : insert_constant(graph, c10::IValue());
   // After the site's own node, before its readers (fc3: before the reshape that reads it).
@@ -525,6 +607,7 @@ void rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCach
   graph.insertNode(call);
   // fc3's read-back and a fused GELU lose their readers; dead code elimination drops them.
   replaced->replaceAllUsesWith(call->output());
+  return true;
 }
 
 // ---- The cache.
@@ -726,7 +809,9 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
   for (auto& [graph, sites] : methods) {
     for (const Site& site : sites) {
       auto it = plan.find(site.group);
-      if (it != plan.end() && it->second.path != "aten") rewrite_site(*graph, site, it->second, packs);
+      if (it != plan.end() && it->second.path != "aten" &&
+          !rewrite_site(*graph, site, it->second, packs))
+        it->second = Choice{};  // every site of a group shares its weight's packability
     }
     torch::jit::EliminateDeadCode(graph);
   }

@@ -2,7 +2,8 @@
 """Per-operator time of B224 artifacts (torch profiler) next to ONNX Runtime's and OpenVINO's.
 
 Every side runs the same fused graph on the same input with the same thread count and batch:
-each artifact via torch.jit.load, executor optimization off as in the C++ runtime; ONNX Runtime
+each artifact via torch.jit.load, executor optimization off as in the C++ runtime (with
+``--gemm MODE``: through repmlp_rt.Runtime with that GEMM plan, the graph the runtime runs); ONNX Runtime
 on the ONNX export of the fused model (bench.py's (g)); OpenVINO's CPU plugin on the same ONNX
 with each precision hint given (its per-node counters, grouped by node type and the kernel it
 chose, which shows the precision each layer really ran in). Prints the most expensive rows of
@@ -41,10 +42,17 @@ def print_rows(title: str, groups: Rows, runs: int, batch: int, rows: int) -> No
         print(f"  {ms / scale:7.2f}  {key[0]:28s} x{count // runs:<3d} {key[1]}")
 
 
-def profile_torch(path: str, x: np.ndarray, runs: int, by_op: bool) -> Rows:
-    with quiet_jit():
-        module = torch.jit.load(path).eval()
-    inputs = torch.from_numpy(x)
+def profile_torch(path: str, x: np.ndarray, runs: int, by_op: bool, gemm: Optional[str] = None) -> Rows:
+    if gemm is None:
+        with quiet_jit():
+            module = torch.jit.load(path).eval()
+        inputs = torch.from_numpy(x)
+    else:  # the runtime's own graph, rewritten by its GEMM plan (same process, same profiler)
+        import repmlp_rt
+
+        runtime = repmlp_rt.Runtime(path, threads=torch.get_num_threads(), gemm=gemm)
+        print(f"  {os.path.basename(path)}: {runtime.gemm_plan.split(';')[0]}")
+        module, inputs = runtime.infer, x
     with torch.inference_mode(), torch.jit.optimized_execution(False):
         for _ in range(2):
             module(inputs)
@@ -105,6 +113,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--rows", type=int, default=16)
     parser.add_argument("--by-op", action="store_true", help="one row per operator, shapes merged")
+    parser.add_argument("--gemm", choices=("auto", "aten", "onednn", "mkl-packed"),
+                        help="profile the artifacts through repmlp_rt with this GEMM plan")
     args = parser.parse_args(argv)
     if not args.artifact and not args.onnx:
         parser.error("give --artifact and/or --onnx")
@@ -126,8 +136,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     x = np.random.default_rng(0).standard_normal((args.batch, *shape)).astype(np.float32)
     print(f"{host_line()}; batch {args.batch}, {args.threads} thread(s), {args.runs} runs; ms per image, self time per row")
     for path in args.artifact:
-        groups = profile_torch(path, x, args.runs, args.by_op)
-        print_rows(f"torch {torch.__version__}, {os.path.basename(path)}", groups, args.runs, args.batch, args.rows)
+        groups = profile_torch(path, x, args.runs, args.by_op, args.gemm)
+        plan = f", repmlp_rt gemm={args.gemm}" if args.gemm else ""
+        print_rows(f"torch {torch.__version__}, {os.path.basename(path)}{plan}", groups, args.runs, args.batch, args.rows)
     if args.onnx and not args.no_ort:
         import onnxruntime as ort
 

@@ -10,8 +10,9 @@
 // Each is a GEMM x (M x K) by W^T (K x N). A site may run as it is (ATen: MKL for float32,
 // oneDNN for bfloat16), as oneDNN's linear on a weight reordered once for this CPU
 // (mkldnn::_linear_pointwise, with a following GELU fused), or as MKL's packed GEMM on a
-// weight packed once (mkl::_mkl_linear; float32 only; packed for one row count M, other row
-// counts run MKL's plain GEMM). Batched fc3 has neither library's packed form; its second
+// weight packed once (mkl::_mkl_linear; float32 only; a packed copy per row count that a served
+// batch size gives the GEMM most often, chosen by row count at run time; other row counts run
+// MKL's plain GEMM). Batched fc3 has neither library's packed form; its second
 // candidate is ATen's batched GEMM on W_s^T copied once into (S, K, N) rows ("aten-kn"), which
 // few-row batches (batch 1) run faster than the transposed view. The int8 artifact's GEMMs,
 //   aten::_int_mm(codes, Wt) -> aten::to(float)  int8 codes by an int8 (K x N) weight, int32 sums
@@ -42,6 +43,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <map>
 #include <optional>
@@ -63,7 +65,7 @@ using torch::jit::Node;
 using torch::jit::Value;
 using nlohmann::json;
 
-constexpr int kPlanFormat = 2;
+constexpr int kPlanFormat = 3;
 // What RuntimeOptions::gemm may pin; "aten-kn" (batched fc3 only) is one more path auto may pick.
 const char* const kPaths[] = {"aten", "onednn", "mkl-packed"};
 const char* const kPlanPaths[] = {"aten", "onednn", "mkl-packed", "aten-kn"};
@@ -393,11 +395,12 @@ std::string gelu_approximation(const Site& site) {
 
 struct Choice {
   std::string path = "aten";
-  int64_t rows = 1;
+  // Row counts to pack for (mkl-packed: one packed copy each; onednn: the first is a hint).
+  std::vector<int64_t> rows{1};
 };
 using Plan = std::map<std::string, Choice>;
 
-// The most frequent row count of a group's calls (ties: the larger), for packing.
+// The most frequent row count of a group's calls (ties: the larger).
 int64_t usual_rows(const std::vector<int64_t>& rows) {
   std::map<int64_t, int64_t> count;
   for (int64_t m : rows) ++count[m];
@@ -408,6 +411,17 @@ int64_t usual_rows(const std::vector<int64_t>& rows) {
 }
 
 // Whether `path` can run `form` (nullopt form: any site of the graph).
+// The row counts to pack a group for: each served batch size's most frequent one, batch 1's
+// first (at most one per batch size: each is one more copy of the weight under mkl-packed).
+std::vector<int64_t> pack_rows_of(const std::map<int64_t, std::vector<int64_t>>& by_batch) {
+  std::vector<int64_t> out;
+  for (const auto& [batch, ms] : by_batch) {
+    const int64_t m = usual_rows(ms);
+    if (std::find(out.begin(), out.end(), m) == out.end()) out.push_back(m);
+  }
+  return out.empty() ? std::vector<int64_t>{1} : out;
+}
+
 bool path_available(const std::string& path, c10::ScalarType dtype,
                     std::optional<Form> form = std::nullopt) {
   if (path == "aten") return true;
@@ -491,14 +505,15 @@ Plan measure_plan(const std::vector<Site>& sites, const RowCounts& counts,
       plan[site.group] = Choice{};
       continue;
     }
-    std::vector<int64_t> all;
-    for (const auto& [batch, ms] : it->second) all.insert(all.end(), ms.begin(), ms.end());
-    const int64_t pack_rows = usual_rows(all);
+    const std::vector<int64_t> pack_rows = pack_rows_of(it->second);
     std::map<int64_t, std::map<std::string, double>> by_rows;
     std::map<std::string, double> per_image;
     for (const auto& [batch, ms] : it->second)
       for (int64_t m : ms) {
-        if (!by_rows.count(m)) by_rows[m] = time_paths(site, m, pack_rows, paths);
+        // Timed as the rewrite will run it: packed for m where m is one of the packed counts.
+        const bool packed_for_m = std::find(pack_rows.begin(), pack_rows.end(), m) != pack_rows.end();
+        if (!by_rows.count(m))
+          by_rows[m] = time_paths(site, m, packed_for_m ? m : pack_rows.front(), paths);
         for (const auto& [path, seconds] : by_rows[m]) per_image[path] += seconds / batch;
       }
     Choice choice;
@@ -539,6 +554,43 @@ Value* insert_constant(Graph& graph, const c10::IValue& value) {
 // Packed weights, shared by every method that reads the same weight.
 using PackCache = std::map<std::pair<const void*, std::string>, at::Tensor>;
 
+// mkl::_mkl_linear on the copy packed for the call's row count: with one count, one call
+// (other counts run MKL's plain GEMM inside it); with more, prim::If on the row count, the last
+// branch also taking every count not packed for. Returns the node, not yet inserted.
+Node* mkl_linear_by_rows(Graph& graph, const Site& site, const std::vector<int64_t>& rows,
+                         Value* first_packed, Value* bias, PackCache& packs) {
+  Value* original = insert_tensor_constant(graph, site.weight);
+  auto packed_for = [&](size_t i) {
+    if (i == 0) return first_packed;
+    at::Tensor& copy = packs[{site.key, "mkl-packed " + std::to_string(rows[i])}];
+    if (!copy.defined()) copy = mkl_pack(site.weight, rows[i]);
+    return insert_tensor_constant(graph, copy);
+  };
+  auto linear = [&](size_t i) {
+    return graph.create(c10::Symbol::fromQualString("mkl::_mkl_linear"),
+                        {site.input, packed_for(i), original, bias, insert_constant(graph, rows[i])});
+  };
+  if (rows.size() == 1) return linear(0);
+  // if m == rows[1]: packed for rows[1] elif m == rows[2]: ... else: packed for rows[0]
+  Value* m = graph.insert(c10::aten::size, {site.input, int64_t{0}});
+  std::function<Node*(size_t)> branch = [&](size_t i) -> Node* {
+    if (i == rows.size()) return linear(0);
+    Value* is_i = graph.insert(c10::aten::eq, {m, rows[i]});
+    Node* choose = graph.create(c10::prim::If, {is_i}, 1);
+    choose->output()->setType(c10::TensorType::get());
+    for (size_t side = 0; side < 2; ++side) {
+      torch::jit::Block* block = choose->addBlock();
+      torch::jit::WithInsertPoint inside(block);
+      Node* call = side == 0 ? linear(i) : branch(i + 1);
+      call->output()->setType(c10::TensorType::get());
+      block->appendNode(call);
+      block->registerOutput(call->output());
+    }
+    return choose;
+  };
+  return branch(1);
+}
+
 // _int_mm + aten::to(float) -> oneDNN's int8 linear on the packed weight, float32 out.
 void rewrite_int8(Graph& graph, const Site& site, Value* packed) {
   const auto [scales, zeros] = unit_scales(site);
@@ -563,7 +615,7 @@ void rewrite_int8(Graph& graph, const Site& site, Value* packed) {
 // Whether the site was rewritten: false, leaving it as built, where this torch build cannot
 // pack its weight for the path (a pinned mode, or a cache written by another build).
 bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
-  at::Tensor& packed = packs[{site.key, choice.path}];
+  at::Tensor& packed = packs[{site.key, choice.path + " " + std::to_string(choice.rows.front())}];
   if (choice.path == "aten-kn") {  // the same batched GEMM, reading the (S, K, N) copy
     if (!packed.defined()) packed = kn_layout(site.weight);
     site.node->replaceInput(2, insert_tensor_constant(graph, packed));
@@ -572,8 +624,9 @@ bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCach
   const bool onednn = choice.path == "onednn";
   try {
     if (!packed.defined())
-      packed = onednn ? onednn_pack(site.weight, choice.rows) : mkl_pack(site.weight, choice.rows);
-  } catch (const c10::Error&) {
+      packed = onednn ? onednn_pack(site.weight, choice.rows.front())
+                      : mkl_pack(site.weight, choice.rows.front());
+  } catch (const std::exception&) {
     return false;
   }
   Value* weight = insert_tensor_constant(graph, packed);
@@ -598,10 +651,7 @@ bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCach
                          fuse ? site.gelu->input(1) : insert_constant(graph, std::string())});
     if (fuse) replaced = site.gelu->output();
   } else {
-    Value* original = insert_tensor_constant(graph, site.weight);
-    call = graph.create(c10::Symbol::fromQualString("mkl::_mkl_linear"),
-                        {site.input, weight, original, bias,
-                         insert_constant(graph, choice.rows)});
+    call = mkl_linear_by_rows(graph, site, choice.rows, weight, bias, packs);
   }
   call->output()->setType(c10::TensorType::get());
   graph.insertNode(call);
@@ -655,9 +705,12 @@ std::optional<Plan> read_cache(const std::filesystem::path& file, const json& ke
     if (cache.key != key.dump()) throw std::runtime_error("was written for another key");
     Plan plan;
     for (const auto& [group, entry] : cache.plan) {
+      const bool rows_ok = !entry.rows.empty() && entry.rows.size() <= 8 &&
+                           std::all_of(entry.rows.begin(), entry.rows.end(), [](int64_t r) {
+                             return r >= 1 && r <= (int64_t{1} << 32);
+                           });
       if (std::find(std::begin(kPlanPaths), std::end(kPlanPaths), entry.path) ==
-              std::end(kPlanPaths) ||
-          entry.rows < 1 || entry.rows > (int64_t{1} << 32))
+              std::end(kPlanPaths) || !rows_ok)
         throw std::runtime_error("names an unknown path or row count");
       plan[group] = Choice{entry.path, entry.rows};
     }
@@ -789,18 +842,14 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
     // stays as built), packed for the row count it sees most often.
     std::map<std::string, Form> groups;
     for (const Site& site : all) groups[site.group] = site.form;
-    std::map<std::string, int64_t> rows;
-    if (request.mode == "mkl-packed") {
+    std::map<std::string, std::vector<int64_t>> rows;
+    if (request.mode == "mkl-packed")
       for (const auto& [group, by_batch] :
-           observe_rows(module, forward, forward_sites, dtype, batches)) {
-        std::vector<int64_t> ms;
-        for (const auto& [batch, m] : by_batch) ms.insert(ms.end(), m.begin(), m.end());
-        rows[group] = usual_rows(ms);
-      }
-    }
+           observe_rows(module, forward, forward_sites, dtype, batches))
+        rows[group] = pack_rows_of(by_batch);
     for (const auto& [group, form] : groups)
       plan[group] = path_available(request.mode, dtype, form)
-                        ? Choice{request.mode, rows.count(group) ? rows[group] : 1}
+                        ? Choice{request.mode, rows.count(group) ? rows[group] : std::vector<int64_t>{1}}
                         : Choice{};
     source = "pinned";
   }

@@ -131,10 +131,11 @@ PlanCache parse_plan_cache(const std::string& text) {
   for (const auto& [group, entry] : root["plan"].items()) {
     const std::optional<std::string> path =
         entry.is_object() && entry.contains("path") ? as_string(entry["path"]) : std::nullopt;
-    const std::optional<int64_t> rows =
-        entry.is_object() && entry.contains("rows") ? as_int(entry["rows"]) : std::nullopt;
+    const std::optional<std::vector<int64_t>> rows =
+        entry.is_object() && entry.contains("rows") ? as_list<int64_t>(entry["rows"], as_int)
+                                                    : std::nullopt;
     if (!path || !rows)
-      throw std::runtime_error("has an entry without a string 'path' and an integer 'rows'");
+      throw std::runtime_error("has an entry without a string 'path' and a list of integer 'rows'");
     cache.plan[group] = PlanCacheEntry{*path, *rows};
   }
   return cache;

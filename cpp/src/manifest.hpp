@@ -53,10 +53,10 @@ struct Digest {
 Digest parse_digest(const std::string& path, const std::string& text);
 
 // A GEMM plan cache file: the key it was written for (compact JSON text, as
-// nlohmann::json::dump() writes it) and, per GEMM group, the path and the row count packed for.
+// nlohmann::json::dump() writes it) and, per GEMM group, the path and the row counts packed for.
 struct PlanCacheEntry {
   std::string path;
-  int64_t rows = 0;
+  std::vector<int64_t> rows;
 };
 struct PlanCache {
   std::string key;

@@ -112,14 +112,14 @@ TEST(Manifest, DigestRecord) {
 TEST(Manifest, PlanCache) {
   using repmlp_rt::detail::parse_plan_cache;
   const auto cache = parse_plan_cache(
-      R"({"key": {"threads": 2, "cpu": {"name": "x"}}, "plan": {"gemm 96x384 float": {"path": "onednn", "rows": 512}}})");
+      R"({"key": {"threads": 2, "cpu": {"name": "x"}}, "plan": {"gemm 96x384 float": {"path": "onednn", "rows": [512, 64]}}})");
   EXPECT_EQ(cache.key, R"({"cpu":{"name":"x"},"threads":2})");  // compact, keys sorted
   ASSERT_EQ(cache.plan.size(), 1u);
   EXPECT_EQ(cache.plan.at("gemm 96x384 float").path, "onednn");
-  EXPECT_EQ(cache.plan.at("gemm 96x384 float").rows, 512);
+  EXPECT_EQ(cache.plan.at("gemm 96x384 float").rows, (std::vector<int64_t>{512, 64}));
   EXPECT_THROW(parse_plan_cache(""), std::runtime_error);
   EXPECT_THROW(parse_plan_cache(R"({"key": 1})"), std::runtime_error);
-  EXPECT_THROW(parse_plan_cache(R"({"key": 1, "plan": {"g": {"path": "aten", "rows": "8"}}})"),
+  EXPECT_THROW(parse_plan_cache(R"({"key": 1, "plan": {"g": {"path": "aten", "rows": 8}}})"),
                std::runtime_error);
   EXPECT_THROW(parse_plan_cache(R"({"key": 1, "plan": {"g": 3}})"), std::runtime_error);
 }

@@ -151,7 +151,7 @@ def measure_artifact(artifact: str, args: argparse.Namespace, port: int) -> dict
     specs = rt_serve.load_specs([artifact])
     options = rt_serve.ServeOptions(max_batch_size=batch, batch_wait_ms=args.batch_wait_ms,
                                     max_ongoing_requests=args.max_ongoing_requests or max(batch, concurrency),
-                                    threads=args.threads)
+                                    threads=args.threads, retry_answers=not args.no_retry_answers)
     url = rt_serve.deploy(specs, options, port=port)
     endpoint = f"{url}/v1/models/{specs[0].name}/classify"
     asyncio.run(load(endpoint, image, 2 * batch, batch))  # warm the proxy and the replica
@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="per replica (default: the concurrency; Serve's own default of 5 caps batches at 5)")
     p.add_argument("--rounds", type=int, default=3, help="alternations of the direct and the Serve phase")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--no-retry-answers", action="store_true",
+                   help="serve without repmlp_rt.serve_retry in the proxies (to measure its cost)")
     args = p.parse_args(argv)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

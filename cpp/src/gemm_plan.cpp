@@ -410,7 +410,6 @@ int64_t usual_rows(const std::vector<int64_t>& rows) {
   return best;
 }
 
-// Whether `path` can run `form` (nullopt form: any site of the graph).
 // The row counts to pack a group for: each served batch size's most frequent one, batch 1's
 // first (at most one per batch size: each is one more copy of the weight under mkl-packed).
 std::vector<int64_t> pack_rows_of(const std::map<int64_t, std::vector<int64_t>>& by_batch) {
@@ -422,6 +421,7 @@ std::vector<int64_t> pack_rows_of(const std::map<int64_t, std::vector<int64_t>>&
   return out.empty() ? std::vector<int64_t>{1} : out;
 }
 
+// Whether `path` can run `form` (nullopt form: any site of the graph).
 bool path_available(const std::string& path, c10::ScalarType dtype,
                     std::optional<Form> form = std::nullopt) {
   if (path == "aten") return true;
@@ -469,7 +469,7 @@ std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t
       run_path(path, site, packed, input, gelu);  // first call: primitive creation, first touch
       usable.push_back(path);
       best[path] = 1e30;
-    } catch (const std::exception& e) {
+    } catch (const std::exception&) {
       // This CPU or build cannot run the path for this GEMM (c10::Error, or oneDNN's own
       // error type from ideep): it is not a candidate.
     }

@@ -1,12 +1,13 @@
 """Fault drill for repmlp-serve and repmlp-classify on a local multi-node Ray cluster.
 
-    python -m benchmarks.fault_drill [--artifact digits.pt] [--clients 8] [--seconds 12]
+    python -m benchmarks.fault_drill [--artifact digits.pt] [--clients 8] [--seconds 12] [--scenarios ...]
 
 A head (no CPUs: it runs Ray's and Serve's control actors and the HTTP proxy) and two worker
 nodes (one logical CPU and a custom resource ``node_<name>`` each) on 127.0.0.1, started with
 ``ray.cluster_utils.Cluster``. Under a steady load of HTTP clients it injects the faults a
 serving system meets: a worker node killed (and a fresh one joining), a rolling update, an
-update whose artifact fails its self-check, a burst past the queue bound, SIGTERM; then a
+update whose artifact fails its self-check, SIGTERM, the node of a model's only replica killed
+while no other node has room for it, a burst past the queue bound; then a
 ``repmlp-classify`` job that loses a node mid-job. Prints one table. The scenarios are plain
 functions returning their counts; tests/test_cluster_faults.py runs them and asserts them.
 
@@ -46,6 +47,7 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled", "RAY_ENA
 # A node counts as dead after 3 missed health checks 0.5 s apart (Ray's defaults: 5 x 3 s).
 HEALTH_CHECKS = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}
 MODEL = "digits"
+INDEX_APP = "repmlp-index"  # repmlp_rt.serve.INDEX_APP (imported there with Ray Serve)
 
 
 def free_port() -> int:
@@ -132,17 +134,31 @@ class Record:
 
 @dataclass
 class Load:
-    """``clients`` threads posting one PNG each to the classify route until ``stop``."""
+    """``clients`` threads posting one PNG each to the classify route until ``stop``; with
+    ``route="v2"``, one Open Inference Protocol infer request each (a JSON ``INPUT__0`` of
+    zeros, shaped from the model's v2 metadata) instead. ``honor_retry_after``: after a 503
+    with ``Retry-After``, a client waits that long (at most 5 s) before its next request, as
+    docs/SERVING.md tells clients to. Request ids are ``<prefix><client>-<n>``."""
 
     url: str
     clients: int = 8
     timeout_s: float = 30.0
+    route: str = "classify"
+    honor_retry_after: bool = False
+    prefix: str = "c"
     records: list[Record] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.host, port = self.url.split("//")[1].split(":")
         self.port = int(port)
-        self.images = [open(path, "rb").read() for path in DIGIT_PNGS]
+        if self.route == "v2":
+            self.path, self.content_type = f"/v2/models/{MODEL}/infer", "application/json"
+            self.images = [v2_zeros_body(self.host, self.port)]
+        elif self.route == "classify":
+            self.path, self.content_type = f"/v1/models/{MODEL}/classify", "image/png"
+            self.images = [open(path, "rb").read() for path in DIGIT_PNGS]
+        else:
+            raise ValueError(f"route must be classify or v2, got {self.route!r}")
         self.done = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(self.clients)]
 
@@ -164,18 +180,36 @@ class Load:
             i += self.clients
             sent += 1
             connection = connection or http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
-            record = send(connection, f"/v1/models/{MODEL}/classify", self.images[image], f"c{index}-{sent}")
+            record = send(connection, self.path, self.images[image], f"{self.prefix}{index}-{sent}",
+                          self.content_type)
             record.answer = (image, record.answer)
             self.records.append(record)
             if record.status == 0:
                 connection.close()
                 connection = None
                 time.sleep(0.05)
+            elif record.status == 503 and self.honor_retry_after and record.retry_after.isdigit():
+                self.done.wait(min(5, int(record.retry_after)))
 
 
-def send(connection: http.client.HTTPConnection, path: str, body: bytes, request_id: str = "") -> Record:
+def v2_zeros_body(host: str, port: int) -> bytes:
+    """A v2 infer request of one ``INPUT__0`` row of zeros, shaped from ``GET /v2/models/<MODEL>``."""
+    connection = http.client.HTTPConnection(host, port, timeout=30)
+    connection.request("GET", f"/v2/models/{MODEL}")
+    response = connection.getresponse()
+    metadata = json.loads(response.read())
+    connection.close()
+    if response.status != 200:
+        raise RuntimeError(f"GET /v2/models/{MODEL}: {response.status} {metadata}")
+    dims = next(spec["shape"][1:] for spec in metadata["inputs"] if spec["name"] == "INPUT__0")
+    tensor = {"name": "INPUT__0", "datatype": "FP32", "shape": [1, *dims], "data": [0.0] * math.prod(dims)}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def send(connection: http.client.HTTPConnection, path: str, body: bytes, request_id: str = "",
+         content_type: str = "image/png") -> Record:
     start = time.monotonic()
-    headers = {"Content-Type": "image/png", **({"X-Request-ID": request_id} if request_id else {})}
+    headers = {"Content-Type": content_type, **({"X-Request-ID": request_id} if request_id else {})}
     try:
         connection.request("POST", path, body, headers)
         response = connection.getresponse()
@@ -270,13 +304,13 @@ def same_answer(answer: dict[str, Any], expected: list[tuple[int, float]], rtol:
         math.isclose(s, e, rel_tol=rtol, abs_tol=1e-6) for (_, s), (_, e) in zip(got, expected))
 
 
-def replica_placement(cluster: LocalCluster, app: str = MODEL) -> dict[str, list[str]]:
+def replica_placement(cluster: LocalCluster, app: str = MODEL, deployment: str = "model") -> dict[str, list[str]]:
     """Worker name -> ids of the live replicas of ``app`` there (from the actors' node ids)."""
     import ray
 
     names = cluster.node_names()
     placement: dict[str, list[str]] = {}
-    prefix = f"SERVE_REPLICA::{app}#model#"
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
     for actor in ray.util.list_named_actors(all_namespaces=True):
         if not actor["name"].startswith(prefix):
             continue
@@ -286,9 +320,9 @@ def replica_placement(cluster: LocalCluster, app: str = MODEL) -> dict[str, list
     return placement
 
 
-def replica_nodes(cluster: LocalCluster, app: str = MODEL) -> dict[str, int]:
+def replica_nodes(cluster: LocalCluster, app: str = MODEL, deployment: str = "model") -> dict[str, int]:
     """Worker name -> live replicas of ``app`` there."""
-    return {name: len(ids) for name, ids in replica_placement(cluster, app).items()}
+    return {name: len(ids) for name, ids in replica_placement(cluster, app, deployment).items()}
 
 
 STARTED_LINE = re.compile(r" (\S+) -- started ")
@@ -355,6 +389,132 @@ def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> 
             "recovery_s": recovered - killed, "errors": sorted({(r.status, r.error[:80]) for r in failed})[:5],
             "failed_requests": [(r.request_id, r.status, r.reason, round(r.start - killed, 3), round(r.end - killed, 3),
                                  r.request_id in started) for r in failed][:20]}
+
+
+# The bounds no_replica documents and the tests assert. A request sent once the proxy knows
+# the model has no running replica (it reads the controller every 0.5 s; one second after the
+# controller reports none) is refused at once, from the proxy's own view: REFUSED_AT_ONCE_S.
+# A request waiting when the node died (or sent before anyone knew) is answered 503 once Ray
+# has declared the node dead (3 missed checks 0.5 s apart here) and Serve's controller has
+# checked the replica (every 2 s) and the proxy has read that (0.5 s): about 4 s, with the
+# killed node's worker processes lingering about a second; WAIT_BOUND_S leaves room for a
+# loaded two-core host and stays far below the clients' 30 s time-out.
+KNOWN_DOWN_MARGIN_S = 1.0
+REFUSED_AT_ONCE_S = 1.0
+WAIT_BOUND_S = 10.0
+
+
+def hold_workers(cluster: LocalCluster, names: list[str]) -> list[Any]:
+    """One placeholder actor holding all the logical CPUs of each worker in ``names`` (pinned by
+    the node's custom resource), so no replica can start there; ``ray.kill`` them to free it."""
+    import ray
+
+    @ray.remote
+    class Placeholder:
+        def node(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    actors = [Placeholder.options(num_cpus=cluster.worker_cpus, resources={f"node_{name}": 1}).remote()
+              for name in names]
+    ray.get([actor.node.remote() for actor in actors], timeout=120)
+    return actors
+
+
+def no_replica(cluster: LocalCluster, url: str, clients: int, seconds: float, v2_clients: int = 2,
+               refusing_s: float = 3.0) -> dict[str, Any]:
+    """A model served by one replica (``--replicas 1 --access-log``) loses it: the worker
+    holding it is killed while every other worker's CPUs are held by placeholder actors, so
+    Serve has nowhere to re-create it; ``refusing_s`` after the controller reports no replica
+    running, a fresh worker joins and the replica starts there. Under load: ``clients`` on
+    ``/v1/.../classify`` and ``v2_clients`` on ``/v2/models/<name>/infer`` (through the index
+    application), all honouring ``Retry-After``. Each failure is classed by when it was sent:
+    before the proxy could know (waiting at the kill: ``replica_lost`` or ``no_replica_ready``
+    within ``WAIT_BOUND_S``), or after (``no_replica_ready`` within ``REFUSED_AT_ONCE_S``).
+    Recovery: the first 200 to a request sent after the new worker joined."""
+    import ray
+
+    replicas = replica_placement(cluster)
+    if sum(map(len, replicas.values())) != 1:
+        raise RuntimeError(f"expected a model with one replica, got {replicas}")
+    victim = next(iter(replicas))
+    index_before = replica_nodes(cluster, INDEX_APP, "index")
+    blockers = hold_workers(cluster, sorted(name for name in cluster.workers if name != victim))
+    load = Load(url, clients, honor_retry_after=True).start()
+    v2 = Load(url, v2_clients, route="v2", honor_retry_after=True, prefix="v").start()
+    try:
+        time.sleep(seconds / 3)
+        killed = time.monotonic()
+        cluster.kill(victim)
+        kill_done = time.monotonic()
+        while running_replicas() > 0 and time.monotonic() - killed < 60:
+            time.sleep(0.1)
+        down = time.monotonic()  # the controller reports no running replica
+        time.sleep(refusing_s)
+        joined = time.monotonic()
+        cluster.add_worker()
+        while running_replicas() < 1 and time.monotonic() - joined < 120:
+            time.sleep(0.2)
+        running = time.monotonic()
+        time.sleep(seconds / 2)
+    finally:
+        records, v2_records = load.stop(), v2.stop()
+        after = replica_nodes(cluster)
+        for actor in blockers:
+            ray.kill(actor)
+    deadline = time.monotonic() + 30  # the placeholders' CPUs free again, for the next scenario
+    while ray.available_resources().get("CPU", 0) < len(blockers) * cluster.worker_cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+    both = [("v1", r) for r in records] + [("v2", r) for r in v2_records]
+    ok_after_join = [r.end for _, r in both if r.status == 200 and r.start >= joined]
+    recovered = min(ok_after_join, default=math.inf)
+    known = down + KNOWN_DOWN_MARGIN_S
+    failed = [(route, r) for route, r in both if r.status != 200]
+    during = [(route, r) for route, r in failed if r.start < recovered]
+    # In flight at the kill or sent before the proxy could know, whatever their answer.
+    waiting = [r for _, r in both if r.start < known and r.end > killed]
+    refused = [r for _, r in during if r.start >= known]
+    # Sent while no replica could exist (the new worker had not joined): all must be refused.
+    while_down = [r for _, r in both if known <= r.start < joined]
+    started = started_requests(cluster.session_dir, replicas[victim])
+    victim_id = "/" + replicas[victim][0]  # X-Served-By ends with it
+    answered_there = {r.request_id for r in records if r.status == 200 and r.served_by.endswith(victim_id)}
+    on_victim = started - answered_there
+    lost = [(route, r) for route, r in failed if r.reason == "replica_lost"]
+
+    def counts(route: str) -> dict[str, Any]:
+        mine = [r for name, r in both if name == route]
+        bad = [r for r in mine if r.status != 200]
+        return {"requests": len(mine), "ok_before_kill": sum(1 for r in mine if r.status == 200 and r.end < killed),
+                "ok_after_recovery": sum(1 for r in mine if r.status == 200 and r.start >= recovered),
+                "failed": len(bad), "reasons": sorted({r.reason for r in bad}),
+                "not_503_retry_after": sum(1 for r in bad if r.status != 503 or not r.retry_after.isdigit()),
+                "statuses": sorted({r.status for r in bad})}
+
+    return {"fault": f"worker node {victim} with the only replica killed, no room elsewhere until a new node joins",
+            "single_replica": {name: len(ids) for name, ids in replicas.items()}, "after": after,
+            "index_before": index_before, "requests": len(both), "v1": counts("v1"), "v2": counts("v2"),
+            "kill_s": kill_done - killed, "down_s": down - killed, "refusing_s": joined - down,
+            "replica_start_s": running - joined, "recovery_s": recovered - killed,
+            "first_ok_after_running_s": recovered - running,
+            "failed_during": len(during), "failed_after": sum(1 for _, r in failed if r.start >= recovered),
+            "no_replica_ready": sum(1 for _, r in failed if r.reason == "no_replica_ready"),
+            "replica_lost": len(lost),
+            "replica_lost_v1_started_there": sum(1 for route, r in lost if route == "v1" and r.request_id in on_victim),
+            "in_flight_on_killed_node": len(on_victim),
+            "refused_at_once": len(refused), "refused_at_once_other_reason": sum(1 for r in refused
+                                                                                 if r.reason != "no_replica_ready"),
+            "slowest_refusal_s": max((r.end - r.start for r in refused), default=0.0),
+            "sent_while_down": len(while_down),
+            "while_down_not_refused": sum(1 for r in while_down if r.reason != "no_replica_ready"),
+            "waiting_at_kill": len(waiting), "waiting_at_kill_failed": sum(1 for r in waiting if r.status != 200),
+            "slowest_wait_after_kill_s": max((r.end - max(r.start, killed) for r in waiting), default=0.0),
+            "refused_after_running": sum(1 for r in refused if r.start >= running),
+            "no_answer": sum(1 for _, r in both if r.status == 0),
+            "failure_reasons": sorted({r.reason for _, r in failed}),
+            "failed_without_retry_after": sum(1 for _, r in failed if r.status != 503 or not r.retry_after.isdigit()),
+            "errors": sorted({(r.status, r.error[:80]) for _, r in failed})[:5],
+            "failed_requests": [(r.request_id, r.status, r.reason, round(r.start - killed, 3), round(r.end - killed, 3))
+                                for _, r in failed if r.start < known][:20]}
 
 
 def rolling_update(address: str, url: str, new_artifact: str, answers: dict[str, list], clients: int,
@@ -539,6 +699,17 @@ def serving_drill(cluster: LocalCluster, digits: str, other: str, folder: str, c
         server.kill()
 
 
+def no_replica_drill(cluster: LocalCluster, digits: str, clients: int, seconds: float) -> list[dict[str, Any]]:
+    """The one-replica node loss (``no_replica``) on its own server."""
+    server = ServeProcess(cluster.address, digits, "--graceful-shutdown-s", "5", "--access-log")
+    try:
+        result = no_replica(cluster, server.url, clients, seconds)
+        server.terminate()
+    finally:
+        server.kill()
+    return [report(result)]
+
+
 def report(result: dict[str, Any]) -> dict[str, Any]:
     """Prints ``result`` as one JSON line on stderr (the drill's log) and returns it."""
     print(json.dumps({k: v for k, v in result.items() if k not in ("output", "update_output")}, default=str),
@@ -579,6 +750,15 @@ def table(results: list[dict[str, Any]]) -> str:
 
 def _note(r: dict[str, Any]) -> str:
     """What the table's columns mean for this row, and its own counts."""
+    if "refused_at_once" in r:
+        return (f"failed: {r['replica_lost']} replica_lost, {r['no_replica_ready']} no_replica_ready, "
+                f"{r['failed_without_retry_after']} without 503 + Retry-After, {r['no_answer']} unanswered; "
+                f"{r['waiting_at_kill_failed']} of {r['waiting_at_kill']} in flight at the kill or sent before the "
+                f"proxy knew (slowest answer "
+                f"{r['slowest_wait_after_kill_s']:.1f} s after the kill), {r['refused_at_once']} refused at once "
+                f"(slowest {r['slowest_refusal_s']:.2f} s); /v2: {r['v2']['requests']} sent, {r['v2']['failed']} "
+                f"failed ({', '.join(r['v2']['reasons']) or 'none'}); no replica for "
+                f"{r['down_s'] + r['refusing_s'] + r['replica_start_s']:.1f} s; recovery: first 200 after the join")
     if "placement" in r:
         reasons = ", ".join(r["failure_reasons"]) or "none"
         return (f"{r['in_flight_at_kill']} in flight at the kill, {r['in_flight_on_killed_node']} of them on the "
@@ -599,6 +779,9 @@ def _note(r: dict[str, Any]) -> str:
             f"in order: {r['in_order']}, {r['wrong']} answers unlike the runtime's")
 
 
+SCENARIOS = ("serving", "no-replica", "overload", "data")
+
+
 def _digits_artifact(folder: str, given: str | None) -> str:
     if given:
         return given
@@ -613,6 +796,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--seconds", type=float, default=12.0, help="load phase length per fault")
     parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--scenarios", nargs="+", choices=SCENARIOS, default=list(SCENARIOS),
+                        help="which to run (always in this order; default: all): serving (node loss, updates, SIGTERM "
+                             "on two replicas), no-replica (the only replica's node lost), overload, data "
+                             "(repmlp-classify losing a node)")
     parser.add_argument("--append-results", action="store_true", help="append the table to benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     import ray
@@ -626,9 +813,15 @@ def main(argv: list[str] | None = None) -> int:
         cluster = LocalCluster(temp_dir=os.path.join(folder, "ray"))
         try:
             ray.init(address=cluster.address, logging_level="WARNING")
-            results = serving_drill(cluster, digits, other, folder, args.clients, args.seconds)
-            results += [report(r) for r in overload_drill(cluster, digits)]
-            results.append(report(data_node_loss(cluster, digits, folder, args.images)))
+            results = []
+            if "serving" in args.scenarios:
+                results += serving_drill(cluster, digits, other, folder, args.clients, args.seconds)
+            if "no-replica" in args.scenarios:
+                results += no_replica_drill(cluster, digits, args.clients, args.seconds)
+            if "overload" in args.scenarios:
+                results += [report(r) for r in overload_drill(cluster, digits)]
+            if "data" in args.scenarios:
+                results.append(report(data_node_loss(cluster, digits, folder, args.images)))
         finally:
             ray.shutdown()
             cluster.shutdown()

@@ -4,8 +4,11 @@ A head (no CPUs) and two worker nodes (one logical CPU and a custom resource eac
 127.0.0.1, from benchmarks/fault_drill.py, whose scenarios these tests run under a short load
 and whose counts they assert: requests lost at a node kill (only those in flight on the killed
 node, each answered 503 with Retry-After) and after recovery, failures and
-mixed answers during a rolling update, overload answered with fast 503s, in-flight requests
-answered across SIGTERM, rows lost when a node dies mid-job.
+mixed answers during a rolling update, in-flight requests answered across SIGTERM, a model
+left without any replica answered 503 no_replica_ready (on /v1 and /v2) until it is back,
+overload answered with fast 503s, rows lost when a node dies mid-job. The tests share one
+cluster and run in file order: the SIGTERM test stops the shared two-replica server, which
+frees both workers for the tests after it.
 """
 
 import json
@@ -94,6 +97,42 @@ def test_sigterm_answers_the_requests_in_flight_then_exits(server):
     assert result["failed_before_signal"] == 0, result
     # It exits by itself (terminate() would SIGKILL it after 120 s); the time is the drill's to report.
     assert result["exit_s"] != math.inf, result
+
+
+def test_a_model_whose_only_replica_is_lost_gets_503_no_replica_ready_until_it_is_back(cluster, server,
+                                                                                      digits_artifact):
+    """One replica (``--replicas 1``), its worker killed while the other worker's CPU is held,
+    so the model has no replica until a new worker joins; /v1 and /v2 (the index) under load.
+    It runs after the SIGTERM test: the shared server's two replicas would hold both workers."""
+    if server.process.poll() is None:  # run alone (-k): the SIGTERM test did not stop it
+        server.terminate()
+    single = fault_drill.ServeProcess(cluster.address, digits_artifact, "--graceful-shutdown-s", "5", "--access-log")
+    try:
+        result = fault_drill.no_replica(cluster, single.url, CLIENTS, SECONDS)
+        assert single.terminate() != math.inf
+    finally:
+        single.kill()
+    shown = json.dumps(result, default=str)
+    assert list(result["single_replica"].values()) == [1] and list(result["after"].values()) == [1], shown
+    assert set(result["after"]) - set(result["single_replica"]), shown  # re-created on another (the new) node
+    for route in ("v1", "v2"):  # both served before the kill and after recovery
+        assert result[route]["ok_before_kill"] > 0 and result[route]["ok_after_recovery"] > 0, shown
+    # Every failure is a 503 with Retry-After and a JSON reason; none timed out or went unanswered.
+    assert result["no_answer"] == 0 and result["failed_without_retry_after"] == 0, shown
+    assert result["v2"]["not_503_retry_after"] == 0, shown  # /v2 included: never a bare 500
+    assert set(result["failure_reasons"]) <= {"replica_lost", "no_replica_ready"}, shown
+    # Requests sent once the proxy knew no replica was running: no_replica_ready, at once; every
+    # one sent before the new worker joined (none could be served) among them.
+    assert result["sent_while_down"] > 0 and result["while_down_not_refused"] == 0, shown
+    assert result["refused_at_once"] >= result["sent_while_down"], shown
+    assert result["refused_at_once_other_reason"] == 0, shown
+    assert result["slowest_refusal_s"] <= fault_drill.REFUSED_AT_ONCE_S, shown
+    # Requests in flight at the kill (or sent before the controller reported the replica gone)
+    # are answered, 200 or 503, once Ray has declared the node dead and Serve's controller and
+    # the proxy have seen it: within WAIT_BOUND_S of the kill, far below the clients' time-out.
+    assert result["slowest_wait_after_kill_s"] <= fault_drill.WAIT_BOUND_S, shown
+    assert result["no_replica_ready"] > 0, shown
+    assert result["failed_after"] == 0, shown
 
 
 def test_a_burst_past_the_queue_bound_gets_fast_503s(cluster, digits_artifact):

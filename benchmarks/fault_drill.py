@@ -431,13 +431,22 @@ def no_replica(cluster: LocalCluster, url: str, clients: int, seconds: float, v2
     before the proxy could know (waiting at the kill: ``replica_lost`` or ``no_replica_ready``
     within ``WAIT_BOUND_S``), or after (``no_replica_ready`` within ``REFUSED_AT_ONCE_S``).
     Recovery: the first 200 to a request sent after the new worker joined."""
-    import ray
-
     replicas = replica_placement(cluster)
     if sum(map(len, replicas.values())) != 1:
         raise RuntimeError(f"expected a model with one replica, got {replicas}")
     victim = next(iter(replicas))
     index_before = replica_nodes(cluster, INDEX_APP, "index")
+    timeline, records, v2_records, after = _lose_the_only_replica(
+        cluster, url, victim, clients, seconds, v2_clients, refusing_s)
+    return _no_replica_summary(cluster, replicas, victim, index_before, after, records, v2_records, **timeline)
+
+
+def _lose_the_only_replica(cluster: LocalCluster, url: str, victim: str, clients: int, seconds: float,
+                           v2_clients: int, refusing_s: float) -> tuple[dict[str, float], list, list, Any]:
+    """``no_replica``'s fault under load: its moments (monotonic seconds), the requests of both
+    routes, and the placement after it."""
+    import ray
+
     blockers = hold_workers(cluster, sorted(name for name in cluster.workers if name != victim))
     load = Load(url, clients, honor_retry_after=True).start()
     v2 = Load(url, v2_clients, route="v2", honor_retry_after=True, prefix="v").start()
@@ -464,6 +473,14 @@ def no_replica(cluster: LocalCluster, url: str, clients: int, seconds: float, v2
     deadline = time.monotonic() + 30  # the placeholders' CPUs free again, for the next scenario
     while ray.available_resources().get("CPU", 0) < len(blockers) * cluster.worker_cpus and time.monotonic() < deadline:
         time.sleep(0.2)
+    timeline = {"killed": killed, "kill_done": kill_done, "down": down, "joined": joined, "running": running}
+    return timeline, records, v2_records, after
+
+
+def _no_replica_summary(cluster: LocalCluster, replicas: dict, victim: str, index_before: Any, after: Any,
+                        records: list, v2_records: list, *, killed: float, kill_done: float, down: float,
+                        joined: float, running: float) -> dict[str, Any]:
+    """``no_replica``'s counts from its requests and moments."""
     both = [("v1", r) for r in records] + [("v2", r) for r in v2_records]
     ok_after_join = [r.end for _, r in both if r.status == 200 and r.start >= joined]
     recovered = min(ok_after_join, default=math.inf)

@@ -15,6 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_ARCH = {"channels": [16, 32, 64, 128], "depths": [1, 1, 2, 1], "sharesets_nums": [1, 4, 8, 16]}
 
 
+# The runtime's progress lines while it plans its GEMMs on a first load (printed only when the
+# plan takes over a second: a busy host, a new torch, a new artifact), not a command's own output.
+PLAN_PROGRESS = ("repmlp_rt: measuring GEMM paths on this CPU", "repmlp_rt: GEMM plan measured in")
+
+
+def without_plan_progress(stderr: str) -> str:
+    """``stderr`` without the runtime's GEMM-planning progress lines (everything else kept)."""
+    return "".join(line for line in stderr.splitlines(keepends=True) if not line.startswith(PLAN_PROGRESS))
+
+
 def repmlp_infer_binary() -> str:
     """The installed repmlp_infer: on PATH (an activated venv, `make test`), else next to this
     interpreter. Missing is a failure, not a skip: the binary is part of what is tested."""

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import repmlp_rt
 from data import load_digits_rgb, split  # examples/digits/data.py (pytest.ini pythonpath)
-from helpers import SMALL_ARCH
+from helpers import SMALL_ARCH, without_plan_progress
 from PIL import Image
 from repmlp.artifact import build_artifact
 from repmlp_rt import eval as repmlp_eval
@@ -75,8 +75,11 @@ def expected(held_out, artifacts):
 
 
 def run_eval(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "repmlp_rt.eval", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout)
+    """repmlp-eval's result, with the runtime's GEMM-planning progress lines left out of stderr."""
+    result = subprocess.run([sys.executable, "-m", "repmlp_rt.eval", *map(str, args)],
+                            capture_output=True, text=True, timeout=timeout)
+    result.stderr = without_plan_progress(result.stderr)
+    return result
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import runtime_helpers as helpers
-from helpers import repmlp_infer_binary
+from helpers import repmlp_infer_binary, without_plan_progress
 import torch
 
 RTOL, ATOL = 1e-5, 1e-5
@@ -23,6 +23,7 @@ def run_cli(*args, timeout=300) -> subprocess.CompletedProcess:
                             timeout=timeout)
     # never a death by signal (abort, segfault): those give a negative return code
     assert result.returncode >= 0, f"killed by signal {-result.returncode}: {result.stderr}"
+    result.stderr = without_plan_progress(result.stderr)
     return result
 
 

@@ -85,12 +85,37 @@ def test_a_model_with_no_running_replica_is_refused_at_once():
         called.append(scope)
 
     ready = serve_retry.ReadyReplicas(fetch=_never, period_s=3600)
-    ready.update({"m": (0, 1)})
+    ready.update({"m": (1, 1)})
+    ready.update({"m": (0, 1)})  # it ran, and has lost its replica
     status, headers, body = answer(run(app, ready))
     assert status == 503 and body["reason"] == "no_replica_ready" and "'m'" in body["error"] and not called
     ready.task = None
     other = answer(run(app, ready, path="/v1/models/other/classify"))  # another model: passed on to the app
     assert called and other[2]["reason"] == "replica_lost"  # (which answered nothing)
+
+
+def test_a_model_still_starting_is_left_to_serve():
+    """First replicas not running yet (a new server; the runtime's load can take seconds):
+    requests pass on to Serve's proxy, which holds them, and waiting ones are not cancelled."""
+    log = []
+
+    async def fetch():
+        return {"m": (0, 0)}
+
+    async def main():
+        ready = serve_retry.ReadyReplicas(fetch=fetch, period_s=0.01)
+        middleware = serve_retry.RetryAnswers(waiting_app(log), retry_after_s=1, ready=ready)
+        ready.start()
+        await asyncio.sleep(0.05)  # the watcher has seen the model, with no replica running
+        assert not ready.none_running("m")
+        task = asyncio.ensure_future(middleware(scope(), no_receive, _drop))
+        await asyncio.sleep(0.1)
+        assert not task.done()  # passed on and waiting, not refused, not cancelled
+        task.cancel()
+        ready.task.cancel()
+
+    asyncio.run(main())
+    assert log == ["cancelled"]  # by the test's own cancel
 
 
 def waiting_app(log):

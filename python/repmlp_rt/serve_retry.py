@@ -108,14 +108,18 @@ class Exchange:
 
 class ReadyReplicas:
     """The replicas of each model as the controller reports them, refreshed every
-    ``period_s`` by one background task; when a model has no replica left that could hold a
-    request, the requests waiting for it (no answer started) are cancelled."""
+    ``period_s`` by one background task; when a model that has had a running replica has no
+    replica left that could hold a request, the requests waiting for it (no answer started)
+    are cancelled. A model whose first replicas are still starting (a new server, a slow load:
+    the runtime's self-check and GEMM plan) is left to Serve, which holds its requests until
+    one is up, as it does without this middleware."""
 
     def __init__(self, fetch: Callable[[], Awaitable[Counts]] = controller_counts,
                  period_s: float = WATCH_PERIOD_S) -> None:
         self.fetch = fetch
         self.period_s = period_s
         self.counts: Counts = {}
+        self.has_run: set[str] = set()  # models seen with a running replica
         self.waiting: dict[str, dict[asyncio.Task, Exchange]] = {}
         self.task: asyncio.Task | None = None
 
@@ -124,14 +128,15 @@ class ReadyReplicas:
             self.task = asyncio.get_running_loop().create_task(self._watch())
 
     def none_running(self, name: str) -> bool:
-        """Known to have no running replica (False for a model not (yet) seen)."""
+        """Known to have lost every running replica (False for a model not seen running yet)."""
         counts = self.counts.get(name)
-        return counts is not None and counts[0] == 0
+        return counts is not None and counts[0] == 0 and name in self.has_run
 
     def update(self, counts: Counts) -> None:
         self.counts = counts
+        self.has_run.update(name for name, (running, _) in counts.items() if running > 0)
         for name, (_, holding) in counts.items():
-            if holding == 0:
+            if holding == 0 and name in self.has_run:
                 for task, exchange in list(self.waiting.get(name, {}).items()):
                     if not exchange.started and not exchange.cancelled:
                         exchange.cancelled = True

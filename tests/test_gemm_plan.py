@@ -102,6 +102,37 @@ def test_pinned_path_rewrites_every_gemm(small_artifact, mode):
     assert re.fullmatch(rf"{mode}: aten 4, {mode} \d+ of \d+ GEMMs \(\d+ methods\)", plan_of(summary)), summary
 
 
+def operator_calls(runtime, x: np.ndarray) -> dict:
+    """How often each operator ran in one call of the runtime (its graph, as the plan left it)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        runtime.infer(x)
+    return {event.key: event.count for event in prof.key_averages()}
+
+
+def test_fused_gelu_is_what_runs(small_artifact, tmp_path):
+    """The FFN's first GEMM on oneDNN with its GELU fused stays fused when the second GEMM (which
+    reads that GELU) is rewritten too, on either packed path (as every other matrix GEMM): no
+    aten::gelu and no ATen GEMM is left in the graph that runs, and the answers are ATen's."""
+    reference = repmlp_rt.Runtime(small_artifact, threads=1, gemm="aten")
+    x = batch(reference, 1)
+    gelus = operator_calls(reference, x).get("aten::gelu", 0)
+    assert gelus > 0
+    cache, data = planned_cache(small_artifact, tmp_path)
+    for second in ["onednn", "mkl-packed"]:
+        for group, entry in data["plan"].items():
+            if group.startswith(("gemm ", "linear ")):
+                entry["path"] = "onednn" if "+gelu" in group else second
+        cache.write_text(json.dumps(data))
+        runtime = repmlp_rt.Runtime(small_artifact, threads=2, gemm="auto")
+        assert "from cache" in runtime.gemm_plan, runtime.gemm_plan
+        calls = operator_calls(runtime, x)
+        assert calls.get("aten::gelu", 0) == 0 and calls.get("aten::addmm", 0) == 0, (second, calls)
+        fused = calls.get("mkldnn::_linear_pointwise", 0) - (gelus if second == "onednn" else 0)
+        assert fused >= gelus, (second, calls)
+        error = relative_error(runtime.infer(x), reference.infer(x))
+        assert error <= reference.self_check["tolerance"], (second, error)
+
+
 def test_mkl_packed_leaves_bfloat16_as_built(small_bf16_artifact):
     summary = repmlp_rt.Runtime(small_bf16_artifact, threads=1, gemm="mkl-packed").gemm_plan
     assert "left as built" in summary, summary

@@ -592,7 +592,7 @@ Node* mkl_linear_by_rows(Graph& graph, const Site& site, const std::vector<int64
 }
 
 // _int_mm + aten::to(float) -> oneDNN's int8 linear on the packed weight, float32 out.
-void rewrite_int8(Graph& graph, const Site& site, Value* packed) {
+Value* rewrite_int8(Graph& graph, const Site& site, Value* packed) {
   const auto [scales, zeros] = unit_scales(site);
   Value* scale_values = insert_tensor_constant(graph, scales);
   Value* zero_values = insert_tensor_constant(graph, zeros);
@@ -610,16 +610,19 @@ void rewrite_int8(Graph& graph, const Site& site, Value* packed) {
   call->output()->setType(c10::TensorType::get());
   graph.insertNode(call);
   site.result->replaceAllUsesWith(call->output());  // the int32 sums and their cast go
+  return call->output();
 }
 
-// Whether the site was rewritten: false, leaving it as built, where this torch build cannot
-// pack its weight for the path (a pinned mode, or a cache written by another build).
-bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
+// The value that the site's rewrite replaced and its replacement (nothing: the site was left as
+// built, because this torch build cannot pack its weight for the path: a pinned mode, or a
+// cache written by another build).
+using Replacement = std::optional<std::pair<Value*, Value*>>;
+Replacement rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
   at::Tensor& packed = packs[{site.key, choice.path + " " + std::to_string(choice.rows.front())}];
   if (choice.path == "aten-kn") {  // the same batched GEMM, reading the (S, K, N) copy
     if (!packed.defined()) packed = kn_layout(site.weight);
     site.node->replaceInput(2, insert_tensor_constant(graph, packed));
-    return true;
+    return std::make_pair(site.node->output(), site.node->output());
   }
   const bool onednn = choice.path == "onednn";
   try {
@@ -627,13 +630,10 @@ bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCach
       packed = onednn ? onednn_pack(site.weight, choice.rows.front())
                       : mkl_pack(site.weight, choice.rows.front());
   } catch (const std::exception&) {
-    return false;
+    return std::nullopt;
   }
   Value* weight = insert_tensor_constant(graph, packed);
-  if (site.form == Form::kInt8) {
-    rewrite_int8(graph, site, weight);
-    return true;
-  }
+  if (site.form == Form::kInt8) return std::make_pair(site.result, rewrite_int8(graph, site, weight));
   Value* bias = site.bias ? insert_tensor_constant(graph, *site.bias)
                           : insert_constant(graph, c10::IValue());
   // After the site's own node, before its readers (fc3: before the reshape that reads it).
@@ -657,7 +657,7 @@ bool rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCach
   graph.insertNode(call);
   // fc3's read-back and a fused GELU lose their readers; dead code elimination drops them.
   replaced->replaceAllUsesWith(call->output());
-  return true;
+  return std::make_pair(replaced, call->output());
 }
 
 // ---- The cache.
@@ -856,10 +856,18 @@ GemmPlan apply_gemm_plan(torch::jit::Module& module, const GemmPlanRequest& requ
 
   PackCache packs;
   for (auto& [graph, sites] : methods) {
-    for (const Site& site : sites) {
+    // A site may read a value that an earlier rewrite replaced: the FFN's second GEMM reads the
+    // GELU that the first one's oneDNN call took in. It must read the replacement, or the old
+    // GEMM and GELU stay alive and run in place of the fused call.
+    std::map<Value*, Value*> replaced;
+    for (Site site : sites) {
+      if (auto moved = replaced.find(site.input); moved != replaced.end())
+        site.input = moved->second;
       auto it = plan.find(site.group);
-      if (it != plan.end() && it->second.path != "aten" &&
-          !rewrite_site(*graph, site, it->second, packs))
+      if (it == plan.end() || it->second.path == "aten") continue;
+      if (Replacement done = rewrite_site(*graph, site, it->second, packs))
+        replaced[done->first] = done->second;
+      else
         it->second = Choice{};  // every site of a group shares its weight's packability
     }
     torch::jit::EliminateDeadCode(graph);

@@ -442,10 +442,37 @@ class Clock {
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 
+// A group's packed weights while it is timed, by path and row count packed for: packed once,
+// however many row counts are timed on them.
+using TimingPacks = std::map<std::pair<std::string, int64_t>, at::Tensor>;
+
+// The row count of the MKL packed copy that a call of `rows` rows runs on: its own where it is
+// one of the counts packed for, else the first (which falls back to MKL's plain GEMM).
+int64_t mkl_rows_for(int64_t rows, const std::vector<int64_t>& pack_rows) {
+  return std::find(pack_rows.begin(), pack_rows.end(), rows) != pack_rows.end() ? rows
+                                                                                 : pack_rows.front();
+}
+
+// The weight of `path` as the rewrite will build it for a call of `rows` rows; oneDNN's is
+// packed for the first count (a hint, not a requirement: one copy serves every count).
+at::Tensor timing_pack(TimingPacks& packs, const Site& site, const std::string& path,
+                       int64_t rows, const std::vector<int64_t>& pack_rows) {
+  const int64_t key = path == "mkl-packed" ? mkl_rows_for(rows, pack_rows) : pack_rows.front();
+  at::Tensor& packed = packs[{path, key}];
+  if (!packed.defined()) {
+    if (path == "onednn") packed = onednn_pack(site.weight, key);
+    else if (path == "mkl-packed") packed = mkl_pack(site.weight, key);
+    else packed = kn_layout(site.weight);
+  }
+  return packed;
+}
+
 // Seconds per call of each available path for one group at one row count: interleaved rounds,
 // the fastest round of each.
-std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t pack_rows,
-                                         const std::vector<std::string>& paths) {
+std::map<std::string, double> time_paths(const Site& site, int64_t rows,
+                                         const std::vector<int64_t>& pack_rows,
+                                         const std::vector<std::string>& paths,
+                                         TimingPacks& packs) {
   at::Generator generator = at::detail::createCPUGenerator(rows);
   const int64_t k = site.weight.size(-1);
   // Batched fc3 reads its shareset rows as a transposed view, as the graph passes them.
@@ -457,15 +484,15 @@ std::map<std::string, double> time_paths(const Site& site, int64_t rows, int64_t
                                ? x.mul(40).round_().clamp_(-127, 127).to(at::kChar)
                                : x.to(site.weight.scalar_type());
   Packed packed;
-  packed.mkl_rows = pack_rows;
+  packed.mkl_rows = mkl_rows_for(rows, pack_rows);
   std::map<std::string, double> best;
   const std::string gelu = gelu_approximation(site);
   std::vector<std::string> usable;
   for (const std::string& path : paths) {
     try {
-      if (path == "onednn") packed.onednn = onednn_pack(site.weight, pack_rows);
-      if (path == "mkl-packed") packed.mkl = mkl_pack(site.weight, pack_rows);
-      if (path == "aten-kn") packed.kn = kn_layout(site.weight);
+      if (path == "onednn") packed.onednn = timing_pack(packs, site, path, rows, pack_rows);
+      if (path == "mkl-packed") packed.mkl = timing_pack(packs, site, path, rows, pack_rows);
+      if (path == "aten-kn") packed.kn = timing_pack(packs, site, path, rows, pack_rows);
       run_path(path, site, packed, input, gelu);  // first call: primitive creation, first touch
       usable.push_back(path);
       best[path] = 1e30;
@@ -508,12 +535,11 @@ Plan measure_plan(const std::vector<Site>& sites, const RowCounts& counts,
     const std::vector<int64_t> pack_rows = pack_rows_of(it->second);
     std::map<int64_t, std::map<std::string, double>> by_rows;
     std::map<std::string, double> per_image;
+    TimingPacks packs;
     for (const auto& [batch, ms] : it->second)
       for (int64_t m : ms) {
-        // Timed as the rewrite will run it: packed for m where m is one of the packed counts.
-        const bool packed_for_m = std::find(pack_rows.begin(), pack_rows.end(), m) != pack_rows.end();
-        if (!by_rows.count(m))
-          by_rows[m] = time_paths(site, m, packed_for_m ? m : pack_rows.front(), paths);
+        // Timed as the rewrite will run it (see timing_pack).
+        if (!by_rows.count(m)) by_rows[m] = time_paths(site, m, pack_rows, paths, packs);
         for (const auto& [path, seconds] : by_rows[m]) per_image[path] += seconds / batch;
       }
     Choice choice;

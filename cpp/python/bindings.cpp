@@ -233,7 +233,7 @@ void PybindRuntime(py::module_& m) {
       .def(py::init([](const std::string& path, const std::string& device,
                        std::optional<int64_t> threads, std::optional<int64_t> warmup,
                        int64_t warmup_batch, bool optimize, bool verify, bool verify_digest,
-                       const std::string& gemm) {
+                       const std::string& gemm, bool keep_freed_memory) {
              repmlp_rt::RuntimeOptions options;
              options.device = device;
              options.threads = threads;
@@ -243,12 +243,13 @@ void PybindRuntime(py::module_& m) {
              options.verify = verify;
              options.verify_digest = verify_digest;
              options.gemm = gemm;
+             options.keep_freed_memory = keep_freed_memory;
              py::gil_scoped_release release;
              return std::make_unique<Runtime>(path, options);
            }),
            "path"_a, "device"_a = "cpu", "threads"_a = py::none(), "warmup"_a = py::none(),
            "warmup_batch"_a = 1, "optimize"_a = false, "verify"_a = true, "verify_digest"_a = true,
-           "gemm"_a = "auto")
+           "gemm"_a = "auto", "keep_freed_memory"_a = true)
       .def("infer", &call_without_gil<&Runtime::infer>, "x"_a,
            "uint8 NHWC images or a normalized float NCHW batch -> float32 logits.")
       .def("infer_normalized", &call_without_gil<&Runtime::infer_normalized>, "x"_a,

@@ -6,12 +6,17 @@
 #include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <future>
 #include <limits>
 #include <optional>
 #include <utility>
 #include <vector>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "device.hpp"
 #include "integrity.hpp"
@@ -58,6 +63,25 @@ void check_options(const RuntimeOptions& options) {
   throw InputError("gemm must be one of " + valid + ", got '" + options.gemm + "'");
 }
 
+// RuntimeOptions::keep_freed_memory. glibc returns a freed block at the top of its heap to the
+// kernel once more than M_TRIM_THRESHOLD is free there, and serves large blocks by mmap; either
+// way the next call's intermediates land on fresh pages, faulted in one at a time (B224 at
+// batch 8: thousands of faults a call, docs/PERFORMANCE.md). Fixed thresholds keep the memory
+// for reuse. Once per process, and never over settings the process was started with.
+void keep_freed_memory() {
+#if defined(__GLIBC__)
+  static const bool applied = [] {
+    for (const char* name : {"MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"})
+      if (std::getenv(name)) return false;
+    // 32 MiB: glibc's upper bound for the mmap threshold on 64-bit hosts.
+    mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    mallopt(M_TRIM_THRESHOLD, std::numeric_limits<int>::max());
+    return true;
+  }();
+  (void)applied;
+#endif
+}
+
 }  // namespace
 
 struct Runtime::Impl {
@@ -102,6 +126,7 @@ Runtime::Runtime(const std::string& path, const RuntimeOptions& options)
   if (std::filesystem::is_directory(path, ec))
     throw ArtifactError("cannot open artifact '" + path + "': it is a directory");
   if (options.threads) at::set_num_threads(static_cast<int>(*options.threads));
+  if (options.keep_freed_memory) keep_freed_memory();
 
   s.load(options);
   // Loading (and optimize_for_inference's folding) wrote the weights on the device's current

@@ -55,6 +55,7 @@ struct Options {
   bool no_verify = false;
   bool no_verify_digest = false;
   std::string gemm = "auto";
+  bool return_freed_memory = false;
   int64_t max_image_pixels = repmlp_rt::kDefaultMaxImagePixels;
 };
 
@@ -382,6 +383,9 @@ int run(int argc, char** argv) {
                  "how a TorchScript artifact's matrix products run on CPU: auto, aten, onednn or "
                  "mkl-packed (--info shows the plan)")
       ->capture_default_str();
+  app.add_flag("--return-freed-memory", opt.return_freed_memory,
+               "leave malloc's defaults: memory freed by a call goes back to the kernel and is "
+               "faulted in again by the next (default: kept for reuse)");
   app.add_option("--max-image-pixels", opt.max_image_pixels,
                  "refuse images whose header claims more pixels (width x height); 0: no limit")
       ->check(CLI::Range(int64_t{0}, INT64_MAX))->capture_default_str();
@@ -419,6 +423,7 @@ int run(int argc, char** argv) {
   runtime_options.verify = !opt.no_verify;
   runtime_options.verify_digest = !opt.no_verify_digest;
   runtime_options.gemm = opt.gemm;
+  runtime_options.keep_freed_memory = !opt.return_freed_memory;
   // --bench warms up the batch shape it times, as a server would; a one-shot run skips the
   // warm-up, which would only add to its total time.
   if (opt.bench)

@@ -176,17 +176,23 @@ class Runtime:
             before the self-check: ``"auto"`` (the runtime chooses), ``"aten"``, ``"onednn"``
             or ``"mkl-packed"``; anything else raises ``ValueError``. ``gemm_plan`` says what
             was done.
+        keep_freed_memory: keep the memory a call freed for the next call instead of handing it
+            back to the kernel (glibc's malloc trim and mmap thresholds, process-wide, set once
+            and never over a ``MALLOC_*_`` or ``GLIBC_TUNABLES`` environment): no page faults in
+            steady state, at the cost of keeping the peak heap (docs/PERFORMANCE.md).
     """
 
     def __init__(self, path: str | os.PathLike[str], device: str = "cpu", threads: int | None = None,
                  *, warmup: int | None = None, warmup_batch: int = 1, optimize: bool = False,
-                 verify: bool = True, verify_digest: bool = True, gemm: str = "auto") -> None:
+                 verify: bool = True, verify_digest: bool = True, gemm: str = "auto",
+                 keep_freed_memory: bool = True) -> None:
         if not isinstance(device, str):
             raise TypeError(f"device must be a str such as 'cpu' or 'cuda:0', got {type(device).__name__}")
         if not isinstance(gemm, str):
             raise TypeError(f"gemm must be a str such as 'auto', got {type(gemm).__name__}")
         load = functools.partial(_CoreRuntime, os.fspath(path), device=device, optimize=optimize,
-                                 verify=bool(verify), verify_digest=bool(verify_digest), gemm=gemm)
+                                 verify=bool(verify), verify_digest=bool(verify_digest), gemm=gemm,
+                                 keep_freed_memory=bool(keep_freed_memory))
         self._core = _call_with_ints(load, threads=threads, warmup=warmup, warmup_batch=warmup_batch)
         self._manifest: dict[str, Any] | None = None
         self._digest_checked = bool(verify) and bool(verify_digest)

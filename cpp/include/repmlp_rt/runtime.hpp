@@ -65,6 +65,12 @@ struct RuntimeOptions {
   // How a TorchScript artifact's matrix products run on CPU, chosen once at load, before the
   // self-check: one of kGemmModes. "auto" lets the runtime choose; gemm_plan() says what it did.
   std::string gemm = "auto";
+  // Keep memory that a call freed for the next call (glibc only: fixed malloc trim and mmap
+  // thresholds) instead of returning it to the kernel and faulting it in again. Process-wide,
+  // like threads: applied once, by the first runtime that asks, and not where the process was
+  // started with MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_THRESHOLD_ or GLIBC_TUNABLES set. Its
+  // cost: the process keeps its peak heap (docs/PERFORMANCE.md).
+  bool keep_freed_memory = true;
 };
 
 // The values RuntimeOptions::gemm accepts.

@@ -130,6 +130,7 @@ class Record:
     served_by: str = ""  # X-Served-By: "<node id>/<replica id>"
     retry_after: str = ""
     reason: str = ""  # a 503's JSON "reason"
+    answered_by: str = ""  # a retry answer's X-Retry-Answered-By: proxy or index
 
 
 @dataclass
@@ -218,7 +219,8 @@ def send(connection: http.client.HTTPConnection, path: str, body: bytes, request
         return Record(start, time.monotonic(), 0, error=f"{type(error).__name__}: {error}", request_id=request_id)
     record = Record(start, time.monotonic(), response.status, response.getheader("X-Model-Version") or "",
                     request_id=request_id, served_by=response.getheader("X-Served-By") or "",
-                    retry_after=response.getheader("Retry-After") or "")
+                    retry_after=response.getheader("Retry-After") or "",
+                    answered_by=response.getheader("X-Retry-Answered-By") or "")
     if response.status == 200:
         record.answer = json.loads(data)
     else:
@@ -348,9 +350,39 @@ def running_replicas(app: str = MODEL) -> int:
     return status.deployments["model"].replica_states.get("RUNNING", 0)
 
 
+def replica_states(app: str = MODEL, deployment: str = "model") -> dict[str, str]:
+    """Replica id -> state (``RUNNING``, ``STARTING``, ...) of ``app``, as Serve's controller
+    reports them."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    details = ray.get(controller.get_serve_instance_details.remote(), timeout=30)
+    deployments = ((details.get("applications") or {}).get(app) or {}).get("deployments") or {}
+    return {replica["replica_id"]: replica["state"] for replica in (deployments.get(deployment) or {}).get("replicas") or []}
+
+
+def wait_replaced(lost: set[str], count: int, since: float, timeout_s: float = 120.0) -> tuple[float, float]:
+    """Waits until ``count`` replicas other than ``lost`` run. The controller goes on reporting
+    a lost replica RUNNING until Ray has declared its node dead and the controller has checked
+    it, so a running count alone would read "recovered" before the loss was even seen. Returns
+    (seconds after ``since`` at which none of ``lost`` was running any more, at which ``count``
+    others ran), math.inf for a moment not reached."""
+    noticed = math.inf
+    while time.monotonic() - since < timeout_s:
+        running = {replica for replica, state in replica_states().items() if state == "RUNNING"}
+        now = time.monotonic() - since
+        if noticed == math.inf and not running & lost:
+            noticed = now
+        if len(running - lost) >= count:
+            return min(noticed, now), now
+        time.sleep(0.2)
+    return noticed, math.inf
+
+
 def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> dict[str, Any]:
     """Load; kill a worker holding a replica; a fresh worker joins; load until ``seconds``
-    after the replica count is back. Failures are split at the recovery time; the requests in
+    after the replica is re-created. Failures are split at the recovery time; the requests in
     flight on the killed node are those its replica logged as started (the server must run with
     ``--access-log``) and never answered (no 200 with its ``X-Served-By``)."""
     replicas = replica_placement(cluster)
@@ -362,9 +394,9 @@ def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> 
     cluster.kill(victim)
     kill_done = time.monotonic()  # its raylet got SIGKILL in [killed, kill_done]
     cluster.add_worker()
-    while running_replicas() < 2 and time.monotonic() - killed < 120:
-        time.sleep(0.2)
-    recovered = time.monotonic()
+    joined = time.monotonic()
+    noticed_s, recovery_s = wait_replaced(set(replicas[victim]), sum(placement.values()), killed)
+    recovered = killed + recovery_s
     time.sleep(seconds)
     records = load.stop()
     failed = [r for r in records if r.status != 200]
@@ -372,23 +404,31 @@ def node_loss(cluster: LocalCluster, url: str, clients: int, seconds: float) -> 
     victim_ids = tuple("/" + replica for replica in replicas[victim])  # X-Served-By ends with one of them
     # The node's worker processes outlive its raylet by up to a second or so (they exit once they
     # see it gone) and may take requests meanwhile: in flight there at its death = taken by its
-    # replica and never answered by it.
-    answered_there = {r.request_id for r in records if r.status == 200 and r.served_by.endswith(victim_ids)}
-    on_victim = started - answered_there
+    # replica and never answered by it. Only the load's own requests count (not, say, the
+    # server's readiness probe, which sent no X-Request-ID).
+    answered_there = [r for r in records if r.status == 200 and r.served_by.endswith(victim_ids)]
+    on_victim = (started & {r.request_id for r in records}) - {r.request_id for r in answered_there}
     return {"fault": f"worker node {victim} killed (SIGKILL), a new node joins", "placement": placement,
-            "after": replica_nodes(cluster), "requests": len(records),
+            "replica_ids": replicas, "after": replica_nodes(cluster), "requests": len(records),
+            "index_after": replica_nodes(cluster, INDEX_APP, "index"),
             "in_flight_at_kill": sum(1 for r in records if r.start <= kill_done and r.end > killed),
-            "kill_s": kill_done - killed,
+            "kill_s": kill_done - killed, "join_s": joined - killed, "loss_seen_s": noticed_s,
+            "last_ok_from_killed_node_s": max((r.end - killed for r in answered_there), default=-math.inf),
             "in_flight_on_killed_node": len(on_victim), "started_on_killed_node": len(started),
+            "in_flight_there_ids": sorted(on_victim),
             "failed_during": sum(1 for r in failed if r.start < recovered),
             "failed_after": sum(1 for r in failed if r.start >= recovered),
             "failed_not_in_flight_there": sorted(r.request_id for r in failed if r.request_id not in on_victim),
             "failed_without_retry_after": sum(1 for r in failed if r.status != 503 or not r.retry_after.isdigit()),
             "failure_reasons": sorted({r.reason for r in failed}),
-            "served_by_killed_node": len(answered_there),
-            "recovery_s": recovered - killed, "errors": sorted({(r.status, r.error[:80]) for r in failed})[:5],
-            "failed_requests": [(r.request_id, r.status, r.reason, round(r.start - killed, 3), round(r.end - killed, 3),
-                                 r.request_id in started) for r in failed][:20]}
+            "failures_answered_by": sorted({r.answered_by for r in failed}),
+            "served_by_killed_node": len(answered_there), "recovery_s": recovery_s,
+            "errors": sorted({(r.status, r.error[:80]) for r in failed})[:5],
+            # Each failed request: id, status, reason, X-Served-By, sent and answered (seconds
+            # after the kill), whether the killed replica logged it as started, the body's start.
+            "failed_requests": [(r.request_id, r.status, r.reason, r.served_by, round(r.start - killed, 3),
+                                 round(r.end - killed, 3), r.request_id in started, r.error[:120])
+                                for r in failed][:20]}
 
 
 # The bounds no_replica documents and the tests assert. A request sent once the proxy knows
@@ -504,6 +544,7 @@ def _no_replica_summary(cluster: LocalCluster, replicas: dict, victim: str, inde
         return {"requests": len(mine), "ok_before_kill": sum(1 for r in mine if r.status == 200 and r.end < killed),
                 "ok_after_recovery": sum(1 for r in mine if r.status == 200 and r.start >= recovered),
                 "failed": len(bad), "reasons": sorted({r.reason for r in bad}),
+                "answered_by": sorted({r.answered_by for r in bad}),
                 "not_503_retry_after": sum(1 for r in bad if r.status != 503 or not r.retry_after.isdigit()),
                 "statuses": sorted({r.status for r in bad})}
 
@@ -774,7 +815,8 @@ def _note(r: dict[str, Any]) -> str:
                 f"proxy knew (slowest answer "
                 f"{r['slowest_wait_after_kill_s']:.1f} s after the kill), {r['refused_at_once']} refused at once "
                 f"(slowest {r['slowest_refusal_s']:.2f} s); /v2: {r['v2']['requests']} sent, {r['v2']['failed']} "
-                f"failed ({', '.join(r['v2']['reasons']) or 'none'}); no replica for "
+                f"failed ({', '.join(r['v2']['reasons']) or 'none'}; answered by "
+                f"{', '.join(r['v2']['answered_by']) or 'none'}); no replica for "
                 f"{r['down_s'] + r['refusing_s'] + r['replica_start_s']:.1f} s; recovery: first 200 after the join")
     if "placement" in r:
         reasons = ", ".join(r["failure_reasons"]) or "none"

@@ -61,9 +61,13 @@ def versions(digits_artifact, fake_artifact):
 
 def test_replicas_spread_and_a_node_loss_costs_only_in_flight_requests(cluster, server):
     result = fault_drill.node_loss(cluster, server.url, CLIENTS, SECONDS)
-    shown = json.dumps(result, default=str)  # in full, with the failed requests' ids, statuses and times
+    # In full, with each failed request's id, status, reason, X-Served-By and times after the kill.
+    shown = json.dumps(result, default=str)
+    print(shown)  # shown by pytest -rA for a passing run too
     assert result["placement"] == {"w1": 1, "w2": 1}, shown  # one replica per worker, none on the head
+    assert result["recovery_s"] < math.inf, shown  # the replica was re-created (within 120 s)
     assert sorted(result["after"].values()) == [1, 1] and "w1" not in result["after"], shown
+    assert result["index_after"] == {"head": 1}, shown  # --index-on-head: a worker's loss leaves it up
     assert result["requests"] > 0
     assert result["started_on_killed_node"] > 0 and result["served_by_killed_node"] > 0, shown  # it did serve
     # Only requests in flight on the killed node fail, each with the answer that says "retry".
@@ -71,6 +75,7 @@ def test_replicas_spread_and_a_node_loss_costs_only_in_flight_requests(cluster, 
     assert result["failed_not_in_flight_there"] == [], shown
     assert result["failed_without_retry_after"] == 0, shown
     assert set(result["failure_reasons"]) <= {"replica_lost"}, shown
+    assert set(result["failures_answered_by"]) <= {"proxy"}, shown  # /v1: the proxy's middleware answers
     assert result["failed_after"] == 0, shown
 
 
@@ -114,12 +119,16 @@ def test_a_model_whose_only_replica_is_lost_gets_503_no_replica_ready_until_it_i
         single.kill()
     shown = json.dumps(result, default=str)
     assert list(result["single_replica"].values()) == [1] and list(result["after"].values()) == [1], shown
+    assert result["index_before"] == {"head": 1}, shown  # so /v2 fails only for the model's own loss
     assert set(result["after"]) - set(result["single_replica"]), shown  # re-created on another (the new) node
     for route in ("v1", "v2"):  # both served before the kill and after recovery
         assert result[route]["ok_before_kill"] > 0 and result[route]["ok_after_recovery"] > 0, shown
     # Every failure is a 503 with Retry-After and a JSON reason; none timed out or went unanswered.
     assert result["no_answer"] == 0 and result["failed_without_retry_after"] == 0, shown
     assert result["v2"]["not_503_retry_after"] == 0, shown  # /v2 included: never a bare 500
+    # Each retry answer names its layer, through the real proxy: /v1's the proxy, /v2's either.
+    assert set(result["v1"]["answered_by"]) <= {"proxy"}, shown
+    assert set(result["v2"]["answered_by"]) <= {"proxy", "index"}, shown
     assert set(result["failure_reasons"]) <= {"replica_lost", "no_replica_ready"}, shown
     # Requests sent once the proxy knew no replica was running: no_replica_ready, at once; every
     # one sent before the new worker joined (none could be served) among them.

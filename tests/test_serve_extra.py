@@ -95,6 +95,22 @@ def test_serve_command_fails_before_starting_ray(small_artifact, args, code, fra
     assert fragment in stderr
 
 
+@pytest.mark.parametrize("args, resources", [([], {"node:__internal_head__": 0.001}), (["--no-index-on-head"], None)])
+def test_the_index_is_pinned_to_the_head_node_unless_told_otherwise(args, resources):
+    """Its replica reserves a sliver of the resource only Ray's head node has (as Serve's
+    controller does), so a worker node's loss never takes the index (/v2, the model list) down."""
+    pytest.importorskip("ray.serve")
+    from ray._common.constants import HEAD_NODE_RESOURCE_NAME
+
+    from repmlp_rt import serve
+
+    assert serve.HEAD_NODE_RESOURCE == HEAD_NODE_RESOURCE_NAME  # the name Ray gives the head's resource
+    options = serve._options(serve._parser().parse_args(["x.pt", *args]))
+    _, _, app = serve.index_application({}, {}, options)
+    actor_options = app._bound_deployment.ray_actor_options
+    assert actor_options["num_cpus"] == 0 and actor_options.get("resources") == resources
+
+
 def test_classify_command_usage_errors(small_artifact, tmp_path, capsys, monkeypatch):
     from repmlp_rt import batch
 

@@ -53,6 +53,44 @@ def test_a_request_left_without_an_answer_is_a_503_replica_lost():
     status, headers, body = answer(run(dead_replica))
     assert status == 503 and headers[b"retry-after"] == b"3" and headers[b"x-request-id"] == b"r-1"
     assert body["reason"] == "replica_lost" and body["retry_after_s"] == 3 and "retry after 3 s" in body["error"]
+    assert headers[b"x-retry-answered-by"] == b"proxy" and body["answered_by"] == "proxy"
+
+
+def test_retry_response_is_one_answer_for_both_layers():
+    headers, body = serve_retry.retry_response("no_replica_ready", "m", 2, "index", "detail", b"r-9")
+    assert headers == [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"retry-after", b"2"), (b"x-retry-answered-by", b"index"), (b"x-request-id", b"r-9")]
+    assert json.loads(body) == {"error": "no replica of model 'm' is ready: retry after 2 s (detail)",
+                                "reason": "no_replica_ready", "retry_after_s": 2, "answered_by": "index"}
+    proxy_headers, proxy_body = serve_retry.retry_response("no_replica_ready", "m", 2, "proxy", "detail")
+    assert proxy_headers == [*headers[:3], (b"x-retry-answered-by", b"proxy")]  # no X-Request-ID given
+    assert json.loads(proxy_body) == {**json.loads(body), "answered_by": "proxy"}
+    with pytest.raises(ValueError, match="answered_by must be one of proxy, index, got 'replica'"):
+        serve_retry.retry_response("replica_lost", None, 1, "replica")
+
+
+def test_the_index_answers_a_lost_v2_replica_with_the_same_answer_saying_index():
+    """The index's /v2 route, its model's replica dying behind the handle (RayActorError): the
+    proxy's answer, headers included, but answered_by index."""
+    pytest.importorskip("ray.serve")
+    from ray.exceptions import RayActorError
+    from starlette.requests import Request
+
+    from repmlp_rt import serve
+
+    class LostReplica:
+        async def handle(self, method, path, headers, body):
+            raise RayActorError()
+
+    index = serve.IndexDeployment({}, retry_after_s=4)
+    index.v2 = LostReplica()
+    request = Request({"type": "http", "method": "GET", "path": "/v2/models/m/ready", "headers": [],
+                       "query_string": b""}, no_receive)
+    response = asyncio.run(index(request))
+    expected_headers, expected_body = serve_retry.retry_response("replica_lost", "m", 4, "index")
+    assert response.status_code == 503 and response.body == expected_body
+    assert sorted(response.raw_headers) == sorted(expected_headers)
+    assert json.loads(response.body)["answered_by"] == "index"
 
 
 def test_serves_own_backpressure_503_becomes_json_with_its_retry_after():

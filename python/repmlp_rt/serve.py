@@ -22,9 +22,12 @@ carries ``X-Model-Version``: the first 16 hex digits of the SHA-256 of the artif
 answered, and ``X-Served-By``: ``<Ray node id>/<replica id>`` of the replica that answered.
 Errors are a 4xx with one JSON line ``{"error": "..."}``; the replica keeps serving. A request
 no replica could answer (its replica died, or none is ready) gets 503 with ``Retry-After``
-and a JSON line naming the reason, from ``repmlp_rt.serve_retry`` in Serve's proxy; with
-``access_log`` each replica also logs ``started <method> <path>`` (with Serve's request id, the
-client's ``X-Request-ID`` if it sent one) when it takes a request.
+and a JSON line naming the reason, from ``repmlp_rt.serve_retry`` in Serve's proxy (or, for a
+``/v2`` request whose model replica died behind the index, the same answer from the index;
+``X-Retry-Answered-By`` says which). The index runs on the Ray head node unless
+``index_on_head`` is False. With ``access_log`` each replica also logs ``started <method>
+<path>`` (with Serve's request id, the client's ``X-Request-ID`` if it sent one) when it takes
+a request.
 
 Command line: ``repmlp-serve ARTIFACT... [--address ADDR] [--port P]`` (``python -m
 repmlp_rt.serve``); ``repmlp-serve ARTIFACT --update --address ADDR`` replaces a running model
@@ -84,6 +87,10 @@ SHUTDOWN_MARGIN_S = 10.0
 # counts as gone, and is replaced, at most this long after Ray reports its actor or node dead;
 # until then requests waiting for its model wait, then get 503 (repmlp_rt.serve_retry).
 HEALTH_CHECK_PERIOD_S = 2.0
+# The resource Ray gives the head node only (Serve pins its controller with it): a sliver of it
+# pins the index, which takes no CPU, to the head, so a worker node's loss never takes the
+# index (and with it every /v2 route and the model list) down with it.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,7 @@ class ServeOptions:
     max_replicas_per_node: int | None = None  # 1 spreads the replicas over distinct nodes
     graceful_shutdown_s: float = 20.0  # how long a stopping replica lets its requests finish
     proxy_location: str = "EveryNode"
+    index_on_head: bool = True  # the index replica on the head node (False: wherever Ray places it)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "replicas", "max_ongoing_requests", "threads", "max_body_bytes",
@@ -374,6 +382,14 @@ class ModelDeployment:
         return Response(out.getvalue(), media_type=NPY_MEDIA_TYPE, headers=headers)
 
 
+def index_retry_response(reason: str, name: str | None, retry_after_s: int) -> Response:
+    """The proxy's 503 retry answer (``serve_retry.retry_response``), given by the index: the
+    same headers and body, ``answered_by`` ``index``."""
+    headers, body = serve_retry.retry_response(reason, name, retry_after_s, "index")
+    return Response(body, status_code=503, headers={key.decode("latin-1"): value.decode("latin-1")
+                                                    for key, value in headers})
+
+
 class IndexDeployment:
     """``/``: the model list, health, the ``/v2`` routes (handed to the model deployments
     through handles), and a JSON 404 for every path no model owns."""
@@ -406,9 +422,8 @@ class IndexDeployment:
         try:
             status, answer_headers, answer = await self.v2.handle(request.method, request.url.path, headers, body)
         except RayActorError:  # the model's replica died while it held the request
-            answer = serve_retry.retry_answer("replica_lost", None, self.retry_after_s)
-            return Response(answer, status_code=503, media_type="application/json",
-                            headers={"Retry-After": str(self.retry_after_s)})
+            model = serve_retry.MODEL_PATH.match(request.url.path)
+            return index_retry_response("replica_lost", model.group(1) if model else None, self.retry_after_s)
         media = answer_headers.pop("content-type", None)
         return Response(answer, status_code=status, headers=answer_headers, media_type=media)
 
@@ -441,8 +456,10 @@ class IndexDeployment:
 
 def index_application(manifests: dict[str, dict[str, Any]], interfaces: dict[str, oip.ModelInterface],
                       options: ServeOptions) -> tuple[str, str, Any]:
-    index = serve.deployment(IndexDeployment, name="index", ray_actor_options={"num_cpus": 0},
-                             max_ongoing_requests=1000)
+    placement: dict[str, Any] = {"num_cpus": 0}
+    if options.index_on_head:
+        placement["resources"] = {HEAD_NODE_RESOURCE: 0.001}
+    index = serve.deployment(IndexDeployment, name="index", ray_actor_options=placement, max_ongoing_requests=1000)
     return INDEX_APP, "/", index.bind(manifests, interfaces, options.max_body_bytes, options.retry_after_s)
 
 
@@ -584,6 +601,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="how long a stopping replica lets its requests finish (default %(default)s)")
     p.add_argument("--proxy-location", choices=PROXY_LOCATIONS, default=defaults.proxy_location,
                    help="HTTP proxies on every node with a replica, or on the head only (default %(default)s)")
+    p.add_argument("--index-on-head", action=argparse.BooleanOptionalAction, default=defaults.index_on_head,
+                   help="run the index application (the model list, /healthz, /v2) on the Ray head node, so a "
+                        "worker node's loss leaves it up (default: on)")
     p.add_argument("--update", action="store_true",
                    help="replace the running models of these names on --address by a rolling update, then exit")
     add_ray_arguments(p, worker="replica", threads=defaults.threads)
@@ -597,7 +617,8 @@ def _options(args: argparse.Namespace) -> ServeOptions:
                         max_body_bytes=max(1, int(args.max_body_mb * (1 << 20))),
                         max_queued_requests=args.max_queued_requests, retry_after_s=args.retry_after_s,
                         max_replicas_per_node=args.max_replicas_per_node,
-                        graceful_shutdown_s=args.graceful_shutdown_s, proxy_location=args.proxy_location)
+                        graceful_shutdown_s=args.graceful_shutdown_s, proxy_location=args.proxy_location,
+                        index_on_head=args.index_on_head)
 
 
 def _update(specs: list[ModelSpec], options: ServeOptions, address: str) -> int:

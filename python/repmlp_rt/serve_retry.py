@@ -3,8 +3,9 @@
 Serve's own proxy answers a request whose replica died while answering (its process or node
 lost) with a bare 500, and holds a request for a model with no replica ready until one is
 back, however long that takes. ``RetryAnswers``, an ASGI middleware run inside each proxy,
-turns every such case into one answer a client can act on: status 503, ``Retry-After: N``
-and one JSON line ``{"error": ..., "reason": ..., "retry_after_s": N}``, where ``reason`` is
+turns every such case into one answer a client can act on: status 503, ``Retry-After: N``,
+``X-Retry-Answered-By: proxy`` and one JSON line ``{"error": ..., "reason": ...,
+"retry_after_s": N, "answered_by": "proxy"}``, where ``reason`` is
 
 * ``replica_lost``: the replica holding the request stopped before it answered;
 * ``no_replica_ready``: the model has no running replica (the request is refused at once, or,
@@ -12,6 +13,10 @@ and one JSON line ``{"error": ..., "reason": ..., "retry_after_s": N}``, where `
 * ``queue_full``: Serve's own back-pressure answer (``max_queued_requests``), rewritten to JSON
   with its ``Retry-After``;
 * ``proxy_error``: the proxy failed before any answer started.
+
+``retry_response`` builds that whole answer; the index application's ``/v2`` route answers a
+replica lost behind its handle with the same one, saying ``index`` instead of ``proxy``, so a
+client's logs tell which layer answered (both mean the same to a client: retry).
 
 Every answer a replica gives (200, or its own JSON 4xx/5xx) passes through unchanged. The
 readiness view comes from the Serve controller (``ReadyReplicas``), refreshed in the
@@ -46,15 +51,36 @@ REASONS = {
     "proxy_error": "Serve's proxy failed to route this request",
 }
 
+# Which layer gave a retry answer: Serve's HTTP proxy (this middleware) or the index
+# application's /v2 route (repmlp_rt.serve), in the header and in the body's "answered_by".
+ANSWERED_BY_HEADER = b"x-retry-answered-by"
+ANSWERED_BY = ("proxy", "index")
+
 Counts = dict[str, tuple[int, int]]  # application -> (running replicas, replicas that may hold requests)
 
 
-def retry_answer(reason: str, name: str | None, retry_after_s: int, detail: str = "") -> bytes:
-    """The JSON body of a 503: what failed, why, and when to retry."""
+def retry_answer(reason: str, name: str | None, retry_after_s: int, answered_by: str, detail: str = "") -> bytes:
+    """The JSON body of a 503: what failed, why, when to retry, and which layer answered."""
+    if answered_by not in ANSWERED_BY:
+        raise ValueError(f"answered_by must be one of {', '.join(ANSWERED_BY)}, got {answered_by!r}")
     message = REASONS[reason].format(name=name or "?") + f": retry after {retry_after_s} s"
     if detail:
         message += f" ({detail})"
-    return json.dumps({"error": message, "reason": reason, "retry_after_s": retry_after_s}).encode() + b"\n"
+    return json.dumps({"error": message, "reason": reason, "retry_after_s": retry_after_s,
+                       "answered_by": answered_by}).encode() + b"\n"
+
+
+def retry_response(reason: str, name: str | None, retry_after_s: int, answered_by: str, detail: str = "",
+                   request_id: bytes | None = None) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """The whole 503 answer, as (ASGI headers, body), given by the proxy and by the index alike.
+    ``request_id``: the proxy's own answers echo the client's ``X-Request-ID`` (Serve's request
+    id middleware, inside ours, adds it only to answers that pass through it, as the index's do)."""
+    body = retry_answer(reason, name, retry_after_s, answered_by, detail)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               (b"retry-after", str(retry_after_s).encode()), (ANSWERED_BY_HEADER, answered_by.encode())]
+    if request_id:
+        headers.append((b"x-request-id", request_id))
+    return headers, body
 
 
 def model_counts(details: dict[str, Any]) -> Counts:
@@ -200,12 +226,8 @@ class RetryAnswers:
     async def _answer(self, scope: dict[str, Any], send: Callable, reason: str, name: str | None,
                       detail: str = "", retry_after_s: int | None = None) -> None:
         retry = self.retry_after_s if retry_after_s is None else retry_after_s
-        body = retry_answer(reason, name, retry, detail)
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"retry-after", str(retry).encode())]
-        request_id = dict(scope.get("headers") or []).get(b"x-request-id")
-        if request_id:
-            headers.append((b"x-request-id", request_id))
+        headers, body = retry_response(reason, name, retry, "proxy", detail,
+                                       dict(scope.get("headers") or []).get(b"x-request-id"))
         await send({"type": "http.response.start", "status": 503, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 

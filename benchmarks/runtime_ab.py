@@ -5,12 +5,17 @@
 ``--unfuse-gelu``: each FFN first GEMM that the plan puts on oneDNN with its GELU fused, and
 whose second GEMM is rewritten too, on ATen with a separate GELU instead).
 
+``--planning``: what the GEMM plan costs a load: one process, a fresh cache folder, the artifact
+loaded with ``gemm="aten"``, then ``"auto"`` twice (it plans, then reads the cache); seconds
+per ``repmlp_rt.Runtime(...)``, load and self-check included.
+
 ``--memory``: RuntimeOptions::keep_freed_memory on and off. malloc's settings are
 process-wide, so each side is its own process, the two alternating; each reports its median
 ms per image, minor page faults and kernel (system) time per call, resident and peak memory.
 
     python -m benchmarks.runtime_ab --plan ARTIFACT --threads 2 --batch 1 --unfuse-gelu
     python -m benchmarks.runtime_ab --memory ARTIFACT --threads 2 --batch 8 --pairs 2
+    python -m benchmarks.runtime_ab --planning ARTIFACT --threads 1
 """
 
 import argparse
@@ -22,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -79,6 +85,17 @@ def compare_plans(args: argparse.Namespace) -> None:
           f"({ms['edited'] / ms['measured']:.3f}x)")
 
 
+def planning_cost(args: argparse.Namespace) -> None:
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp()
+    seconds = []
+    for mode in ("aten", "auto", "auto"):
+        start = time.perf_counter()
+        repmlp_rt.Runtime(args.artifact, threads=args.threads, gemm=mode)
+        seconds.append(time.perf_counter() - start)
+    print(f"{host_line()}\n{os.path.basename(args.artifact)}, {args.threads} thr: load with gemm=aten "
+          f"{seconds[0]:.2f} s; auto first (plans) {seconds[1]:.2f} s; auto cached {seconds[2]:.2f} s")
+
+
 def memory_side(artifact: str, threads: int, batch: int, keep: bool, calls: int) -> str:
     """One side of --memory, run in this process: its result line."""
     runtime = repmlp_rt.Runtime(artifact, threads=threads, keep_freed_memory=keep)
@@ -114,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--plan", metavar="ARTIFACT", help="the measured GEMM plan against an edited one")
     what.add_argument("--memory", metavar="ARTIFACT", help="keep_freed_memory on against off")
+    what.add_argument("--planning", metavar="ARTIFACT", help="a load's time with and without planning")
     what.add_argument("--memory-side", metavar="ARTIFACT", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=1)
@@ -127,6 +145,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.plan:
         args.artifact = args.plan
         compare_plans(args)
+    elif args.planning:
+        args.artifact = args.planning
+        planning_cost(args)
     elif args.memory:
         args.artifact = args.memory
         compare_memory(args)

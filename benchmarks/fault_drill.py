@@ -342,12 +342,7 @@ def started_requests(session_dir: str, replica_ids: list[str], app: str = MODEL)
 
 
 def running_replicas(app: str = MODEL) -> int:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    if status is None:
-        return 0
-    return status.deployments["model"].replica_states.get("RUNNING", 0)
+    return sum(1 for state in replica_states(app).values() if state == "RUNNING")
 
 
 def replica_states(app: str = MODEL, deployment: str = "model") -> dict[str, str]:

@@ -66,7 +66,8 @@ def compare_plans(args: argparse.Namespace) -> None:
     os.environ["XDG_CACHE_HOME"] = measured
     a = repmlp_rt.Runtime(args.artifact, threads=args.threads)
     (cache,) = glob.glob(os.path.join(measured, "repmlp_rt", "*.json"))
-    data = json.load(open(cache))
+    with open(cache) as fh:
+        data = json.load(fh)
     changed = edited_plan(data["plan"], args.set, args.unfuse_gelu)
     os.makedirs(os.path.join(edited, "repmlp_rt"))
     with open(os.path.join(edited, "repmlp_rt", os.path.basename(cache)), "w") as fh:

@@ -338,13 +338,21 @@ at::Tensor mkl_pack(const at::Tensor& weight, int64_t rows) {
   return call_op("mkl::_mkl_reorder_linear_weight", {weight, rows});
 }
 
+// Batched fc3's W_s^T as (S, K, N) rows of its own, for "aten-kn".
+at::Tensor kn_layout(const at::Tensor& weight) { return weight.transpose(1, 2).contiguous(); }
+
+// The weight as `path` reads it, built once: oneDNN's reorder (for `rows` rows, a hint), MKL's
+// pack (for exactly `rows` rows), or aten-kn's (S, K, N) copy.
+at::Tensor pack_weight(const std::string& path, const at::Tensor& weight, int64_t rows) {
+  if (path == "onednn") return onednn_pack(weight, rows);
+  if (path == "mkl-packed") return mkl_pack(weight, rows);
+  return kn_layout(weight);
+}
+
 struct Packed {
   at::Tensor onednn, mkl, kn;
   int64_t mkl_rows = 0;
 };
-
-// Batched fc3's W_s^T as (S, K, N) rows of its own, for "aten-kn".
-at::Tensor kn_layout(const at::Tensor& weight) { return weight.transpose(1, 2).contiguous(); }
 
 // One call of `path` for a (rows x K) input, as the rewritten graph would make it.
 at::Tensor run_path(const std::string& path, const Site& site, const Packed& packed,
@@ -459,11 +467,7 @@ at::Tensor timing_pack(TimingPacks& packs, const Site& site, const std::string& 
                        int64_t rows, const std::vector<int64_t>& pack_rows) {
   const int64_t key = path == "mkl-packed" ? mkl_rows_for(rows, pack_rows) : pack_rows.front();
   at::Tensor& packed = packs[{path, key}];
-  if (!packed.defined()) {
-    if (path == "onednn") packed = onednn_pack(site.weight, key);
-    else if (path == "mkl-packed") packed = mkl_pack(site.weight, key);
-    else packed = kn_layout(site.weight);
-  }
+  if (!packed.defined()) packed = pack_weight(path, site.weight, key);
   return packed;
 }
 
@@ -589,7 +593,7 @@ Node* mkl_linear_by_rows(Graph& graph, const Site& site, const std::vector<int64
   auto packed_for = [&](size_t i) {
     if (i == 0) return first_packed;
     at::Tensor& copy = packs[{site.key, "mkl-packed " + std::to_string(rows[i])}];
-    if (!copy.defined()) copy = mkl_pack(site.weight, rows[i]);
+    if (!copy.defined()) copy = pack_weight("mkl-packed", site.weight, rows[i]);
     return insert_tensor_constant(graph, copy);
   };
   auto linear = [&](size_t i) {
@@ -646,15 +650,13 @@ using Replacement = std::optional<std::pair<Value*, Value*>>;
 Replacement rewrite_site(Graph& graph, const Site& site, const Choice& choice, PackCache& packs) {
   at::Tensor& packed = packs[{site.key, choice.path + " " + std::to_string(choice.rows.front())}];
   if (choice.path == "aten-kn") {  // the same batched GEMM, reading the (S, K, N) copy
-    if (!packed.defined()) packed = kn_layout(site.weight);
+    if (!packed.defined()) packed = pack_weight(choice.path, site.weight, choice.rows.front());
     site.node->replaceInput(2, insert_tensor_constant(graph, packed));
     return std::make_pair(site.node->output(), site.node->output());
   }
   const bool onednn = choice.path == "onednn";
   try {
-    if (!packed.defined())
-      packed = onednn ? onednn_pack(site.weight, choice.rows.front())
-                      : mkl_pack(site.weight, choice.rows.front());
+    if (!packed.defined()) packed = pack_weight(choice.path, site.weight, choice.rows.front());
   } catch (const std::exception&) {
     return std::nullopt;
   }
